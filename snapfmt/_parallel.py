@@ -1,0 +1,38 @@
+"""A bounded, order-keeping parallel map for the hot paths (chunk encode and decode).
+
+zstandard and xxhash release the GIL, so threads give real parallelism on that work.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TypeVar
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+WORKERS = max(1, os.cpu_count() or 1)
+
+
+def ordered_map(
+    job: Callable[[T], R], items: Iterable[T], workers: int = WORKERS
+) -> Iterator[tuple[T, R]]:
+    """Yield ``(item, job(item))`` in input order, at most ``2 * workers`` items in flight,
+    so memory stays bounded however many items there are."""
+    pending: deque[tuple[T, Future[R]]] = deque()
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        try:
+            for item in items:
+                pending.append((item, pool.submit(job, item)))
+                if len(pending) > 2 * workers:
+                    first, future = pending.popleft()
+                    yield first, future.result()
+            while pending:
+                first, future = pending.popleft()
+                yield first, future.result()
+        finally:
+            for _, future in pending:
+                future.cancel()

@@ -1,0 +1,93 @@
+"""The whole snapfmt exception tree.
+
+Every error snapfmt raises derives from :class:`SnapfmtError`.  Errors about a file's
+contents carry where they were found (file, offset, section path) and what was found
+against what was expected, so the command line can print them as one line.
+"""
+
+from __future__ import annotations
+
+
+class SnapfmtError(Exception):
+    """Base of every error snapfmt raises on purpose."""
+
+
+class FormatError(SnapfmtError):
+    """A file's bytes are not what its format requires.
+
+    The message reads ``FILE: offset 0x…: SECTION: what was found, what was expected``;
+    every part but *what* is optional.
+    """
+
+    def __init__(
+        self,
+        what: str,
+        *,
+        file: str | None = None,
+        offset: int | None = None,
+        section: str | None = None,
+        found: object = None,
+        expected: object = None,
+    ) -> None:
+        self.what = what
+        self.file = file
+        self.offset = offset
+        self.section = section
+        self.found = found
+        self.expected = expected
+        super().__init__(self._compose())
+
+    def _compose(self) -> str:
+        parts = []
+        if self.file is not None:
+            parts.append(self.file)
+        if self.offset is not None:
+            parts.append(f"offset {self.offset:#x}")
+        if self.section:
+            parts.append(self.section)
+        detail = self.what
+        if self.found is not None:
+            detail += f": found {self.found}"
+        if self.expected is not None:
+            detail += f", expected {self.expected}"
+        parts.append(detail)
+        return ": ".join(parts)
+
+    def located(self, *, file: str | None = None, offset_base: int = 0) -> FormatError:
+        """Return this error with the file filled in and the offset made absolute."""
+        new = type(self).__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        if file is not None and new.file is None:
+            new.file = file
+        if new.offset is not None:
+            new.offset += offset_base
+        Exception.__init__(new, new._compose())
+        return new
+
+
+class TruncatedError(FormatError):
+    """The file ends before a structure it promises."""
+
+
+class ChecksumError(FormatError):
+    """Stored bytes do not match their checksum or content hash."""
+
+
+class UnsupportedError(FormatError):
+    """A structurally valid file uses a feature or version this snapfmt cannot read."""
+
+
+class SelectorError(SnapfmtError):
+    """A path or selector is malformed, or names no section, or several where one is needed."""
+
+
+class PathSyntaxError(SelectorError):
+    """A device path string does not follow the grammar of spec/paths.md."""
+
+
+class ManifestError(SnapfmtError):
+    """A write manifest is malformed or refers to something that cannot be used."""
+
+
+class LayoutError(SnapfmtError):
+    """A field layout is malformed, or state bytes do not fit it."""

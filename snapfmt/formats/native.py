@@ -1,0 +1,193 @@
+"""The snapfmt native container, version 1.0 -- declarations only.
+
+Implements spec/format.md (normative); the section numbers below are that document's.
+Every structure is little-endian.  This module declares layouts and constants; reading
+and writing policy (offsets, bounds, checksum verification, error messages) lives in
+snapfmt/reader.py and snapfmt/writer.py.
+"""
+
+from __future__ import annotations
+
+import struct
+from enum import IntEnum, IntFlag
+
+import xxhash
+from construct import (
+    Array,
+    Bytes,
+    Checksum,
+    Const,
+    Int8ul,
+    Int16ul,
+    Int32ul,
+    Int64ul,
+    PascalString,
+    PrefixedArray,
+    RawCopy,
+    Struct,
+    this,
+)
+
+# §1 Constants --------------------------------------------------------------------------
+
+MAGIC = b"\x89SNAPF\r\n"
+FOOTER_MAGIC = b"SNAPFEND"
+VERSION_MAJOR = 1
+VERSION_MINOR = 0
+
+HEADER_SIZE = 64
+FOOTER_SIZE = 48
+
+MIN_CHUNK_SIZE = 4096
+MAX_CHUNK_SIZE = 1 << 26
+DEFAULT_CHUNK_SIZE = 1 << 16
+MIN_PAGE_SIZE = 1024
+MAX_PAGE_SIZE = 1 << 21
+
+
+def xxh3_64(data: bytes | bytearray | memoryview) -> int:
+    """The checksum of every checksummed structure and the hash of every chunk (§1)."""
+    return int(xxhash.xxh3_64_intdigest(data))
+
+
+class HeaderFlag(IntFlag):
+    DELTA = 1  # §6: chunks may live in the parent snapshot named by parent_id
+
+
+class SectionKind(IntEnum):
+    CONFIGURATION = 1
+    DEVICE = 2
+    RAM_BLOCK = 3
+    METADATA = 4
+
+
+class SectionFlag(IntFlag):
+    OPTIONAL = 1  # §3: a reader that does not know the kind skips the section
+
+
+class ChunkEncoding(IntEnum):
+    ZERO = 0  # nothing stored: the chunk is all zero bytes
+    RAW = 1  # stored as is
+    ZSTD = 2  # one zstd frame holding the uncompressed bytes
+    PARENT = 3  # §6, reserved for delta snapshots: the parent holds the bytes
+
+
+# Strings: a little-endian length, then UTF-8 bytes, no terminator.
+Str16 = PascalString(Int16ul, "utf8")
+Str32 = PascalString(Int32ul, "utf8")
+
+# §2 Header -----------------------------------------------------------------------------
+
+HeaderFields = Struct(
+    "magic" / Const(MAGIC),
+    "version_major" / Int16ul,
+    "version_minor" / Int16ul,
+    "flags" / Int32ul,
+    "parent_id" / Bytes(16),
+    "reserved" / Bytes(24),
+)
+
+Header = Struct(
+    "fields" / RawCopy(HeaderFields),
+    "header_hash" / Checksum(Int64ul, xxh3_64, this.fields.data),
+)
+
+# §3 Sections ---------------------------------------------------------------------------
+
+Configuration = Struct(
+    "machine" / Str16,
+    "page_size" / Int32ul,
+    "capabilities" / PrefixedArray(Int16ul, Str16),
+    "metadata" / Str32,
+)
+
+DeviceState = Struct(
+    "path" / Str16,
+    "driver" / Str16,
+    "vmstate_name" / Str16,
+    "instance_id" / Int32ul,
+    "version_id" / Int32ul,
+    "flags" / Int32ul,
+    "qemu_idstr" / Str16,
+    "layout" / Str32,
+    "state_length" / Int64ul,
+)
+# The state bytes follow DeviceState directly: state_length of them, read as one span.
+
+ChunkEntry = Struct(
+    "encoding" / Int8ul,
+    "reserved" / Bytes(3),
+    "stored_length" / Int32ul,
+    "offset" / Int64ul,
+    "hash" / Int64ul,
+)
+# The chunk table is the hot path: read and written with this struct.Struct, which a test
+# keeps equal to ChunkEntry.
+CHUNK_ENTRY = struct.Struct("<B3xIQQ")
+
+RamBlockHead = Struct(
+    "path" / Str16,
+    "qemu_idstr" / Str16,
+    "length" / Int64ul,
+    "page_size" / Int32ul,
+    "chunk_size" / Int32ul,
+    "chunk_count" / Int64ul,
+)
+
+RamBlockDescriptor = Struct(
+    "head" / RamBlockHead,
+    "chunks" / Array(this.head.chunk_count, ChunkEntry),
+)
+
+Metadata = Struct(
+    "document" / Str32,
+)
+
+# §4 Index and footer -------------------------------------------------------------------
+
+IndexEntry = Struct(
+    "kind" / Int16ul,
+    "flags" / Int16ul,
+    "reserved" / Int32ul,
+    "offset" / Int64ul,
+    "length" / Int64ul,
+    "checksum" / Int64ul,
+    "data_offset" / Int64ul,
+    "data_length" / Int64ul,
+    "size" / Int64ul,
+    "key" / Str16,
+)
+
+Index = Struct(
+    "entries" / PrefixedArray(Int32ul, IndexEntry),
+)
+
+FooterFields = Struct(
+    "index_offset" / Int64ul,
+    "index_length" / Int64ul,
+    "index_hash" / Int64ul,
+    "version_major" / Int16ul,
+    "version_minor" / Int16ul,
+    "section_count" / Int32ul,
+)
+
+Footer = Struct(
+    "fields" / RawCopy(FooterFields),
+    "footer_hash" / Checksum(Int64ul, xxh3_64, this.fields.data),
+    "magic" / Const(FOOTER_MAGIC),
+)
+
+STRUCTURES = {
+    "Header": Header,
+    "HeaderFields": HeaderFields,
+    "Configuration": Configuration,
+    "DeviceState": DeviceState,
+    "RamBlockHead": RamBlockHead,
+    "RamBlockDescriptor": RamBlockDescriptor,
+    "ChunkEntry": ChunkEntry,
+    "Metadata": Metadata,
+    "IndexEntry": IndexEntry,
+    "Index": Index,
+    "FooterFields": FooterFields,
+    "Footer": Footer,
+}

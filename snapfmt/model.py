@@ -1,0 +1,173 @@
+"""The typed objects users and operations see, whatever format a snapshot came from."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from snapfmt.formats.native import SectionKind
+from snapfmt.paths import Path, resolve, resolve_one
+from snapfmt.vmstate import Field, decode
+
+
+@dataclass(frozen=True, slots=True)
+class Configuration:
+    machine: str
+    page_size: int
+    capabilities: tuple[str, ...] = ()
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class SectionInfo:
+    """One row of a snapshot's section table (for native files: one index entry)."""
+
+    kind: SectionKind | int
+    key: str  # the path string of a device or RAM block, a metadata name, "" for config
+    offset: int  # where the section's body starts in the file
+    length: int  # stored bytes of the body (for a RAM block: its descriptor)
+    size: int  # logical size: state bytes, RAM block length, or document length
+    stored: int  # bytes the section occupies in the file, data included
+    checksum: int = 0
+    data_offset: int = 0
+    data_length: int = 0
+    optional: bool = False
+
+    @property
+    def path(self) -> Path | None:
+        if self.kind in (SectionKind.DEVICE, SectionKind.RAM_BLOCK):
+            return Path.parse(self.key)
+        return None
+
+    @property
+    def kind_name(self) -> str:
+        try:
+            return SectionKind(self.kind).name.lower().replace("_", "-")
+        except ValueError:
+            return f"unknown-{int(self.kind)}"
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceState:
+    """A device's saved state: raw VMState bytes plus what is needed to decode them."""
+
+    path: Path
+    driver: str
+    vmstate_name: str
+    instance_id: int
+    version_id: int
+    data: bytes
+    layout: Mapping[str, Any] | None = None
+    qemu_idstr: str | None = None
+    data_offset: int = 0  # absolute file offset of ``data``
+
+    def fields(self) -> list[Field]:
+        """The decoded fields, offsets absolute in the file; [] without a layout."""
+        if self.layout is None:
+            return []
+        return decode(self.layout, self.data, self.data_offset)
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkInfo:
+    index: int
+    offset: int  # within the block
+    length: int  # uncompressed
+    encoding: int
+    stored_length: int
+    file_offset: int
+    hash: int
+
+
+class RamBlock(abc.ABC):
+    """A RAM block's contents, read on demand."""
+
+    path: Path
+    length: int
+    page_size: int
+    chunk_size: int
+    qemu_idstr: str | None = None
+
+    @abc.abstractmethod
+    def read(self, offset: int, length: int) -> bytes:
+        """Bytes ``[offset, offset+length)`` of the block, touching only the chunks needed."""
+
+    @abc.abstractmethod
+    def iter_spans(self, span: int = 1 << 22) -> Iterator[tuple[int, bytes]]:
+        """The whole block in order as ``(offset, bytes)`` pieces of about *span* bytes."""
+
+    @abc.abstractmethod
+    def chunks(self) -> Iterator[ChunkInfo]:
+        """The chunk table, in block order."""
+
+    @property
+    def chunk_hashes(self) -> Iterator[int]:
+        return (c.hash for c in self.chunks())
+
+
+class Snapshot(abc.ABC):
+    """An open snapshot file.  Sections load on demand; use as a context manager."""
+
+    file: str
+    format_name: str
+    version: str
+
+    @property
+    @abc.abstractmethod
+    def configuration(self) -> Configuration: ...
+
+    @property
+    @abc.abstractmethod
+    def sections(self) -> list[SectionInfo]: ...
+
+    @abc.abstractmethod
+    def device(self, path: Path) -> DeviceState: ...
+
+    @abc.abstractmethod
+    def ram_block(self, path: Path) -> RamBlock: ...
+
+    @abc.abstractmethod
+    def metadata(self, name: str) -> Any: ...
+
+    @abc.abstractmethod
+    def close(self) -> None: ...
+
+    def __enter__(self) -> Snapshot:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- conveniences shared by every format -------------------------------------------
+
+    def section_paths(self) -> list[Path]:
+        return [p for p in (s.path for s in self.sections) if p is not None]
+
+    def aliases(self) -> dict[str, Path]:
+        """QEMU identifiers that name a section (selectors accept them)."""
+        return {}
+
+    def section_for(self, path: Path) -> SectionInfo:
+        key = str(path)
+        for section in self.sections:
+            if section.key == key and section.path is not None:
+                return section
+        raise KeyError(key)
+
+    def select(self, selector: str) -> list[Path]:
+        return resolve(selector, self.section_paths(), self.aliases())
+
+    def select_one(self, selector: str) -> Path:
+        return resolve_one(selector, self.section_paths(), self.aliases())
+
+    def devices(self) -> Iterator[DeviceState]:
+        for section in self.sections:
+            if section.kind == SectionKind.DEVICE:
+                yield self.device(Path.parse(section.key))
+
+    def ram_blocks(self) -> Iterator[RamBlock]:
+        for section in self.sections:
+            if section.kind == SectionKind.RAM_BLOCK:
+                yield self.ram_block(Path.parse(section.key))

@@ -1,0 +1,249 @@
+"""Device paths and selectors (spec/paths.md is normative).
+
+A path such as ``/i440FX-pcihost/pci.0/e1000@05.0/vmstate`` is a sequence of components;
+each carries a name (a driver, bus or leaf name) and, where the bus has addresses, the
+device's bus address after ``@``.  Characters outside the unreserved set are
+percent-encoded, so any name -- QEMU has RAM blocks called ``/rom@etc/acpi/tables`` --
+round-trips.
+
+A selector names one or more paths the way a person thinks of them: a full path, a bus
+address without a driver (``pci.0/05.0``), a driver without an address (``.../e1000``),
+``...`` for any number of components and ``*`` inside a component.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from functools import cache
+
+from snapfmt.errors import PathSyntaxError, SelectorError
+
+__all__ = ["Component", "Path", "Selector", "escape", "resolve", "resolve_one", "unescape"]
+
+UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._,:+=~")
+_HEX = frozenset("0123456789abcdefABCDEF")
+
+
+def escape(text: str) -> str:
+    """Percent-encode *text* so it is one valid name or address (spec/paths.md §Escaping)."""
+    if not text:
+        raise PathSyntaxError("a name or address cannot be empty")
+    if set(text) == {"."}:
+        # ".", ".." and "..." would read as file-system or selector syntax.
+        return "%2E" * len(text)
+    out = []
+    for char in text:
+        if char in UNRESERVED:
+            out.append(char)
+        else:
+            out.extend(f"%{byte:02X}" for byte in char.encode("utf-8"))
+    return "".join(out)
+
+
+def unescape(text: str, *, extra: frozenset[str] = frozenset(), where: str = "") -> str:
+    """Decode a percent-encoded name or address; *extra* are characters let through raw."""
+    raw = bytearray()
+    i = 0
+    while i < len(text):
+        char = text[i]
+        if char == "%":
+            pair = text[i + 1 : i + 3]
+            if len(pair) != 2 or not set(pair) <= _HEX:
+                raise PathSyntaxError(f"{where}bad escape {text[i : i + 3]!r} in {text!r}")
+            raw.append(int(pair, 16))
+            i += 3
+            continue
+        if char not in UNRESERVED and char not in extra:
+            raise PathSyntaxError(f"{where}character {char!r} must be percent-encoded in {text!r}")
+        raw.extend(char.encode("utf-8"))
+        i += 1
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise PathSyntaxError(f"{where}escapes in {text!r} are not UTF-8") from None
+
+
+@dataclass(frozen=True, order=True, slots=True)
+class Component:
+    """One step of a path: a name and an optional bus address ("" when there is none)."""
+
+    name: str
+    address: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise PathSyntaxError("a path component needs a name")
+
+    def __str__(self) -> str:
+        text = escape(self.name)
+        return f"{text}@{escape(self.address)}" if self.address else text
+
+    @classmethod
+    def parse(cls, text: str) -> Component:
+        name, sep, address = text.partition("@")
+        if not name:
+            raise PathSyntaxError(f"component {text!r} has no name")
+        if sep and not address:
+            raise PathSyntaxError(f"component {text!r} has '@' but no address")
+        return cls(unescape(name), unescape(address) if sep else "")
+
+
+@dataclass(frozen=True, order=True, slots=True)
+class Path:
+    """An immutable, hashable, ordered device path or section key."""
+
+    components: tuple[Component, ...]
+
+    def __post_init__(self) -> None:
+        if not self.components:
+            raise PathSyntaxError("a path needs at least one component")
+
+    @classmethod
+    def parse(cls, text: str) -> Path:
+        """Parse the canonical or any percent-encoding variant of a path string."""
+        if not text.startswith("/"):
+            raise PathSyntaxError(f"path {text!r} must start with '/'")
+        return cls(tuple(Component.parse(part) for part in text[1:].split("/")))
+
+    @classmethod
+    def of(cls, *parts: str | Component) -> Path:
+        """Build a path from raw (unescaped) names, or ``(name, address)`` components."""
+        return cls(tuple(p if isinstance(p, Component) else Component(p) for p in parts))
+
+    def __str__(self) -> str:
+        return "/" + "/".join(str(c) for c in self.components)
+
+    def __repr__(self) -> str:
+        return f"Path({str(self)!r})"
+
+    def __truediv__(self, child: str | Component) -> Path:
+        return Path((*self.components, child if isinstance(child, Component) else Component(child)))
+
+    @property
+    def parent(self) -> Path | None:
+        return Path(self.components[:-1]) if len(self.components) > 1 else None
+
+    @property
+    def leaf(self) -> Component:
+        return self.components[-1]
+
+    def is_prefix_of(self, other: Path) -> bool:
+        return other.components[: len(self.components)] == self.components
+
+
+# -- selectors -------------------------------------------------------------------------
+
+_ANY = "..."
+
+
+@dataclass(frozen=True, slots=True)
+class _Pattern:
+    """One selector component; ``None`` means "not constrained"."""
+
+    name: re.Pattern[str] | None
+    address: re.Pattern[str] | None
+    either: bool  # a bare token matches the name or the address
+
+    def matches(self, comp: Component) -> bool:
+        if self.either:
+            assert self.name is not None
+            return bool(self.name.fullmatch(comp.name) or self.name.fullmatch(comp.address))
+        if self.name is not None and not self.name.fullmatch(comp.name):
+            return False
+        return self.address is None or bool(comp.address and self.address.fullmatch(comp.address))
+
+
+def _glob(text: str) -> re.Pattern[str]:
+    pieces = [re.escape(unescape(piece, where="selector: ")) for piece in text.split("*")]
+    return re.compile(".*".join(pieces), re.DOTALL)
+
+
+def _parse_pattern(text: str) -> _Pattern | str:
+    if text == _ANY:
+        return _ANY
+    if not text:
+        raise SelectorError("selector has an empty component")
+    name, sep, address = text.partition("@")
+    if not sep:
+        return _Pattern(_glob(name), None, either=True)
+    if not address:
+        raise SelectorError(f"selector component {text!r} has '@' but no address")
+    return _Pattern(_glob(name) if name else None, _glob(address), either=False)
+
+
+@dataclass(frozen=True)
+class Selector:
+    """A parsed selector (spec/paths.md §Selectors)."""
+
+    text: str
+    anchored: bool
+    parts: tuple[_Pattern | str, ...]
+
+    @classmethod
+    def parse(cls, text: str) -> Selector:
+        if not text or text == "/":
+            raise SelectorError("empty selector")
+        anchored = text.startswith("/")
+        body = text[1:] if anchored else text
+        parts = tuple(_parse_pattern(p) for p in body.rstrip("/").split("/"))
+        return cls(text, anchored, parts if anchored else (_ANY, *parts))
+
+    def _match(self, comps: Sequence[Component], whole: bool) -> bool:
+        @cache
+        def step(i: int, j: int) -> bool:
+            if i == len(self.parts):
+                return j == len(comps) or not whole
+            part = self.parts[i]
+            if part == _ANY:
+                return any(step(i + 1, k) for k in range(j, len(comps) + 1))
+            assert isinstance(part, _Pattern)
+            return j < len(comps) and part.matches(comps[j]) and step(i + 1, j + 1)
+
+        return step(0, 0)
+
+    def matches(self, path: Path) -> bool:
+        """True when the selector names *path* itself."""
+        return self._match(path.components, whole=True)
+
+    def covers(self, path: Path) -> bool:
+        """True when the selector names *path* or a device node above it."""
+        return self._match(path.components, whole=False)
+
+
+def resolve(
+    selector: str, paths: Iterable[Path], aliases: Mapping[str, Path] | None = None
+) -> list[Path]:
+    """Every path *selector* names, sorted.
+
+    An exact alias (a QEMU identifier such as ``0000:00:05.0/e1000``) names its path.
+    Paths the selector names wholly win over paths it names only through a device node
+    above them, so ``/pc.ram`` names ``/pc.ram`` and not also ``/pc.ram/x``.
+    """
+    pool = sorted(set(paths))
+    if aliases and selector in aliases:
+        return [aliases[selector]]
+    sel = Selector.parse(selector)
+    whole = [p for p in pool if sel.matches(p)]
+    return whole or [p for p in pool if sel.covers(p)]
+
+
+def resolve_one(
+    selector: str, paths: Iterable[Path], aliases: Mapping[str, Path] | None = None
+) -> Path:
+    """The one path *selector* names; an error lists every candidate or the nearest paths."""
+    pool = sorted(set(paths))
+    found = resolve(selector, pool, aliases)
+    if len(found) == 1:
+        return found[0]
+    if found:
+        listed = ", ".join(str(p) for p in found)
+        raise SelectorError(
+            f"selector {selector!r} is ambiguous: it names {len(found)} sections: {listed}"
+        )
+    names = [str(p) for p in pool]
+    near = difflib.get_close_matches(selector, names, n=3, cutoff=0.3) or names[:3]
+    hint = f"; nearest: {', '.join(near)}" if near else "; the snapshot has no sections"
+    raise SelectorError(f"selector {selector!r} names no section{hint}")

@@ -1,0 +1,191 @@
+"""Field layouts: decode and encode VMState bytes.
+
+A layout has the shape of one device entry of QEMU's vmdesc JSON
+(``{"fields": [...], "subsections": [...]}``; spec/format.md §5), so a layout taken from a
+QEMU stream and one written by snapfmt decode the same way.  Values are big-endian, as
+QEMU writes them, except the type ``"int32 le"``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from snapfmt.errors import LayoutError
+
+SUBSECTION_MARKER = 0x05
+
+# type name -> (size, signed, byte order)
+_INTEGERS: dict[str, tuple[int, bool, Literal["little", "big"]]] = {}
+for _bits in (8, 16, 32, 64):
+    for _signed in (True, False):
+        _name = f"{'' if _signed else 'u'}int{_bits}"
+        _INTEGERS[_name] = (_bits // 8, _signed, "big")
+        _INTEGERS[f"{_name} equal"] = (_bits // 8, _signed, "big")
+_INTEGERS["int32 le"] = (4, True, "little")
+_INTEGERS["uint8_t"] = (1, False, "big")
+_INTEGERS["bool"] = (1, False, "big")
+
+Layout = Mapping[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Field:
+    """One decoded value: ``name`` is a field path such as ``mac_reg[12]`` or ``a.b``."""
+
+    name: str
+    type: str
+    offset: int  # absolute when the caller gave a base offset, else within the state
+    size: int
+    value: int | bool | bytes
+
+
+def _need(node: Mapping[str, Any], key: str, kind: type, where: str) -> Any:
+    value = node.get(key)
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is int):
+        raise LayoutError(f"layout {where}: {key!r} must be {kind.__name__}, got {value!r}")
+    return value
+
+
+class _Cursor:
+    def __init__(self, data: bytes, base: int) -> None:
+        self.data = data
+        self.pos = 0
+        self.base = base
+
+    def take(self, size: int, what: str) -> bytes:
+        if size < 0 or self.pos + size > len(self.data):
+            raise LayoutError(
+                f"state ends at {len(self.data)} bytes but field {what} needs "
+                f"{size} bytes at {self.pos}"
+            )
+        chunk = self.data[self.pos : self.pos + size]
+        self.pos += size
+        return chunk
+
+
+def _value(type_name: str, raw: bytes) -> int | bool | bytes:
+    spec = _INTEGERS.get(type_name)
+    if spec is None or spec[0] != len(raw):
+        return raw
+    if type_name == "bool":
+        return raw != b"\x00"
+    return int.from_bytes(raw, spec[2], signed=spec[1])
+
+
+def _fields(node: Layout, cur: _Cursor, prefix: str, where: str) -> Iterator[Field]:
+    fields = node.get("fields", [])
+    if not isinstance(fields, list):
+        raise LayoutError(f"layout {where}: 'fields' must be a list")
+    for field in fields:
+        if not isinstance(field, Mapping):
+            raise LayoutError(f"layout {where}: a field must be an object")
+        name = _need(field, "name", str, where)
+        type_name = _need(field, "type", str, where)
+        size = _need(field, "size", int, where)
+        count = field.get("array_len")
+        base = f"{prefix}{name}"
+        if "index" in field:
+            base += f"[{field['index']}]"
+        names = [base] if count is None else [f"{base}[{i}]" for i in range(int(count))]
+        for label in names:
+            if type_name == "struct":
+                inner = field.get("struct")
+                if not isinstance(inner, Mapping):
+                    raise LayoutError(f"layout {where}: struct field {name!r} has no 'struct'")
+                start = cur.pos
+                yield from _fields(inner, cur, f"{label}.", f"{where}.{name}")
+                yield from _subsections(inner, cur, f"{label}.", f"{where}.{name}")
+                if cur.pos - start != size:
+                    raise LayoutError(
+                        f"layout {where}: struct {label} decoded {cur.pos - start} bytes, "
+                        f"its size says {size}"
+                    )
+                continue
+            offset = cur.pos
+            raw = cur.take(size, label)
+            yield Field(label, type_name, cur.base + offset, size, _value(type_name, raw))
+
+
+def _subsections(node: Layout, cur: _Cursor, prefix: str, where: str) -> Iterator[Field]:
+    for sub in node.get("subsections", []) or []:
+        name = _need(sub, "vmsd_name", str, where)
+        marker_at = cur.pos
+        head = cur.take(2, f"subsection {name}")
+        if head[0] != SUBSECTION_MARKER:
+            raise LayoutError(
+                f"expected subsection {name!r} marker 0x05 at {marker_at}, found {head[0]:#04x}"
+            )
+        found = cur.take(head[1], f"subsection {name} name").decode("utf-8", "replace")
+        if found != name:
+            raise LayoutError(f"expected subsection {name!r} at {marker_at}, found {found!r}")
+        cur.take(4, f"subsection {name} version")
+        yield from _fields(sub, cur, f"{prefix}{name}:", f"{where}/{name}")
+        yield from _subsections(sub, cur, prefix, f"{where}/{name}")
+
+
+def decode(layout: Layout, data: bytes, base_offset: int = 0) -> list[Field]:
+    """Decode *data* through *layout*; every byte must be accounted for."""
+    cur = _Cursor(data, base_offset)
+    fields = list(_fields(layout, cur, "", "fields"))
+    fields.extend(_subsections(layout, cur, "", "subsections"))
+    if cur.pos != len(data):
+        raise LayoutError(f"layout describes {cur.pos} bytes, state has {len(data)}")
+    return fields
+
+
+def type_size(type_name: str) -> int | None:
+    """The wire size of a fixed-size scalar type, or None for byte-string types."""
+    spec = _INTEGERS.get(type_name)
+    return spec[0] if spec else None
+
+
+def encode_value(type_name: str, value: object, size: int | None = None) -> bytes:
+    """Encode one scalar as QEMU writes it; byte-string types take bytes or hex."""
+    spec = _INTEGERS.get(type_name)
+    if spec is None:
+        raw = bytes.fromhex(value) if isinstance(value, str) else value
+        if not isinstance(raw, bytes | bytearray):
+            raise LayoutError(f"type {type_name!r} needs bytes or a hex string, got {value!r}")
+        if size is not None and len(raw) != size:
+            raise LayoutError(f"type {type_name!r}: {len(raw)} bytes given, size is {size}")
+        return bytes(raw)
+    width, signed, order = spec
+    if isinstance(value, str):
+        value = int(value, 0)
+    if not isinstance(value, int):
+        raise LayoutError(f"type {type_name!r} needs an integer, got {value!r}")
+    try:
+        return int(value).to_bytes(width, order, signed=signed)
+    except OverflowError:
+        raise LayoutError(f"value {value} does not fit type {type_name!r}") from None
+
+
+def encode_fields(spec: Sequence[Mapping[str, Any]]) -> tuple[dict[str, Any], bytes]:
+    """Build ``(layout, state bytes)`` from ``[{name, type, value}]`` (manifest fields).
+
+    A list value makes an array (``array_len``); byte-string types take hex strings.
+    """
+    fields: list[dict[str, Any]] = []
+    out = bytearray()
+    for item in spec:
+        name, type_name = item.get("name"), item.get("type")
+        if not isinstance(name, str) or not isinstance(type_name, str):
+            raise LayoutError(f"field {item!r} needs a string 'name' and 'type'")
+        if "value" not in item:
+            raise LayoutError(f"field {name!r} has no value")
+        value = item["value"]
+        values = value if isinstance(value, list) else [value]
+        if not values:
+            raise LayoutError(f"field {name!r}: an array needs at least one element")
+        encoded = [encode_value(type_name, v) for v in values]
+        sizes = {len(e) for e in encoded}
+        if len(sizes) != 1:
+            raise LayoutError(f"field {name!r}: array elements differ in size")
+        entry: dict[str, Any] = {"name": name, "type": type_name, "size": sizes.pop()}
+        if isinstance(value, list):
+            entry["array_len"] = len(values)
+        fields.append(entry)
+        out.extend(b"".join(encoded))
+    return {"fields": fields, "subsections": []}, bytes(out)

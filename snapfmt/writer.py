@@ -1,0 +1,412 @@
+"""Model to bytes: write a native snapshot (spec/format.md).
+
+The file is written as a stream -- header, sections, index, footer -- into a temporary
+file beside the target, then fsynced and renamed over it, so the target path holds either
+the old file or the complete new one.  RAM blocks are read, hashed and compressed in
+batches on a thread pool with a bounded number of batches in flight, and their chunk
+tables are spooled to a temporary file, so memory does not grow with a block's size.
+Output depends only on the input: no timestamps, no thread-timing effects.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import IO, Any
+
+import xxhash
+import zstandard
+
+from snapfmt._parallel import ordered_map
+from snapfmt.errors import SnapfmtError
+from snapfmt.formats import native as nf
+from snapfmt.paths import Path
+
+__all__ = ["RamSource", "Writer", "WrittenBlock"]
+
+RamSource = str | os.PathLike[str] | IO[bytes] | Iterable[bytes | bytearray | memoryview]
+_BATCH_BYTES = 1 << 22
+_STR16_MAX = 0xFFFF
+
+
+@dataclass(frozen=True, slots=True)
+class WrittenBlock:
+    path: Path
+    length: int
+    chunks: int
+    zero_chunks: int
+    stored: int
+
+
+def _as_path(path: Path | str) -> Path:
+    return path if isinstance(path, Path) else Path.parse(path)
+
+
+def _str16(value: str, what: str) -> str:
+    if len(value.encode("utf-8")) > _STR16_MAX:
+        raise SnapfmtError(f"{what} is longer than {_STR16_MAX} bytes")
+    return value
+
+
+class Writer:
+    """Write a native snapshot; use as a context manager.
+
+    >>> with Writer("vm.snap", machine="pc-i440fx-7.2") as w:      # doctest: +SKIP
+    ...     w.add_device("/i440FX-pcihost/pci.0/e1000@05.0/vmstate", state, version_id=2)
+    ...     w.add_ram_block("/pc.ram", "ram.bin")
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        machine: str,
+        page_size: int = 4096,
+        capabilities: Sequence[str] = (),
+        metadata: Mapping[str, Any] | None = None,
+        chunk_size: int = nf.DEFAULT_CHUNK_SIZE,
+        level: int = 3,
+        threads: int | None = None,
+    ) -> None:
+        if page_size & (page_size - 1) or not nf.MIN_PAGE_SIZE <= page_size <= nf.MAX_PAGE_SIZE:
+            raise SnapfmtError(
+                f"page size {page_size} is not a power of two from "
+                f"{nf.MIN_PAGE_SIZE} to {nf.MAX_PAGE_SIZE}"
+            )
+        if (
+            chunk_size & (chunk_size - 1)
+            or chunk_size % page_size
+            or not nf.MIN_CHUNK_SIZE <= chunk_size <= nf.MAX_CHUNK_SIZE
+        ):
+            raise SnapfmtError(
+                f"chunk size {chunk_size} is not a power of two, a multiple of the "
+                f"page size {page_size}, from {nf.MIN_CHUNK_SIZE} to {nf.MAX_CHUNK_SIZE}"
+            )
+        self.target = os.fspath(path)
+        self.page_size = page_size
+        self.chunk_size = chunk_size
+        self._level = level
+        self._threads = threads or max(1, os.cpu_count() or 1)
+        self._entries: list[dict[str, Any]] = []
+        self._keys: set[tuple[int, str]] = set()
+        folder = os.path.dirname(os.path.abspath(self.target))
+        fd, self._tmp = tempfile.mkstemp(
+            dir=folder, prefix=f".{os.path.basename(self.target)}.", suffix=".tmp"
+        )
+        self._file = os.fdopen(fd, "wb", buffering=1 << 20)
+        self._pos = 0
+        self._closed = False
+        self._local = threading.local()
+        try:
+            header = {
+                "fields": {
+                    "value": {
+                        "version_major": nf.VERSION_MAJOR,
+                        "version_minor": nf.VERSION_MINOR,
+                        "flags": 0,
+                        "parent_id": bytes(16),
+                        "reserved": bytes(24),
+                    }
+                }
+            }
+            self._write(nf.Header.build(header))
+            body = nf.Configuration.build(
+                {
+                    "machine": _str16(machine, "machine type"),
+                    "page_size": page_size,
+                    "capabilities": [_str16(c, "capability") for c in capabilities],
+                    "metadata": json.dumps(
+                        dict(metadata or {}), sort_keys=True, separators=(",", ":")
+                    ),
+                }
+            )
+            self._add_section(nf.SectionKind.CONFIGURATION, "", body, len(body))
+        except BaseException:
+            self.abort()
+            raise
+
+    # -- plumbing ----------------------------------------------------------------------------
+
+    def _write(self, data: bytes | bytearray | memoryview) -> None:
+        self._file.write(data)
+        self._pos += len(data)
+
+    def _claim(self, kind: nf.SectionKind, key: str) -> None:
+        if self._closed:
+            raise SnapfmtError("the writer is closed")
+        if (kind, key) in self._keys:
+            raise SnapfmtError(f"{kind.name.lower()} section {key!r} is added twice")
+        self._keys.add((kind, key))
+
+    def _add_section(
+        self,
+        kind: nf.SectionKind,
+        key: str,
+        body: bytes,
+        size: int,
+        data_offset: int = 0,
+        data_length: int = 0,
+        checksum: int | None = None,
+    ) -> None:
+        offset = self._pos
+        if body:
+            self._write(body)
+        self._entries.append(
+            {
+                "kind": kind,
+                "flags": 0,
+                "reserved": 0,
+                "offset": offset,
+                "length": self._pos - offset,
+                "checksum": nf.xxh3_64(body) if checksum is None else checksum,
+                "data_offset": data_offset,
+                "data_length": data_length,
+                "size": size,
+                "key": key,
+            }
+        )
+
+    # -- sections ----------------------------------------------------------------------------
+
+    def add_device(
+        self,
+        path: Path | str,
+        state: bytes,
+        *,
+        driver: str | None = None,
+        vmstate_name: str | None = None,
+        instance_id: int = 0,
+        version_id: int = 1,
+        layout: Mapping[str, Any] | None = None,
+        qemu_idstr: str | None = None,
+    ) -> None:
+        """Add a device's state.  *driver* defaults to the name of the device node the
+        path ends in (``e1000`` for ``…/e1000@05.0/vmstate``), *vmstate_name* to *driver*."""
+        path = _as_path(path)
+        key = _str16(str(path), "path")
+        self._claim(nf.SectionKind.DEVICE, key)
+        if driver is None:
+            node = path.parent if path.leaf.name == "vmstate" and path.parent else path
+            driver = node.leaf.name
+        if not 0 <= instance_id <= 0xFFFFFFFF or not 0 <= version_id <= 0xFFFFFFFF:
+            raise SnapfmtError(f"device {key}: instance and version ids must fit in 32 bits")
+        head = nf.DeviceState.build(
+            {
+                "path": key,
+                "driver": _str16(driver, "driver"),
+                "vmstate_name": _str16(vmstate_name or driver, "vmstate name"),
+                "instance_id": instance_id,
+                "version_id": version_id,
+                "flags": 0,
+                "qemu_idstr": _str16(qemu_idstr or "", "QEMU identifier"),
+                "layout": json.dumps(layout, sort_keys=True, separators=(",", ":"))
+                if layout
+                else "",
+                "state_length": len(state),
+            }
+        )
+        self._add_section(nf.SectionKind.DEVICE, key, head + bytes(state), len(state))
+
+    def add_metadata(self, name: str, document: Any) -> None:
+        """Add a free JSON document under *name*."""
+        self._claim(nf.SectionKind.METADATA, _str16(name, "metadata name"))
+        text = json.dumps(document, sort_keys=True, separators=(",", ":"))
+        body = nf.Metadata.build({"document": text})
+        self._add_section(nf.SectionKind.METADATA, name, body, len(text.encode("utf-8")))
+
+    def add_ram_block(
+        self,
+        path: Path | str,
+        source: RamSource,
+        *,
+        length: int | None = None,
+        qemu_idstr: str | None = None,
+        progress: Callable[[int], None] | None = None,
+    ) -> WrittenBlock:
+        """Add a RAM block read from a file path, a binary file object or an iterable of
+        buffers.  With *length*, the source must give exactly that many bytes."""
+        path = _as_path(path)
+        key = _str16(str(path), "path")
+        self._claim(nf.SectionKind.RAM_BLOCK, key)
+        data_offset = self._pos
+        total = chunks = zeros = 0
+        with tempfile.SpooledTemporaryFile(max_size=8 << 20) as table:
+            for batch, results in ordered_map(self._encode_batch, _batches(source, _BATCH_BYTES)):
+                for encoding, payload, digest in results:
+                    stored = len(payload) if payload is not None else 0
+                    table.write(
+                        nf.CHUNK_ENTRY.pack(encoding, stored, self._pos if stored else 0, digest)
+                    )
+                    if payload is not None:
+                        self._write(payload)
+                    zeros += encoding == nf.ChunkEncoding.ZERO
+                chunks += len(results)
+                total += len(batch)
+                if progress:
+                    progress(len(batch))
+            if length is not None and total != length:
+                raise SnapfmtError(
+                    f"RAM block {key}: the source gave {total} bytes, expected {length}"
+                )
+            data_length = self._pos - data_offset
+            head = nf.RamBlockHead.build(
+                {
+                    "path": key,
+                    "qemu_idstr": _str16(qemu_idstr or "", "QEMU identifier"),
+                    "length": total,
+                    "page_size": self.page_size,
+                    "chunk_size": self.chunk_size,
+                    "chunk_count": chunks,
+                }
+            )
+            hasher = xxhash.xxh3_64(head)
+            offset = self._pos
+            self._write(head)
+            table.seek(0)
+            while piece := table.read(1 << 20):
+                hasher.update(piece)
+                self._write(piece)
+        self._entries.append(
+            {
+                "kind": nf.SectionKind.RAM_BLOCK,
+                "flags": 0,
+                "reserved": 0,
+                "offset": offset,
+                "length": self._pos - offset,
+                "checksum": hasher.intdigest(),
+                "data_offset": data_offset,
+                "data_length": data_length,
+                "size": total,
+                "key": key,
+            }
+        )
+        return WrittenBlock(path, total, chunks, zeros, data_length)
+
+    def _encode_batch(self, batch: bytes) -> list[tuple[int, bytes | None, int]]:
+        """Zero-test, hash and compress each chunk of *batch* (runs on a pool thread)."""
+        cctx = getattr(self._local, "cctx", None)
+        if cctx is None:
+            cctx = self._local.cctx = zstandard.ZstdCompressor(
+                level=self._level, write_content_size=True
+            )
+        zero = _zero_chunk(self.chunk_size)
+        out: list[tuple[int, bytes | None, int]] = []
+        for start in range(0, len(batch), self.chunk_size):
+            piece = batch[start : start + self.chunk_size]
+            if piece == zero[: len(piece)]:
+                out.append((nf.ChunkEncoding.ZERO, None, _zero_hash(len(piece))))
+                continue
+            digest = nf.xxh3_64(piece)
+            packed = cctx.compress(piece)
+            if len(packed) < len(piece):
+                out.append((nf.ChunkEncoding.ZSTD, packed, digest))
+            else:
+                out.append((nf.ChunkEncoding.RAW, piece, digest))
+        return out
+
+    # -- finishing ---------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Write the index and footer, fsync, and rename into place."""
+        if self._closed:
+            return
+        try:
+            index = nf.Index.build({"entries": self._entries})
+            index_offset = self._pos
+            self._write(index)
+            footer = {
+                "fields": {
+                    "value": {
+                        "index_offset": index_offset,
+                        "index_length": len(index),
+                        "index_hash": nf.xxh3_64(index),
+                        "version_major": nf.VERSION_MAJOR,
+                        "version_minor": nf.VERSION_MINOR,
+                        "section_count": len(self._entries),
+                    }
+                }
+            }
+            self._write(nf.Footer.build(footer))
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            os.replace(self._tmp, self.target)
+            _fsync_folder(os.path.dirname(os.path.abspath(self.target)))
+            self._closed = True
+        except BaseException:
+            self.abort()
+            raise
+
+    def abort(self) -> None:
+        """Drop everything written; the target path is left as it was."""
+        self._closed = True
+        self._file.close()
+        if os.path.exists(self._tmp):
+            os.unlink(self._tmp)
+
+    def __enter__(self) -> Writer:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        value: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if kind is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def _fsync_folder(folder: str) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+_ZEROS: dict[int, bytes] = {}
+_ZERO_HASHES: dict[int, int] = {}
+
+
+def _zero_chunk(size: int) -> bytes:
+    if size not in _ZEROS:
+        _ZEROS[size] = bytes(size)
+    return _ZEROS[size]
+
+
+def _zero_hash(size: int) -> int:
+    if size not in _ZERO_HASHES:
+        _ZERO_HASHES[size] = nf.xxh3_64(bytes(size))
+    return _ZERO_HASHES[size]
+
+
+def _batches(source: RamSource, size: int) -> Iterator[bytes]:
+    """The source's bytes as pieces of *size* (the last may be shorter)."""
+    if isinstance(source, str | os.PathLike):
+        with open(source, "rb") as f:
+            yield from _batches(f, size)
+        return
+    read = getattr(source, "read", None)
+    if read is not None:
+        pieces: Iterable[bytes] = iter(lambda: read(size), b"")
+    else:
+        pieces = source  # type: ignore[assignment]
+    pending = bytearray()
+    for piece in pieces:
+        if not pending and len(piece) == size:
+            yield bytes(piece)
+            continue
+        pending += piece
+        while len(pending) >= size:
+            yield bytes(pending[:size])
+            del pending[:size]
+    if pending:
+        yield bytes(pending)
