@@ -477,7 +477,7 @@ class NativeRamBlock(RamBlock):
                     expected="0, 1 or 2",
                 )
             limits = {nf.ChunkEncoding.ZERO: (0, 0), nf.ChunkEncoding.RAW: (length, length)}
-            low, high = limits.get(enc, (1, length))
+            low, high = limits.get(enc, (1, length - 1))
             if not low <= stored <= high:
                 raise self._error(
                     FormatError,
