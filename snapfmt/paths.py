@@ -230,6 +230,22 @@ def resolve(
     return whole or [p for p in pool if sel.covers(p)]
 
 
+def _nearest(selector: str, pool: Sequence[Path], count: int = 3) -> list[str]:
+    """The paths most like *selector*, comparing it with whole paths and single components."""
+    wanted = selector.strip("/").lower()
+
+    def score(path: Path) -> float:
+        texts = [
+            str(path).lower(),
+            *(str(c).lower() for c in path.components),
+            *(c.name.lower() for c in path.components),
+        ]
+        best = max(difflib.SequenceMatcher(None, wanted, t).ratio() for t in texts)
+        return best + (0.5 if any(t.startswith(wanted) for t in texts[1:]) else 0.0)
+
+    return [str(p) for p in sorted(pool, key=lambda p: (-score(p), p))[:count]]
+
+
 def resolve_one(
     selector: str, paths: Iterable[Path], aliases: Mapping[str, Path] | None = None
 ) -> Path:
@@ -243,7 +259,6 @@ def resolve_one(
         raise SelectorError(
             f"selector {selector!r} is ambiguous: it names {len(found)} sections: {listed}"
         )
-    names = [str(p) for p in pool]
-    near = difflib.get_close_matches(selector, names, n=3, cutoff=0.3) or names[:3]
+    near = _nearest(selector, pool)
     hint = f"; nearest: {', '.join(near)}" if near else "; the snapshot has no sections"
     raise SelectorError(f"selector {selector!r} names no section{hint}")

@@ -317,7 +317,7 @@ class NativeSnapshot(Snapshot):
     def _json(self, text: str, section: SectionInfo, what: str) -> Any:
         try:
             return json.loads(text)
-        except ValueError as e:
+        except (ValueError, RecursionError) as e:
             raise FormatError(
                 f"{what} is not valid JSON",
                 file=self.file,
@@ -593,21 +593,21 @@ class NativeRamBlock(RamBlock):
         for batch, data in ordered_map(job, self._batches(0, self.chunk_count)):
             yield batch[0].offset, data
 
-    def verify(self) -> Iterator[ChecksumError | FormatError]:
-        """Check every chunk; yields one error per bad chunk instead of raising."""
+    def verify(self) -> Iterator[tuple[ChunkInfo, FormatError]]:
+        """Check every chunk; yields each bad chunk with its error instead of raising."""
 
-        def job(batch: list[ChunkInfo]) -> list[FormatError]:
+        def job(batch: list[ChunkInfo]) -> list[tuple[ChunkInfo, FormatError]]:
             try:
                 self._read_batch(batch)
                 return []
             except FormatError:
                 pass
-            bad: list[FormatError] = []
+            bad: list[tuple[ChunkInfo, FormatError]] = []
             for c in batch:  # find every bad chunk of the batch, not just the first
                 try:
                     self._read_batch([c])
                 except FormatError as e:
-                    bad.append(e)
+                    bad.append((c, e))
             return bad
 
         for _batch, errors in ordered_map(job, self._batches(0, self.chunk_count)):

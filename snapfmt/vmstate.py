@@ -85,10 +85,12 @@ def _fields(node: Layout, cur: _Cursor, prefix: str, where: str) -> Iterator[Fie
         type_name = _need(field, "type", str, where)
         size = _need(field, "size", int, where)
         count = field.get("array_len")
+        if count is not None and (not isinstance(count, int) or not 0 <= count <= len(cur.data)):
+            raise LayoutError(f"layout {where}: field {name!r} has a bad array_len {count!r}")
         base = f"{prefix}{name}"
         if "index" in field:
             base += f"[{field['index']}]"
-        names = [base] if count is None else [f"{base}[{i}]" for i in range(int(count))]
+        names = [base] if count is None else [f"{base}[{i}]" for i in range(count)]
         for label in names:
             if type_name == "struct":
                 inner = field.get("struct")
@@ -109,7 +111,10 @@ def _fields(node: Layout, cur: _Cursor, prefix: str, where: str) -> Iterator[Fie
 
 
 def _subsections(node: Layout, cur: _Cursor, prefix: str, where: str) -> Iterator[Field]:
-    for sub in node.get("subsections", []) or []:
+    subs = node.get("subsections", []) or []
+    if not isinstance(subs, list) or not all(isinstance(s, Mapping) for s in subs):
+        raise LayoutError(f"layout {where}: 'subsections' must be a list of objects")
+    for sub in subs:
         name = _need(sub, "vmsd_name", str, where)
         marker_at = cur.pos
         head = cur.take(2, f"subsection {name}")
@@ -128,8 +133,11 @@ def _subsections(node: Layout, cur: _Cursor, prefix: str, where: str) -> Iterato
 def decode(layout: Layout, data: bytes, base_offset: int = 0) -> list[Field]:
     """Decode *data* through *layout*; every byte must be accounted for."""
     cur = _Cursor(data, base_offset)
-    fields = list(_fields(layout, cur, "", "fields"))
-    fields.extend(_subsections(layout, cur, "", "subsections"))
+    try:
+        fields = list(_fields(layout, cur, "", "fields"))
+        fields.extend(_subsections(layout, cur, "", "subsections"))
+    except RecursionError:
+        raise LayoutError("layout nests too deeply") from None
     if cur.pos != len(data):
         raise LayoutError(f"layout describes {cur.pos} bytes, state has {len(data)}")
     return fields

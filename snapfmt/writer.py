@@ -10,6 +10,7 @@ Output depends only on the input: no timestamps, no thread-timing effects.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import tempfile
@@ -78,15 +79,7 @@ class Writer:
                 f"page size {page_size} is not a power of two from "
                 f"{nf.MIN_PAGE_SIZE} to {nf.MAX_PAGE_SIZE}"
             )
-        if (
-            chunk_size & (chunk_size - 1)
-            or chunk_size % page_size
-            or not nf.MIN_CHUNK_SIZE <= chunk_size <= nf.MAX_CHUNK_SIZE
-        ):
-            raise SnapfmtError(
-                f"chunk size {chunk_size} is not a power of two, a multiple of the "
-                f"page size {page_size}, from {nf.MIN_CHUNK_SIZE} to {nf.MAX_CHUNK_SIZE}"
-            )
+        _check_chunk_size(chunk_size, page_size)
         self.target = os.fspath(path)
         self.page_size = page_size
         self.chunk_size = chunk_size
@@ -98,6 +91,7 @@ class Writer:
         fd, self._tmp = tempfile.mkstemp(
             dir=folder, prefix=f".{os.path.basename(self.target)}.", suffix=".tmp"
         )
+        os.fchmod(fd, _file_mode())
         self._file = os.fdopen(fd, "wb", buffering=1 << 20)
         self._pos = 0
         self._closed = False
@@ -226,17 +220,24 @@ class Writer:
         *,
         length: int | None = None,
         qemu_idstr: str | None = None,
+        chunk_size: int | None = None,
         progress: Callable[[int], None] | None = None,
     ) -> WrittenBlock:
         """Add a RAM block read from a file path, a binary file object or an iterable of
-        buffers.  With *length*, the source must give exactly that many bytes."""
+        buffers.  With *length*, the source must give exactly that many bytes.  *chunk_size*
+        overrides the writer's for this block."""
         path = _as_path(path)
+        chunk_size = chunk_size or self.chunk_size
+        _check_chunk_size(chunk_size, self.page_size)
+        encode = functools.partial(self._encode_batch, chunk_size=chunk_size)
         key = _str16(str(path), "path")
         self._claim(nf.SectionKind.RAM_BLOCK, key)
         data_offset = self._pos
         total = chunks = zeros = 0
         with tempfile.SpooledTemporaryFile(max_size=8 << 20) as table:
-            for batch, results in ordered_map(self._encode_batch, _batches(source, _BATCH_BYTES)):
+            for batch, results in ordered_map(
+                encode, _batches(source, max(_BATCH_BYTES, chunk_size))
+            ):
                 for encoding, payload, digest in results:
                     stored = len(payload) if payload is not None else 0
                     table.write(
@@ -260,7 +261,7 @@ class Writer:
                     "qemu_idstr": _str16(qemu_idstr or "", "QEMU identifier"),
                     "length": total,
                     "page_size": self.page_size,
-                    "chunk_size": self.chunk_size,
+                    "chunk_size": chunk_size,
                     "chunk_count": chunks,
                 }
             )
@@ -287,17 +288,17 @@ class Writer:
         )
         return WrittenBlock(path, total, chunks, zeros, data_length)
 
-    def _encode_batch(self, batch: bytes) -> list[tuple[int, bytes | None, int]]:
+    def _encode_batch(self, batch: bytes, chunk_size: int) -> list[tuple[int, bytes | None, int]]:
         """Zero-test, hash and compress each chunk of *batch* (runs on a pool thread)."""
         cctx = getattr(self._local, "cctx", None)
         if cctx is None:
             cctx = self._local.cctx = zstandard.ZstdCompressor(
                 level=self._level, write_content_size=True
             )
-        zero = _zero_chunk(self.chunk_size)
+        zero = _zero_chunk(chunk_size)
         out: list[tuple[int, bytes | None, int]] = []
-        for start in range(0, len(batch), self.chunk_size):
-            piece = batch[start : start + self.chunk_size]
+        for start in range(0, len(batch), chunk_size):
+            piece = batch[start : start + chunk_size]
             if piece == zero[: len(piece)]:
                 out.append((nf.ChunkEncoding.ZERO, None, _zero_hash(len(piece))))
                 continue
@@ -362,6 +363,25 @@ class Writer:
             self.close()
         else:
             self.abort()
+
+
+def _file_mode() -> int:
+    """What a plain open() would give a new file: 0o666 less the umask."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def _check_chunk_size(chunk_size: int, page_size: int) -> None:
+    if (
+        chunk_size & (chunk_size - 1)
+        or chunk_size % page_size
+        or not nf.MIN_CHUNK_SIZE <= chunk_size <= nf.MAX_CHUNK_SIZE
+    ):
+        raise SnapfmtError(
+            f"chunk size {chunk_size} is not a power of two, a multiple of the page size "
+            f"{page_size}, from {nf.MIN_CHUNK_SIZE} to {nf.MAX_CHUNK_SIZE}"
+        )
 
 
 def _fsync_folder(folder: str) -> None:

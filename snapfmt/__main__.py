@@ -1,0 +1,5 @@
+"""``python -m snapfmt`` runs the command line."""
+
+from snapfmt.cli import main
+
+main()

@@ -1,0 +1,208 @@
+"""The snapfmt command line: thin click wrappers over the library (DESIGN.md §5).
+
+Exit codes: 0 success; 1 verify found problems; 2 usage error or unreadable input.
+Errors are one line on stderr: ``snapfmt: error: FILE: offset 0x…: what``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import click
+
+from snapfmt import __version__, extract, inspect, manifest, render
+from snapfmt.errors import SnapfmtError
+from snapfmt.reader import open_snapshot
+from snapfmt.verify import verify as verify_snapshot
+
+EXIT_OK, EXIT_DIFFERENT, EXIT_BAD_INPUT = 0, 1, 2
+
+json_option = click.option(
+    "--json", "as_json", is_flag=True, help="Print JSON (shape in README.md)."
+)
+quiet_option = click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+existing_file = click.Path(dir_okay=False, path_type=str)
+
+
+def emit(lines: Iterable[str] | str) -> None:
+    text = lines if isinstance(lines, str) else "\n".join(lines)
+    click.echo(text)
+
+
+@contextmanager
+def progress(total: int, label: str, quiet: bool) -> Iterator[Callable[[int], None] | None]:
+    """A progress bar on stderr, only when stderr is a terminal and not --quiet."""
+    if quiet or total <= 0 or not sys.stderr.isatty():
+        yield None
+        return
+    with click.progressbar(length=total, label=label, file=sys.stderr) as bar:
+        yield bar.update
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="snapfmt")
+def cli() -> None:
+    """Inspect, verify, extract and write VM snapshot files.
+
+    \b
+    Example:
+      snapfmt info samples/basic.snap
+    """
+
+
+@cli.command()
+@click.argument("file", type=existing_file)
+@json_option
+def info(file: str, as_json: bool) -> int:
+    """Summary and section table: path, kind, driver, version, sizes.
+
+    Reads only the index and the small device sections, whatever the file's size.
+
+    \b
+    Example:
+      snapfmt info samples/basic.snap --json
+    """
+    with open_snapshot(file) as snap:
+        result = inspect.info(snap)
+    emit(render.to_json(render.info_json(result)) if as_json else render.info_text(result))
+    return EXIT_OK
+
+
+@cli.command()
+@click.argument("file", type=existing_file)
+@click.argument("selectors", nargs=-1)
+@json_option
+def dump(file: str, selectors: tuple[str, ...], as_json: bool) -> int:
+    """Decoded device state and RAM block summaries.
+
+    Device fields are decoded through their field layout, with absolute file offsets;
+    state without a layout is shown as hex.  SELECTORS (spec/paths.md) limit the output.
+
+    \b
+    Examples:
+      snapfmt dump samples/basic.snap
+      snapfmt dump samples/basic.snap e1000 pci.0/06.0 --json
+    """
+    with open_snapshot(file) as snap:
+        result = inspect.dump(snap, selectors)
+    emit(render.to_json(render.dump_json(result)) if as_json else render.dump_text(result))
+    return EXIT_OK
+
+
+@cli.command(name="extract")
+@click.argument("file", type=existing_file)
+@click.argument("selector", required=False)
+@click.option("-o", "--output", help="File to write the one selected section to ('-': stdout).")
+@click.option("--all", "everything", is_flag=True, help="Extract every section.")
+@click.option("-d", "--directory", help="With --all: the folder to write into.")
+@quiet_option
+def extract_cmd(
+    file: str,
+    selector: str | None,
+    output: str | None,
+    everything: bool,
+    directory: str | None,
+    quiet: bool,
+) -> int:
+    """Copy sections out: device state bytes, raw RAM block contents.
+
+    With --all, every section goes under DIR (names can never leave it), together with a
+    manifest.toml that 'snapfmt write' turns back into the snapshot.
+
+    \b
+    Examples:
+      snapfmt extract samples/basic.snap /pc.ram -o pc.ram.bin
+      snapfmt extract samples/basic.snap --all -d out/
+    """
+    if everything == bool(selector) or everything != bool(directory) or bool(output) == everything:
+        raise click.UsageError("give either SELECTOR -o OUT, or --all -d DIR")
+    with open_snapshot(file) as snap:
+        total = sum(s.size for s in snap.sections if s.kind_name == "ram-block")
+        with progress(total, "extracting", quiet) as tick:
+            if everything:
+                assert directory is not None
+                items = extract.extract_all(snap, directory, tick)
+                emit(render.extracted_text(items))
+            else:
+                assert selector is not None and output is not None
+                item = extract.extract_one(snap, selector, output, tick)
+                if output != "-":
+                    emit(render.extracted_text([item]))
+    return EXIT_OK
+
+
+@cli.command()
+@click.argument("file", type=existing_file)
+@json_option
+@quiet_option
+def verify(file: str, as_json: bool, quiet: bool) -> int:
+    """Check the structure and every checksum and chunk hash.
+
+    Each bad chunk is reported with its section path and byte range.  Exit 0 when all is
+    well, 1 when anything is wrong, 2 when the file cannot be opened at all.
+
+    \b
+    Example:
+      snapfmt verify samples/basic.snap
+    """
+    with open_snapshot(file) as snap:
+        total = sum(s.size for s in snap.sections if s.kind_name == "ram-block")
+        with progress(total, "verifying", quiet) as tick:
+            report = verify_snapshot(snap, tick)
+    emit(render.to_json(render.verify_json(report)) if as_json else render.verify_text(report))
+    return EXIT_OK if report.ok else EXIT_DIFFERENT
+
+
+@cli.command()
+@click.argument("manifest_file", metavar="MANIFEST", type=existing_file)
+@click.option("-o", "--output", required=True, help="The snapshot file to write.")
+@quiet_option
+def write(manifest_file: str, output: str, quiet: bool) -> int:
+    """Build a native snapshot from a TOML manifest (spec/manifest.md).
+
+    The output is written atomically: on any error nothing is left at OUTPUT.
+
+    \b
+    Example:
+      snapfmt write samples/manifests/basic.toml -o basic.snap
+    """
+    loaded = manifest.load(manifest_file)
+    with progress(manifest.ram_bytes(loaded), "writing", quiet) as tick:
+        manifest.build(loaded, output, tick)
+    emit(f"wrote {output} ({render.human(os.path.getsize(output))})")
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: one-line errors, documented exit codes, no tracebacks."""
+    code: Any
+    try:
+        code = cli.main(args=argv, prog_name="snapfmt", standalone_mode=False)
+    except click.exceptions.Exit as e:
+        code = e.exit_code
+    except click.ClickException as e:
+        e.show()
+        code = EXIT_BAD_INPUT
+    except click.exceptions.Abort:
+        click.echo("snapfmt: interrupted", err=True)
+        code = 130
+    except SnapfmtError as e:
+        click.echo(f"snapfmt: error: {e}", err=True)
+        code = EXIT_BAD_INPUT
+    except BrokenPipeError:
+        # The reader went away (e.g. `| head`); point stdout at /dev/null so the
+        # interpreter's final flush does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = EXIT_OK
+    except KeyboardInterrupt:
+        click.echo("snapfmt: interrupted", err=True)
+        code = 130
+    except OSError as e:
+        where = f"{e.filename}: " if e.filename else ""
+        click.echo(f"snapfmt: error: {where}{e.strerror or e}", err=True)
+        code = EXIT_BAD_INPUT
+    sys.exit(code if isinstance(code, int) else EXIT_OK)

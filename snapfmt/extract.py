@@ -1,0 +1,196 @@
+"""extract: copy sections out of a snapshot into files, never outside the folder named.
+
+Section paths come from the file and are untrusted.  File names are built only from the
+canonical (percent-encoded) form of each path component, which holds no ``/`` and is never
+``.`` or ``..`` (spec/paths.md); on top of that every directory is created without
+following symbolic links and every file is opened with ``O_NOFOLLOW``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import IO, Any
+
+import tomli_w
+
+from snapfmt.errors import SnapfmtError
+from snapfmt.formats.native import DEFAULT_CHUNK_SIZE, SectionKind
+from snapfmt.model import Snapshot
+from snapfmt.paths import Path, escape
+from snapfmt.writer import _file_mode
+
+__all__ = ["Extracted", "extract_all", "extract_one"]
+
+Progress = Callable[[int], None] | None
+
+
+@dataclass(frozen=True)
+class Extracted:
+    key: str
+    kind: str
+    file: str
+    size: int
+
+
+def _write_section(snap: Snapshot, path: Path, out: IO[bytes], progress: Progress) -> int:
+    """Write one section's raw contents to *out*; zero spans become holes where possible."""
+    section = snap.section_for(path)
+    if section.kind == SectionKind.DEVICE:
+        data = snap.device(path).data
+        out.write(data)
+        return len(data)
+    block = snap.ram_block(path)
+    seekable = out.seekable()
+    zeros: dict[int, bytes] = {}
+    for _offset, data in block.iter_spans():
+        if seekable and data == zeros.setdefault(len(data), bytes(len(data))):
+            out.seek(len(data), os.SEEK_CUR)
+        else:
+            out.write(data)
+        if progress:
+            progress(len(data))
+    if seekable:
+        out.truncate(block.length)
+    return block.length
+
+
+def extract_one(snap: Snapshot, selector: str, output: str, progress: Progress = None) -> Extracted:
+    """Write the one section *selector* names to *output* (``-`` for standard output)."""
+    path = snap.select_one(selector)
+    kind = snap.section_for(path).kind_name
+    if output == "-":
+        size = _write_section(snap, path, sys.stdout.buffer, progress)
+        sys.stdout.buffer.flush()
+        return Extracted(str(path), kind, output, size)
+    folder = os.path.dirname(os.path.abspath(output))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(output)}.", suffix=".tmp")
+    os.fchmod(fd, _file_mode())
+    try:
+        with os.fdopen(fd, "wb") as f:
+            size = _write_section(snap, path, f, progress)
+        os.replace(tmp, output)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return Extracted(str(path), kind, output, size)
+
+
+class _Folder:
+    """Creates files strictly inside *root*."""
+
+    def __init__(self, root: str) -> None:
+        os.makedirs(root, exist_ok=True)
+        self.root = os.path.realpath(root)
+
+    def _dir(self, parts: Sequence[str]) -> str:
+        current = self.root
+        for part in parts:
+            _check_part(part)
+            current = os.path.join(current, part)
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(current)
+            if os.path.islink(current) or not os.path.isdir(current):
+                raise SnapfmtError(
+                    f"{current}: exists and is not a plain directory; not writing through it"
+                )
+        return current
+
+    def open(self, parts: Sequence[str]) -> tuple[str, IO[bytes]]:
+        *dirs, name = parts
+        _check_part(name)
+        target = os.path.join(self._dir(dirs), name)
+        if os.path.commonpath([self.root, os.path.realpath(target)]) != self.root:
+            raise SnapfmtError(f"{target}: would be outside {self.root}")
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
+        return os.path.relpath(target, self.root), os.fdopen(fd, "wb")
+
+
+def _check_part(part: str) -> None:
+    if not part or part in (".", "..") or "/" in part or "\0" in part or os.sep in part:
+        raise SnapfmtError(f"refusing unsafe file name {part!r}")
+
+
+def _file_parts(path: Path, suffix: str) -> list[str]:
+    parts = ["sections", *(str(c) for c in path.components)]
+    parts[-1] += suffix
+    return parts
+
+
+def extract_all(snap: Snapshot, folder: str, progress: Progress = None) -> list[Extracted]:
+    """Write every section under *folder*, plus a ``manifest.toml`` that ``snapfmt write``
+    turns back into an equivalent snapshot (byte-identical for snapshots snapfmt wrote)."""
+    out = _Folder(folder)
+    config = snap.configuration
+    manifest: dict[str, Any] = {
+        "format": 1,
+        "machine": config.machine,
+        "page_size": config.page_size,
+        "capabilities": list(config.capabilities),
+    }
+    done: list[Extracted] = []
+
+    def save(parts: list[str], data: bytes) -> str:
+        name, f = out.open(parts)
+        with f:
+            f.write(data)
+        return name
+
+    if config.metadata:
+        manifest["metadata_file"] = save(["configuration.json"], _json(config.metadata))
+    devices, blocks, documents = [], [], []
+    for section in snap.sections:
+        path = section.path
+        if section.kind == SectionKind.METADATA:
+            name = save(
+                ["documents", escape(section.key) + ".json"], _json(snap.metadata(section.key))
+            )
+            documents.append({"name": section.key, "file": name})
+            done.append(Extracted(section.key, "metadata", name, section.size))
+        elif section.kind == SectionKind.DEVICE and path is not None:
+            dev = snap.device(path)
+            entry: dict[str, Any] = {
+                "path": str(path),
+                "driver": dev.driver,
+                "vmstate": dev.vmstate_name,
+                "instance_id": dev.instance_id,
+                "version": dev.version_id,
+            }
+            if dev.qemu_idstr:
+                entry["qemu_id"] = dev.qemu_idstr
+            entry["state_file"] = save(_file_parts(path, ".bin"), dev.data)
+            if dev.layout is not None:
+                entry["layout_file"] = save(_file_parts(path, ".layout.json"), _json(dev.layout))
+            devices.append(entry)
+            done.append(Extracted(str(path), "device", entry["state_file"], len(dev.data)))
+        elif section.kind == SectionKind.RAM_BLOCK and path is not None:
+            block = snap.ram_block(path)
+            name, f = out.open(_file_parts(path, ".bin"))
+            with f:
+                _write_section(snap, path, f, progress)
+            ram: dict[str, Any] = {
+                "path": str(path),
+                "size": block.length,
+                "file": name,
+                "chunk_size": block.chunk_size,
+            }
+            if block.qemu_idstr:
+                ram["qemu_id"] = block.qemu_idstr
+            blocks.append(ram)
+            done.append(Extracted(str(path), "ram-block", name, block.length))
+    manifest["chunk_size"] = blocks[0]["chunk_size"] if blocks else DEFAULT_CHUNK_SIZE
+    for key, items in (("device", devices), ("ram", blocks), ("document", documents)):
+        if items:
+            manifest[key] = items
+    save(["manifest.toml"], tomli_w.dumps(manifest).encode("utf-8"))
+    return done
+
+
+def _json(document: Any) -> bytes:
+    return (json.dumps(document, indent=2, sort_keys=True) + "\n").encode("utf-8")

@@ -1,0 +1,158 @@
+"""info and dump: what a snapshot holds, as data (render.py turns it into text or JSON)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from snapfmt.errors import LayoutError
+from snapfmt.formats.native import ChunkEncoding, SectionKind
+from snapfmt.model import Configuration, DeviceState, SectionInfo, Snapshot
+from snapfmt.paths import Path
+from snapfmt.vmstate import Field
+
+
+@dataclass(frozen=True)
+class SectionRow:
+    kind: str
+    key: str
+    size: int
+    stored: int
+    driver: str | None = None
+    vmstate_name: str | None = None
+    version: int | None = None
+    instance_id: int | None = None
+    qemu_id: str | None = None
+
+
+@dataclass(frozen=True)
+class Info:
+    file: str
+    format: str
+    version: str
+    file_size: int
+    configuration: Configuration
+    rows: list[SectionRow]
+
+
+def info(snap: Snapshot) -> Info:
+    """Summary and section table; reads the index and the small device sections only."""
+    rows = []
+    for section in snap.sections:
+        if section.kind == SectionKind.CONFIGURATION:
+            continue
+        row = SectionRow(section.kind_name, section.key, section.size, section.stored)
+        if section.kind == SectionKind.DEVICE:
+            dev = snap.device(Path.parse(section.key))
+            row = SectionRow(
+                row.kind,
+                row.key,
+                row.size,
+                row.stored,
+                dev.driver,
+                dev.vmstate_name,
+                dev.version_id,
+                dev.instance_id,
+                dev.qemu_idstr,
+            )
+        rows.append(row)
+    return Info(
+        snap.file,
+        snap.format_name,
+        snap.version,
+        os.path.getsize(snap.file),
+        snap.configuration,
+        rows,
+    )
+
+
+@dataclass(frozen=True)
+class DeviceDump:
+    device: DeviceState
+    fields: list[Field] | None  # None: no layout, show the bytes
+    layout_error: str | None = None
+
+
+@dataclass(frozen=True)
+class RamDump:
+    path: Path
+    qemu_id: str | None
+    length: int
+    page_size: int
+    chunk_size: int
+    chunks: int
+    zero_chunks: int
+    stored: int
+
+
+@dataclass(frozen=True)
+class MetadataDump:
+    name: str
+    document: Any
+
+
+@dataclass(frozen=True)
+class Dump:
+    file: str
+    format: str
+    version: str
+    configuration: Configuration
+    sections: list[DeviceDump | RamDump | MetadataDump] = field(default_factory=list)
+
+
+def _device(snap: Snapshot, path: Path) -> DeviceDump:
+    dev = snap.device(path)
+    if dev.layout is None:
+        return DeviceDump(dev, None)
+    try:
+        return DeviceDump(dev, dev.fields())
+    except LayoutError as e:  # a layout that does not fit is shown, not fatal
+        return DeviceDump(dev, None, str(e))
+
+
+def _ram(snap: Snapshot, path: Path) -> RamDump:
+    block = snap.ram_block(path)
+    chunks = zeros = stored = 0
+    for chunk in block.chunks():
+        chunks += 1
+        zeros += chunk.encoding == ChunkEncoding.ZERO
+        stored += chunk.stored_length
+    return RamDump(
+        path,
+        block.qemu_idstr,
+        block.length,
+        block.page_size,
+        block.chunk_size,
+        chunks,
+        zeros,
+        stored,
+    )
+
+
+def dump(snap: Snapshot, selectors: Sequence[str] = ()) -> Dump:
+    """Decoded device state, RAM block summaries and metadata, for the selected sections."""
+    wanted: set[Path] | None = None
+    if selectors:
+        wanted = set()
+        for selector in selectors:
+            found = snap.select(selector)
+            if not found:
+                snap.select_one(selector)  # raises with the nearest paths
+            wanted.update(found)
+    result = Dump(snap.file, snap.format_name, snap.version, snap.configuration)
+    for section in snap.sections:
+        result.sections.extend(_dump_section(snap, section, wanted))
+    return result
+
+
+def _dump_section(snap: Snapshot, section: SectionInfo, wanted: set[Path] | None) -> list[Any]:
+    path = section.path
+    if section.kind == SectionKind.METADATA:
+        return [] if wanted is not None else [MetadataDump(section.key, snap.metadata(section.key))]
+    if path is None or (wanted is not None and path not in wanted):
+        return []
+    if section.kind == SectionKind.DEVICE:
+        return [_device(snap, path)]
+    return [_ram(snap, path)]

@@ -1,0 +1,263 @@
+"""Text tables and JSON for the results operations return.  Only this module and cli.py
+decide how things look; the JSON shapes are documented in README.md."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+from snapfmt.extract import Extracted
+from snapfmt.inspect import DeviceDump, Dump, Info, MetadataDump, RamDump
+from snapfmt.model import Configuration
+from snapfmt.verify import Report
+from snapfmt.vmstate import Field
+
+HEX_ROW = 16
+SHOWN_BYTES = 32
+
+
+def human(size: int) -> str:
+    """1536 -> '1.5 KiB'; sizes under 1 KiB stay exact."""
+    if size < 1024:
+        return f"{size} B"
+    value = float(size)
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
+        value /= 1024
+        if value < 1024 or unit == "TiB":
+            break
+    return f"{value:.1f} {unit}"
+
+
+def to_json(data: Any) -> str:
+    return json.dumps(data, indent=2, sort_keys=False)
+
+
+def table(header: list[str], rows: list[list[str]]) -> list[str]:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = []
+    for row in [header, *rows]:
+        lines.append("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    return lines
+
+
+def _config_json(config: Configuration) -> dict[str, Any]:
+    return {
+        "machine": config.machine,
+        "page_size": config.page_size,
+        "capabilities": list(config.capabilities),
+        "metadata": dict(config.metadata),
+    }
+
+
+# -- info ------------------------------------------------------------------------------------
+
+
+def info_text(info: Info) -> str:
+    config = info.configuration
+    kinds: dict[str, int] = {}
+    for row in info.rows:
+        kinds[row.kind] = kinds.get(row.kind, 0) + 1
+    ram = [r for r in info.rows if r.kind == "ram-block"]
+    counts = ", ".join(f"{n} {k}" for k, n in kinds.items()) or "none"
+    lines = [
+        f"file          {info.file} ({human(info.file_size)})",
+        f"format        snapfmt {info.format} {info.version}",
+        f"machine       {config.machine}",
+        f"page size     {config.page_size}",
+        f"capabilities  {', '.join(config.capabilities) or '-'}",
+        f"sections      {len(info.rows)} ({counts})",
+        f"RAM           {human(sum(r.size for r in ram))} in {len(ram)} blocks, "
+        f"{human(sum(r.stored for r in ram))} stored",
+        "",
+    ]
+    rows = [
+        [
+            r.key,
+            r.kind,
+            r.driver or "-",
+            "-" if r.version is None else str(r.version),
+            str(r.size),
+            str(r.stored),
+        ]
+        for r in info.rows
+    ]
+    lines += table(["PATH", "KIND", "DRIVER", "VERSION", "SIZE", "STORED"], rows)
+    return "\n".join(lines)
+
+
+def info_json(info: Info) -> dict[str, Any]:
+    return {
+        "file": info.file,
+        "format": info.format,
+        "version": info.version,
+        "file_size": info.file_size,
+        "configuration": _config_json(info.configuration),
+        "sections": [
+            {
+                "kind": r.kind,
+                "path" if r.kind != "metadata" else "name": r.key,
+                "size": r.size,
+                "stored": r.stored,
+                **(
+                    {
+                        "driver": r.driver,
+                        "vmstate_name": r.vmstate_name,
+                        "version": r.version,
+                        "instance_id": r.instance_id,
+                        "qemu_id": r.qemu_id,
+                    }
+                    if r.kind == "device"
+                    else {}
+                ),
+            }
+            for r in info.rows
+        ],
+    }
+
+
+# -- dump ------------------------------------------------------------------------------------
+
+
+def _value_text(f: Field) -> str:
+    if isinstance(f.value, bool):
+        return "true" if f.value else "false"
+    if isinstance(f.value, int):
+        return f"{f.value:#x} ({f.value})"
+    shown = f.value[:SHOWN_BYTES].hex(" ")
+    return shown + (f" … ({len(f.value)} bytes)" if len(f.value) > SHOWN_BYTES else "")
+
+
+def hexdump(data: bytes, base: int) -> Iterator[str]:
+    for at in range(0, len(data), HEX_ROW):
+        row = data[at : at + HEX_ROW]
+        text = "".join(chr(b) if 32 <= b < 127 else "." for b in row)
+        left, right = row[:8].hex(" "), row[8:].hex(" ")
+        yield f"  {base + at:#010x}  {left:<23}  {right:<23}  |{text}|"
+
+
+def dump_text(dump: Dump) -> Iterator[str]:
+    c = dump.configuration
+    yield f"{dump.file}: snapfmt {dump.format} {dump.version}"
+    yield (
+        f"configuration: machine {c.machine}, page size {c.page_size}, "
+        f"capabilities {', '.join(c.capabilities) or '-'}"
+    )
+    for section in dump.sections:
+        if isinstance(section, DeviceDump):
+            yield from _device_text(section)
+        elif isinstance(section, RamDump):
+            nonzero = section.chunks - section.zero_chunks
+            yield (
+                f"{section.path}: RAM block, {human(section.length)} ({section.length:#x} bytes), "
+                f"page size {section.page_size}, chunks of {human(section.chunk_size)}: "
+                f"{section.chunks} chunks, {section.zero_chunks} zero, {nonzero} non-zero; "
+                f"{human(section.stored)} stored"
+            )
+        else:
+            yield f"{section.name}: metadata {json.dumps(section.document, sort_keys=True)}"
+
+
+def _device_text(section: DeviceDump) -> Iterator[str]:
+    d = section.device
+    qemu = f", QEMU id {d.qemu_idstr}" if d.qemu_idstr else ""
+    yield (
+        f"{d.path}: device {d.driver}, vmstate {d.vmstate_name} version {d.version_id}, "
+        f"instance {d.instance_id}{qemu}, {len(d.data)} bytes at {d.data_offset:#x}"
+    )
+    if section.fields is None:
+        if section.layout_error:
+            yield f"  (field layout does not fit: {section.layout_error})"
+        yield from hexdump(d.data, d.data_offset)
+        return
+    rows = [[f"{f.offset:#010x}", f.name, f.type, _value_text(f)] for f in section.fields]
+    for line in table(["OFFSET", "FIELD", "TYPE", "VALUE"], rows):
+        yield "  " + line
+
+
+def _field_json(f: Field) -> dict[str, Any]:
+    value = f.value.hex() if isinstance(f.value, bytes) else f.value
+    return {"name": f.name, "type": f.type, "offset": f.offset, "size": f.size, "value": value}
+
+
+def dump_json(dump: Dump) -> dict[str, Any]:
+    sections: list[dict[str, Any]] = []
+    for s in dump.sections:
+        if isinstance(s, DeviceDump):
+            d = s.device
+            sections.append(
+                {
+                    "kind": "device",
+                    "path": str(d.path),
+                    "driver": d.driver,
+                    "vmstate_name": d.vmstate_name,
+                    "version": d.version_id,
+                    "instance_id": d.instance_id,
+                    "qemu_id": d.qemu_idstr,
+                    "offset": d.data_offset,
+                    "size": len(d.data),
+                    "fields": None if s.fields is None else [_field_json(f) for f in s.fields],
+                    "data": d.data.hex() if s.fields is None else None,
+                    "layout_error": s.layout_error,
+                }
+            )
+        elif isinstance(s, RamDump):
+            sections.append(
+                {
+                    "kind": "ram-block",
+                    "path": str(s.path),
+                    "qemu_id": s.qemu_id,
+                    "size": s.length,
+                    "page_size": s.page_size,
+                    "chunk_size": s.chunk_size,
+                    "chunks": s.chunks,
+                    "zero_chunks": s.zero_chunks,
+                    "stored": s.stored,
+                }
+            )
+        elif isinstance(s, MetadataDump):
+            sections.append({"kind": "metadata", "name": s.name, "document": s.document})
+    return {
+        "file": dump.file,
+        "format": dump.format,
+        "version": dump.version,
+        "configuration": _config_json(dump.configuration),
+        "sections": sections,
+    }
+
+
+# -- verify, extract ---------------------------------------------------------------------------
+
+
+def verify_text(report: Report) -> Iterator[str]:
+    for p in report.problems:
+        where = f"{p.section}: " if p.section else ""
+        at = f" (file offset {p.offset:#x})" if p.offset is not None else ""
+        yield f"BAD  {where}{p.message}{at}"
+    checked = f"{report.sections} sections, {report.chunks} chunks, {human(report.bytes)} checked"
+    if report.ok:
+        yield f"OK   {report.file}: {checked}"
+    else:
+        yield f"FAIL {report.file}: {len(report.problems)} problems in {checked}"
+
+
+def verify_json(report: Report) -> dict[str, Any]:
+    return {
+        "file": report.file,
+        "ok": report.ok,
+        "checked": {"sections": report.sections, "chunks": report.chunks, "bytes": report.bytes},
+        "problems": [
+            {
+                "section": p.section,
+                "offset": p.offset,
+                "message": p.message,
+                "range": list(p.range) if p.range else None,
+            }
+            for p in report.problems
+        ],
+    }
+
+
+def extracted_text(items: list[Extracted]) -> Iterator[str]:
+    rows = [[e.key, e.kind, e.file, str(e.size)] for e in items]
+    yield from table(["SECTION", "KIND", "FILE", "SIZE"], rows)

@@ -1,0 +1,117 @@
+"""verify: check a snapshot's structure and every checksum; returns findings, never prints."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from snapfmt.errors import FormatError, LayoutError
+from snapfmt.formats import native as nf
+from snapfmt.model import SectionInfo, Snapshot
+from snapfmt.reader import NativeRamBlock, NativeSnapshot
+
+
+@dataclass(frozen=True)
+class Problem:
+    section: str | None
+    offset: int | None
+    message: str
+    range: tuple[int, int] | None = None  # bytes of a RAM block, inclusive
+
+
+@dataclass
+class Report:
+    file: str
+    sections: int = 0
+    chunks: int = 0
+    bytes: int = 0
+    problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def _problem(section: SectionInfo | None, error: FormatError) -> Problem:
+    key = section.key if section is not None else None
+    return Problem(
+        key or ("configuration" if section is not None else None),
+        error.offset,
+        error.what
+        if error.found is None
+        else f"{error.what}: found {error.found}"
+        + (f", expected {error.expected}" if error.expected is not None else ""),
+    )
+
+
+def verify(snap: Snapshot, progress: Callable[[int], None] | None = None) -> Report:
+    """Check every checksum and chunk of a native snapshot and that its parts tile the file.
+
+    The header, footer and index were checked when the file was opened.
+    """
+    if not isinstance(snap, NativeSnapshot):
+        raise FormatError(f"verify does not support {snap.format_name} files yet", file=snap.file)
+    report = Report(snap.file)
+    regions: list[tuple[int, int, str]] = [
+        (0, nf.HEADER_SIZE, "header"),
+        (snap.index_offset, snap.index_length, "index"),
+        (snap.index_offset + snap.index_length, nf.FOOTER_SIZE, "footer"),
+    ]
+    for section in snap.all_sections:
+        report.sections += 1
+        label = section.key or "configuration"
+        regions.append((section.offset, section.length, label))
+        if section.data_length:
+            regions.append((section.data_offset, section.data_length, f"{label} data"))
+        try:
+            _check_section(snap, section, report, progress)
+        except FormatError as e:
+            report.problems.append(_problem(section, e))
+    report.problems.extend(_tiling(snap, regions))
+    return report
+
+
+def _check_section(
+    snap: NativeSnapshot,
+    section: SectionInfo,
+    report: Report,
+    progress: Callable[[int], None] | None,
+) -> None:
+    if section.kind == nf.SectionKind.RAM_BLOCK:
+        block = NativeRamBlock(snap, section)
+        report.bytes += block.length
+        for chunk, error in block.verify():
+            span = (chunk.offset, chunk.offset + chunk.length - 1)
+            report.problems.append(Problem(section.key, error.offset, error.what, span))
+        report.chunks += block.chunk_count
+        if progress:
+            progress(block.length)
+        return
+    snap.body(section)
+    report.bytes += section.length
+    path = section.path
+    if section.kind == nf.SectionKind.CONFIGURATION:
+        _ = snap.configuration
+    elif section.kind == nf.SectionKind.METADATA:
+        snap.metadata(section.key)
+    elif section.kind == nf.SectionKind.DEVICE and path is not None:
+        device = snap.device(path)
+        try:
+            device.fields()
+        except LayoutError as e:
+            report.problems.append(Problem(section.key, device.data_offset, f"field layout: {e}"))
+
+
+def _tiling(snap: NativeSnapshot, regions: list[tuple[int, int, str]]) -> list[Problem]:
+    """Every byte must belong to exactly one part (spec/format.md §2)."""
+    problems = []
+    position = 0
+    for start, length, label in sorted(regions):
+        if start > position:
+            problems.append(
+                Problem(None, position, f"bytes {position:#x}-{start - 1:#x} belong to no section")
+            )
+        elif start < position:
+            problems.append(Problem(label, start, f"{label} overlaps the part before it"))
+        position = max(position, start + length)
+    return problems
