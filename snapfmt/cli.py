@@ -25,7 +25,7 @@ json_option = click.option(
     "--json", "as_json", is_flag=True, help="Print JSON (shape in README.md)."
 )
 quiet_option = click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-existing_file = click.Path(dir_okay=False, path_type=str)
+existing_file = click.Path(path_type=str)  # checked by the library, for one-line errors
 
 
 def emit(lines: Iterable[str] | str) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -63,8 +64,14 @@ class FileReader:
 
     def __init__(self, path: str) -> None:
         self.name = path
-        self.fd = os.open(path, os.O_RDONLY)
-        self.size = os.fstat(self.fd).st_size
+        # O_NONBLOCK: opening a FIFO must not wait for a writer; it is refused just below.
+        self.fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        info = os.fstat(self.fd)
+        if not stat.S_ISREG(info.st_mode):
+            os.close(self.fd)
+            what = "is a directory" if stat.S_ISDIR(info.st_mode) else "is a FIFO, device or socket"
+            raise FormatError(f"{what}, not a snapshot file", file=path)
+        self.size = info.st_size
 
     def pread(self, offset: int, length: int, what: str) -> bytes:
         if offset < 0 or length < 0 or offset + length > self.size:
@@ -98,8 +105,6 @@ def open_snapshot(path: str | os.PathLike[str]) -> Snapshot:
     name = os.fspath(path)
     try:
         reader = FileReader(name)
-    except IsADirectoryError:
-        raise FormatError("is a directory, not a snapshot file", file=name) from None
     except OSError as e:
         raise FormatError(f"cannot open: {e.strerror}", file=name) from None
     try:
@@ -522,6 +527,11 @@ class NativeRamBlock(RamBlock):
             data = stored
         else:
             try:
+                # The frame header's size is untrusted: check it against the table before
+                # the decompressor sizes its buffer from it.
+                framed = zstandard.frame_content_size(stored)
+                if framed != chunk.length:
+                    raise self._chunk_error(chunk, f"zstd frame says {framed} bytes, expected {chunk.length}")
                 data = self._decompressor().decompress(stored, max_output_size=chunk.length)
             except zstandard.ZstdError as e:
                 raise self._chunk_error(

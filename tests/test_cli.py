@@ -1,0 +1,161 @@
+"""The command line: exact output, exit codes, help for every command."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import click
+import pytest
+
+from snapfmt.cli import cli
+from tests.helpers import ROOT, Run
+
+GOLDEN = Path(__file__).resolve().parent / "golden"
+
+
+@pytest.mark.parametrize("name", sorted(cli.commands))
+def test_every_command_has_help_with_an_example(run: Run, name: str) -> None:
+    command = cli.commands[name]
+    assert command.help, f"{name} has no help"
+    result = run(name, "--help")
+    assert result.code == 0
+    assert "Example" in result.out and f"snapfmt {name}" in result.out
+
+
+def test_group_help_lists_commands(run: Run) -> None:
+    result = run("--help")
+    assert result.code == 0
+    for name in ("info", "dump", "extract", "verify", "write"):
+        assert name in result.out
+
+
+@pytest.mark.parametrize(
+    ("args", "golden"),
+    [
+        (["info", "samples/basic.snap"], "info_basic.txt"),
+        (["dump", "samples/basic.snap"], "dump_basic.txt"),
+        (["dump", "samples/q35.snap"], "dump_q35.txt"),
+    ],
+)
+def test_golden_output(run: Run, samples: Path, monkeypatch: pytest.MonkeyPatch, args: list[str],
+                       golden: str) -> None:
+    monkeypatch.chdir(samples.parent)
+    result = run(*args)
+    assert (result.code, result.err) == (0, "")
+    assert result.out == (GOLDEN / golden).read_text()
+
+
+def test_info_json(run: Run, samples: Path) -> None:
+    result = run("info", samples / "basic.snap", "--json")
+    data = json.loads(result.out)
+    assert data["format"] == "native" and data["version"] == "1.0"
+    assert data["configuration"]["machine"] == "pc-i440fx-7.2"
+    assert data["sections"][0] == {
+        "kind": "device", "path": "/i440FX-pcihost/pci.0/e1000@05.0/vmstate", "size": 48, "stored": 631,
+        "driver": "e1000", "vmstate_name": "e1000", "version": 2, "instance_id": 0,
+        "qemu_id": "0000:00:05.0/e1000",
+    }
+    assert data["sections"][-1] == {"kind": "metadata", "name": "provenance", "size": 66, "stored": 70}
+
+
+def test_dump_json_and_selectors(run: Run, samples: Path) -> None:
+    result = run("dump", samples / "q35.snap", "virtio-net-pci", "/pc.bios", "--json")
+    assert result.code == 0
+    sections = json.loads(result.out)["sections"]
+    assert [s["path"] for s in sections] == ["/q35-pcihost/pcie.0/virtio-net-pci@02.0/vmstate", "/pc.bios"]
+    mac = [f["value"] for f in sections[0]["fields"] if f["name"].startswith("config.mac")]
+    assert mac == [0x52, 0x54, 0x00, 0xAB, 0xCD, 0xEF]
+    assert sections[1] == {"kind": "ram-block", "path": "/pc.bios", "qemu_id": "pc.bios", "size": 262144,
+                           "page_size": 4096, "chunk_size": 16384, "chunks": 16, "zero_chunks": 12,
+                           "stored": 76}
+
+
+def test_dump_by_qemu_identifier(run: Run, samples: Path) -> None:
+    result = run("dump", samples / "basic.snap", "0000:00:07.0/lsiscsi")
+    assert result.code == 0
+    assert "lsi53c895a@07.0/vmstate: device lsi53c895a" in result.out
+    assert "de ad be ef ca fe f0 0d" in result.out
+
+
+def test_verify_ok(run: Run, samples: Path) -> None:
+    result = run("verify", samples / "basic.snap")
+    assert (result.code, result.err) == (0, "")
+    assert result.out == f"OK   {samples / 'basic.snap'}: 8 sections, 134 chunks, 8.4 MiB checked\n"
+    data = json.loads(run("verify", samples / "basic.snap", "--json").out)
+    assert data["ok"] is True and data["problems"] == []
+
+
+def test_extract_one_section(run: Run, samples: Path, tmp_path: Path) -> None:
+    out = tmp_path / "e1000.bin"
+    result = run("extract", samples / "basic.snap", "pci.0/05.0/vmstate", "-o", out)
+    assert result.code == 0
+    assert out.read_bytes()[:8] == bytes.fromhex("0000080000000001")
+    ram = tmp_path / "ram.bin"
+    assert run("extract", samples / "basic.snap", "/pc.ram", "-o", ram).code == 0
+    data = ram.read_bytes()
+    assert len(data) == 8 << 20
+    assert data[:5] == bytes.fromhex("ea5be000f0") and data[0x100000:0x100005] == b"Linux"
+    assert data[0x7FF000:0x7FF002] == b"\x55\xaa" and data[0x400000:0x500000] == bytes(0x100000)
+
+
+def test_extract_to_stdout(samples: Path) -> None:
+    done = subprocess.run([sys.executable, "-m", "snapfmt", "extract", samples / "tiny.snap",
+                           "e1000", "-o", "-"], capture_output=True, check=False)
+    assert done.returncode == 0
+    assert done.stdout == bytes.fromhex("00000800525400123456")
+
+
+def test_extract_ambiguous_selector(run: Run, samples: Path, tmp_path: Path) -> None:
+    result = run("extract", samples / "basic.snap", "e1000", "-o", tmp_path / "x")
+    assert result.code == 2
+    assert result.err == (
+        "snapfmt: error: selector 'e1000' is ambiguous: it names 2 sections: "
+        "/i440FX-pcihost/pci.0/e1000@05.0/rom, /i440FX-pcihost/pci.0/e1000@05.0/vmstate\n"
+    )
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["extract", "F"], ["extract", "F", "sel"], ["extract", "F", "--all"], ["extract", "F", "s", "--all", "-d", "x"]],
+)
+def test_extract_usage_errors(run: Run, samples: Path, args: list[str]) -> None:
+    args = [str(samples / "tiny.snap") if a == "F" else a for a in args]
+    result = run(*args)
+    assert result.code == 2
+    assert "Error: give either SELECTOR -o OUT, or --all -d DIR" in result.err
+
+
+def test_bad_inputs_exit_2_with_one_line(run: Run, tmp_path: Path) -> None:
+    missing = tmp_path / "missing.snap"
+    assert run("info", missing).err == f"snapfmt: error: {missing}: cannot open: No such file or directory\n"
+    text = tmp_path / "notes.txt"
+    text.write_text("hello, world\n")
+    result = run("dump", text)
+    assert result.code == 2
+    assert result.err == (
+        f"snapfmt: error: {text}: offset 0x0: not a snapshot format snapfmt reads: "
+        f"found first bytes 68656c6c6f2c2077, expected native magic 89534e4150460d0a\n"
+    )
+    assert run("verify", tmp_path).err == f"snapfmt: error: {tmp_path}: is a directory, not a snapshot file\n"
+
+
+def test_unknown_command_and_option(run: Run) -> None:
+    assert run("frobnicate").code == 2
+    assert run("info", "--bogus", "x").code == 2
+
+
+def test_python_dash_m_and_version() -> None:
+    done = subprocess.run([sys.executable, "-m", "snapfmt", "--version"], capture_output=True, text=True,
+                          check=False, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0 and done.stdout.startswith("snapfmt, version ")
+
+
+def test_commands_are_thin(run: Run) -> None:
+    """Every registered command is a click command with a docstring (sqlite-utils habit)."""
+    for command in cli.commands.values():
+        assert isinstance(command, click.Command)

@@ -1,0 +1,102 @@
+"""Damaged files: every change is caught, always as a SnapfmtError, never silently."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import snapfmt
+from snapfmt.errors import SnapfmtError
+from snapfmt.verify import verify
+
+from tests.helpers import SAMPLES, Run
+
+TINY = (SAMPLES / "tiny.snap").read_bytes()
+
+
+def outcome(path: Path) -> str:
+    """'refused' (open fails: exit 2), 'reported' (verify finds problems: exit 1) or 'ok'."""
+    try:
+        snap = snapfmt.open(path)
+    except SnapfmtError:
+        return "refused"
+    with snap:
+        try:
+            report = verify(snap)
+        except SnapfmtError:
+            return "refused"
+    return "ok" if report.ok else "reported"
+
+
+@pytest.mark.parametrize("mask", [0x01, 0x80, 0xFF])
+def test_every_byte_flip_is_caught(tmp_path: Path, mask: int) -> None:
+    target = tmp_path / "flipped.snap"
+    missed = []
+    for at in range(len(TINY)):
+        damaged = bytearray(TINY)
+        damaged[at] ^= mask
+        target.write_bytes(damaged)
+        if outcome(target) == "ok":
+            missed.append(at)
+    assert missed == []
+
+
+def test_flip_in_chunk_data_names_path_and_range(tmp_path: Path, run: Run) -> None:
+    with snapfmt.open(SAMPLES / "tiny.snap") as snap:
+        block = snap.ram_block(snap.select_one("/pc.ram"))
+        raw_chunk = next(c for c in block.chunks() if c.encoding == 1)
+    damaged = bytearray(TINY)
+    damaged[raw_chunk.file_offset + 5] ^= 0x40
+    target = tmp_path / "bad.snap"
+    target.write_bytes(damaged)
+    result = run("verify", target)
+    assert result.code == 1
+    assert result.out.splitlines() == [
+        f"BAD  /pc.ram: chunk 2 (bytes 0x2000-0x2fff) content does not match its hash "
+        f"(file offset {raw_chunk.file_offset:#x})",
+        f"FAIL {target}: 1 problems in 4 sections, 5 chunks, 20.3 KiB checked",
+    ]
+    assert result.err == ""
+
+
+def test_flip_in_header_is_refused_with_one_line(tmp_path: Path, run: Run) -> None:
+    damaged = bytearray(TINY)
+    damaged[20] ^= 1
+    target = tmp_path / "bad.snap"
+    target.write_bytes(damaged)
+    result = run("verify", target)
+    assert result.code == 2
+    assert result.err == f"snapfmt: error: {target}: offset 0x0: header checksum does not match its bytes\n"
+
+
+@pytest.mark.parametrize("sample", ["tiny.snap", "q35.snap", "basic.snap"])
+@pytest.mark.parametrize("command", ["info", "dump", "verify"])
+def test_truncation_at_every_64th_is_a_clear_error(tmp_path: Path, run: Run, sample: str, command: str) -> None:
+    data = (SAMPLES / sample).read_bytes()
+    target = tmp_path / "cut.snap"
+    for k in range(64):
+        target.write_bytes(data[: len(data) * k // 64])
+        result = run(command, target)
+        assert result.code == 2, (k, result)
+        assert result.out == ""
+        lines = result.err.splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"snapfmt: error: {target}: "), (k, result.err)
+        assert "Traceback" not in result.err
+
+
+def test_truncated_messages(tmp_path: Path, run: Run) -> None:
+    target = tmp_path / "cut.snap"
+    target.write_bytes(TINY[: len(TINY) // 2])
+    assert run("info", target).err == (
+        f"snapfmt: error: {target}: offset {len(TINY) // 2 - 8:#x}: no footer at the end of the file "
+        f"(truncated or unfinished): found {TINY[len(TINY) // 2 - 8 : len(TINY) // 2].hex()}, "
+        f"expected 534e415046454e44\n"
+    )
+    target.write_bytes(b"")
+    assert run("info", target).err == f"snapfmt: error: {target}: empty file, not a snapshot\n"
+    target.write_bytes(TINY[:40])
+    assert run("info", target).err == (
+        f"snapfmt: error: {target}: offset 0x0: file too short for a native snapshot: "
+        f"found 40 bytes, expected at least 112\n"
+    )

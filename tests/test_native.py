@@ -1,0 +1,233 @@
+"""The native container: write -> read round trips, versions, atomicity, determinism."""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path as FsPath
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import snapfmt
+from snapfmt.errors import ChecksumError, SnapfmtError, UnsupportedError
+from snapfmt.formats import native as nf
+from snapfmt.paths import Component, Path
+from snapfmt.writer import Writer
+
+FS_SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+names = st.text(st.characters(blacklist_categories=["Cs"]), min_size=1, max_size=10)
+paths = st.lists(st.builds(Component, names, st.one_of(st.just(""), names)), min_size=1, max_size=4).map(
+    lambda cs: Path(tuple(cs))
+)
+pages = st.sampled_from([b"", bytes(4096), b"\x00" * 100 + b"\x01", b"text " * 819, os.urandom(4096)])
+ram = st.lists(pages, max_size=12).map(b"".join)
+
+
+def devices() -> st.SearchStrategy[list[dict[str, Any]]]:
+    one = st.fixed_dictionaries({
+        "path": paths, "state": st.binary(max_size=300), "instance_id": st.integers(0, 2**32 - 1),
+        "version_id": st.integers(0, 2**32 - 1), "qemu_idstr": st.one_of(st.none(), names),
+    })
+    return st.lists(one, max_size=5, unique_by=lambda d: d["path"])
+
+
+@FS_SETTINGS
+@given(devs=devices(), blocks=st.lists(st.tuples(paths, ram), max_size=3, unique_by=lambda b: b[0]),
+       chunk_size=st.sampled_from([4096, 8192, 65536]), machine=names)
+def test_round_trip(tmp_path: FsPath, devs: list[dict[str, Any]], blocks: list[tuple[Path, bytes]],
+                    chunk_size: int, machine: str) -> None:
+    target = tmp_path / "rt.snap"
+    with Writer(target, machine=machine, chunk_size=chunk_size, metadata={"k": [1, None]}) as w:
+        for d in devs:
+            w.add_device(d["path"], d["state"], instance_id=d["instance_id"], version_id=d["version_id"],
+                         qemu_idstr=d["qemu_idstr"])
+        for path, data in blocks:
+            w.add_ram_block(path, [data[:5000], data[5000:]])
+        w.add_metadata("m", {"x": "y"})
+    with snapfmt.open(target) as snap:
+        assert snap.configuration.machine == machine
+        assert snap.configuration.metadata == {"k": [1, None]}
+        read = {d.path: d for d in snap.devices()}
+        for d in devs:
+            got = read[d["path"]]
+            assert (got.data, got.instance_id, got.version_id, got.qemu_idstr) == (
+                d["state"], d["instance_id"], d["version_id"], d["qemu_idstr"] or None)
+        for path, data in blocks:
+            block = snap.ram_block(path)
+            assert block.length == len(data)
+            assert b"".join(piece for _, piece in block.iter_spans()) == data
+            if data:
+                assert block.read(len(data) // 3, len(data) // 2) == data[len(data) // 3 : len(data) // 3 + len(data) // 2]
+        assert snap.metadata("m") == {"x": "y"}
+
+
+def test_sources_file_path_file_object_and_buffers(tmp_path: FsPath) -> None:
+    data = os.urandom(70000) + bytes(200000) + b"abc" * 1000
+    raw = tmp_path / "ram.bin"
+    raw.write_bytes(data)
+    target = tmp_path / "s.snap"
+    with Writer(target, machine="pc") as w:
+        w.add_ram_block("/a", str(raw))
+        w.add_ram_block("/b", io.BytesIO(data))
+        w.add_ram_block("/c", (data[i : i + 777] for i in range(0, len(data), 777)))
+    with snapfmt.open(target) as snap:
+        for name in "abc":
+            assert snap.ram_block(Path.of(name)).read(0, len(data)) == data
+
+
+def test_read_touches_only_needed_chunks(tmp_path: FsPath) -> None:
+    target = tmp_path / "s.snap"
+    data = b"".join(bytes([i]) * 4096 for i in range(1, 65))
+    with Writer(target, machine="pc", chunk_size=4096) as w:
+        w.add_ram_block("/pc.ram", [data])
+    with snapfmt.open(target) as snap:
+        block = snap.ram_block(Path.of("pc.ram"))
+        chunk = next(c for c in block.chunks() if c.index == 10)
+    damaged = bytearray(target.read_bytes())
+    damaged[chunk.file_offset] ^= 0xFF
+    target.write_bytes(damaged)
+    with snapfmt.open(target) as snap:
+        block = snap.ram_block(Path.of("pc.ram"))
+        assert block.read(0, 40960) == data[:40960]  # chunks 0-9 are fine
+        with pytest.raises(ChecksumError, match=r"/pc.ram: chunk 10 \(bytes 0xa000-0xafff\)"):
+            block.read(40960, 1)
+
+
+def test_deterministic(tmp_path: FsPath) -> None:
+    def build(name: str) -> bytes:
+        with Writer(tmp_path / name, machine="pc", threads=1 if name == "a" else 4) as w:
+            w.add_device("/d@1/vmstate", b"\x01\x02")
+            w.add_ram_block("/pc.ram", [os.urandom(0) + b"x" * 300000 + bytes(300000)])
+        return (tmp_path / name).read_bytes()
+
+    assert build("a") == build("b")
+
+
+def test_atomic_on_error_leaves_old_file_and_no_temp(tmp_path: FsPath) -> None:
+    target = tmp_path / "s.snap"
+    target.write_bytes(b"old contents")
+
+    def failing() -> Any:
+        yield b"x" * 100000
+        raise OSError("disk on fire")
+
+    with pytest.raises(OSError, match="disk on fire"), Writer(target, machine="pc") as w:
+        w.add_ram_block("/pc.ram", failing())
+    assert target.read_bytes() == b"old contents"
+    assert os.listdir(tmp_path) == ["s.snap"]
+
+
+def test_length_mismatch_is_an_error(tmp_path: FsPath) -> None:
+    with pytest.raises(SnapfmtError, match="the source gave 3 bytes, expected 4"), \
+            Writer(tmp_path / "s.snap", machine="pc") as w:
+        w.add_ram_block("/pc.ram", [b"abc"], length=4)
+    assert os.listdir(tmp_path) == []
+
+
+def test_duplicate_section_refused(tmp_path: FsPath) -> None:
+    with pytest.raises(SnapfmtError, match="added twice"), Writer(tmp_path / "s.snap", machine="pc") as w:
+        w.add_device("/a/vmstate", b"")
+        w.add_device("/a/vmstate", b"")
+
+
+def _rewrite_versions(data: bytes, major: int, minor: int) -> bytes:
+    """Patch the version in header and footer, recomputing their checksums."""
+    out = bytearray(data)
+    header = nf.Header.parse(data[: nf.HEADER_SIZE]).fields.value
+    header.version_major, header.version_minor = major, minor
+    out[: nf.HEADER_SIZE] = nf.Header.build({"fields": {"value": header}})
+    footer = nf.Footer.parse(data[-nf.FOOTER_SIZE :]).fields.value
+    footer.version_major, footer.version_minor = major, minor
+    out[-nf.FOOTER_SIZE :] = nf.Footer.build({"fields": {"value": footer}})
+    return bytes(out)
+
+
+def _with_extra_section(tmp_path: FsPath, kind: int, flags: int) -> FsPath:
+    target = tmp_path / f"extra-{kind}-{flags}.snap"
+    with Writer(target, machine="pc") as w:
+        w.add_device("/d/vmstate", b"\x00")
+        w._add_section(kind, "future", b"payload", 7)  # type: ignore[arg-type]
+        w._entries[-1]["flags"] = flags
+    return target
+
+
+def test_newer_major_is_refused(tmp_path: FsPath) -> None:
+    target = tmp_path / "s.snap"
+    with Writer(target, machine="pc"):
+        pass
+    target.write_bytes(_rewrite_versions(target.read_bytes(), 2, 0))
+    with pytest.raises(UnsupportedError) as info:
+        snapfmt.open(target)
+    assert str(info.value) == (
+        f"{target}: offset 0x8: native format version not supported: found 2.0, expected major version 1"
+    )
+
+
+def test_newer_minor_is_read_and_skips_optional_sections(tmp_path: FsPath) -> None:
+    target = _with_extra_section(tmp_path, 77, int(nf.SectionFlag.OPTIONAL))
+    target.write_bytes(_rewrite_versions(target.read_bytes(), 1, 3))
+    with snapfmt.open(target) as snap:
+        assert snap.version == "1.3"
+        assert [s.key for s in snap.sections] == ["", "/d/vmstate"]
+        assert snap.device(Path.of("d", "vmstate")).data == b"\x00"
+
+
+def test_unknown_required_section_is_refused(tmp_path: FsPath) -> None:
+    target = _with_extra_section(tmp_path, 77, 0)
+    with pytest.raises(UnsupportedError, match="kind 77, unknown to this reader and not optional"):
+        snapfmt.open(target)
+
+
+def _reseal(data: bytearray) -> bytes:
+    """Recompute every section checksum, the index hash and the footer after an edit."""
+    footer = nf.Footer.parse(bytes(data[-nf.FOOTER_SIZE :])).fields.value
+    start, end = footer.index_offset, footer.index_offset + footer.index_length
+    index = nf.Index.parse(bytes(data[start:end]))
+    for e in index.entries:
+        e.checksum = nf.xxh3_64(bytes(data[e.offset : e.offset + e.length]))
+    data[start:end] = nf.Index.build(index)
+    footer.index_hash = nf.xxh3_64(bytes(data[start:end]))
+    data[-nf.FOOTER_SIZE :] = nf.Footer.build({"fields": {"value": footer}})
+    return bytes(data)
+
+
+def test_parent_chunks_are_reported_unsupported(tmp_path: FsPath) -> None:
+    target = tmp_path / "s.snap"
+    with Writer(target, machine="pc", chunk_size=4096) as w:
+        w.add_ram_block("/pc.ram", [bytes(4096)])
+    with snapfmt.open(target) as snap:
+        table_at = snap.ram_block(Path.of("pc.ram"))._table_offset
+    data = bytearray(target.read_bytes())
+    data[table_at] = nf.ChunkEncoding.PARENT
+    target.write_bytes(_reseal(data))
+    with snapfmt.open(target) as snap:
+        block = snap.ram_block(Path.of("pc.ram"))
+        with pytest.raises(UnsupportedError, match="chunk 0 lives in a parent snapshot"):
+            block.read(0, 1)
+
+
+def test_hostile_chunk_offsets_are_refused(tmp_path: FsPath) -> None:
+    target = tmp_path / "s.snap"
+    with Writer(target, machine="pc", chunk_size=4096) as w:
+        w.add_ram_block("/pc.ram", [b"x" * 4096])
+    with snapfmt.open(target) as snap:
+        table_at = snap.ram_block(Path.of("pc.ram"))._table_offset
+    data = bytearray(target.read_bytes())
+    data[table_at + 8 : table_at + 16] = (1 << 62).to_bytes(8, "little")
+    target.write_bytes(_reseal(data))
+    with snapfmt.open(target) as snap:
+        block = snap.ram_block(Path.of("pc.ram"))
+        with pytest.raises(SnapfmtError, match="chunk 0 lies outside the block's data"):
+            block.read(0, 1)
+
+
+def test_bad_parameters(tmp_path: FsPath) -> None:
+    with pytest.raises(SnapfmtError, match="page size 3000 is not a power of two"):
+        Writer(tmp_path / "x", machine="pc", page_size=3000)
+    with pytest.raises(SnapfmtError, match="chunk size 2048 is not a power of two, a multiple of the page size"):
+        Writer(tmp_path / "x", machine="pc", chunk_size=2048)
+    assert os.listdir(tmp_path) == []
