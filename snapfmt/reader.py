@@ -531,7 +531,9 @@ class NativeRamBlock(RamBlock):
                 # the decompressor sizes its buffer from it.
                 framed = zstandard.frame_content_size(stored)
                 if framed != chunk.length:
-                    raise self._chunk_error(chunk, f"zstd frame says {framed} bytes, expected {chunk.length}")
+                    raise self._chunk_error(
+                        chunk, f"zstd frame says {framed} bytes, expected {chunk.length}"
+                    )
                 data = self._decompressor().decompress(stored, max_output_size=chunk.length)
             except zstandard.ZstdError as e:
                 raise self._chunk_error(

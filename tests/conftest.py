@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 
 from snapfmt.cli import main
-
 from tests.helpers import SAMPLES, Result, Run
 
 

@@ -41,8 +41,9 @@ def test_group_help_lists_commands(run: Run) -> None:
         (["dump", "samples/q35.snap"], "dump_q35.txt"),
     ],
 )
-def test_golden_output(run: Run, samples: Path, monkeypatch: pytest.MonkeyPatch, args: list[str],
-                       golden: str) -> None:
+def test_golden_output(
+    run: Run, samples: Path, monkeypatch: pytest.MonkeyPatch, args: list[str], golden: str
+) -> None:
     monkeypatch.chdir(samples.parent)
     result = run(*args)
     assert (result.code, result.err) == (0, "")
@@ -55,23 +56,45 @@ def test_info_json(run: Run, samples: Path) -> None:
     assert data["format"] == "native" and data["version"] == "1.0"
     assert data["configuration"]["machine"] == "pc-i440fx-7.2"
     assert data["sections"][0] == {
-        "kind": "device", "path": "/i440FX-pcihost/pci.0/e1000@05.0/vmstate", "size": 48, "stored": 631,
-        "driver": "e1000", "vmstate_name": "e1000", "version": 2, "instance_id": 0,
+        "kind": "device",
+        "path": "/i440FX-pcihost/pci.0/e1000@05.0/vmstate",
+        "size": 48,
+        "stored": 631,
+        "driver": "e1000",
+        "vmstate_name": "e1000",
+        "version": 2,
+        "instance_id": 0,
         "qemu_id": "0000:00:05.0/e1000",
     }
-    assert data["sections"][-1] == {"kind": "metadata", "name": "provenance", "size": 66, "stored": 70}
+    assert data["sections"][-1] == {
+        "kind": "metadata",
+        "name": "provenance",
+        "size": 66,
+        "stored": 70,
+    }
 
 
 def test_dump_json_and_selectors(run: Run, samples: Path) -> None:
     result = run("dump", samples / "q35.snap", "virtio-net-pci", "/pc.bios", "--json")
     assert result.code == 0
     sections = json.loads(result.out)["sections"]
-    assert [s["path"] for s in sections] == ["/q35-pcihost/pcie.0/virtio-net-pci@02.0/vmstate", "/pc.bios"]
+    assert [s["path"] for s in sections] == [
+        "/q35-pcihost/pcie.0/virtio-net-pci@02.0/vmstate",
+        "/pc.bios",
+    ]
     mac = [f["value"] for f in sections[0]["fields"] if f["name"].startswith("config.mac")]
     assert mac == [0x52, 0x54, 0x00, 0xAB, 0xCD, 0xEF]
-    assert sections[1] == {"kind": "ram-block", "path": "/pc.bios", "qemu_id": "pc.bios", "size": 262144,
-                           "page_size": 4096, "chunk_size": 16384, "chunks": 16, "zero_chunks": 12,
-                           "stored": 76}
+    assert sections[1] == {
+        "kind": "ram-block",
+        "path": "/pc.bios",
+        "qemu_id": "pc.bios",
+        "size": 262144,
+        "page_size": 4096,
+        "chunk_size": 16384,
+        "chunks": 16,
+        "zero_chunks": 12,
+        "stored": 76,
+    }
 
 
 def test_dump_by_qemu_identifier(run: Run, samples: Path) -> None:
@@ -103,8 +126,11 @@ def test_extract_one_section(run: Run, samples: Path, tmp_path: Path) -> None:
 
 
 def test_extract_to_stdout(samples: Path) -> None:
-    done = subprocess.run([sys.executable, "-m", "snapfmt", "extract", samples / "tiny.snap",
-                           "e1000", "-o", "-"], capture_output=True, check=False)
+    done = subprocess.run(
+        [sys.executable, "-m", "snapfmt", "extract", samples / "tiny.snap", "e1000", "-o", "-"],
+        capture_output=True,
+        check=False,
+    )
     assert done.returncode == 0
     assert done.stdout == bytes.fromhex("00000800525400123456")
 
@@ -121,7 +147,12 @@ def test_extract_ambiguous_selector(run: Run, samples: Path, tmp_path: Path) -> 
 
 @pytest.mark.parametrize(
     "args",
-    [["extract", "F"], ["extract", "F", "sel"], ["extract", "F", "--all"], ["extract", "F", "s", "--all", "-d", "x"]],
+    [
+        ["extract", "F"],
+        ["extract", "F", "sel"],
+        ["extract", "F", "--all"],
+        ["extract", "F", "s", "--all", "-d", "x"],
+    ],
 )
 def test_extract_usage_errors(run: Run, samples: Path, args: list[str]) -> None:
     args = [str(samples / "tiny.snap") if a == "F" else a for a in args]
@@ -132,7 +163,10 @@ def test_extract_usage_errors(run: Run, samples: Path, args: list[str]) -> None:
 
 def test_bad_inputs_exit_2_with_one_line(run: Run, tmp_path: Path) -> None:
     missing = tmp_path / "missing.snap"
-    assert run("info", missing).err == f"snapfmt: error: {missing}: cannot open: No such file or directory\n"
+    assert (
+        run("info", missing).err
+        == f"snapfmt: error: {missing}: cannot open: No such file or directory\n"
+    )
     text = tmp_path / "notes.txt"
     text.write_text("hello, world\n")
     result = run("dump", text)
@@ -141,7 +175,10 @@ def test_bad_inputs_exit_2_with_one_line(run: Run, tmp_path: Path) -> None:
         f"snapfmt: error: {text}: offset 0x0: not a snapshot format snapfmt reads: "
         f"found first bytes 68656c6c6f2c2077, expected native magic 89534e4150460d0a\n"
     )
-    assert run("verify", tmp_path).err == f"snapfmt: error: {tmp_path}: is a directory, not a snapshot file\n"
+    assert (
+        run("verify", tmp_path).err
+        == f"snapfmt: error: {tmp_path}: is a directory, not a snapshot file\n"
+    )
 
 
 def test_unknown_command_and_option(run: Run) -> None:
@@ -150,8 +187,14 @@ def test_unknown_command_and_option(run: Run) -> None:
 
 
 def test_python_dash_m_and_version() -> None:
-    done = subprocess.run([sys.executable, "-m", "snapfmt", "--version"], capture_output=True, text=True,
-                          check=False, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    done = subprocess.run(
+        [sys.executable, "-m", "snapfmt", "--version"],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     assert done.returncode == 0 and done.stdout.startswith("snapfmt, version ")
 
 

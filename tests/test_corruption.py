@@ -9,7 +9,6 @@ import pytest
 import snapfmt
 from snapfmt.errors import SnapfmtError
 from snapfmt.verify import verify
-
 from tests.helpers import SAMPLES, Run
 
 TINY = (SAMPLES / "tiny.snap").read_bytes()
@@ -67,12 +66,17 @@ def test_flip_in_header_is_refused_with_one_line(tmp_path: Path, run: Run) -> No
     target.write_bytes(damaged)
     result = run("verify", target)
     assert result.code == 2
-    assert result.err == f"snapfmt: error: {target}: offset 0x0: header checksum does not match its bytes\n"
+    assert (
+        result.err
+        == f"snapfmt: error: {target}: offset 0x0: header checksum does not match its bytes\n"
+    )
 
 
 @pytest.mark.parametrize("sample", ["tiny.snap", "q35.snap", "basic.snap"])
 @pytest.mark.parametrize("command", ["info", "dump", "verify"])
-def test_truncation_at_every_64th_is_a_clear_error(tmp_path: Path, run: Run, sample: str, command: str) -> None:
+def test_truncation_at_every_64th_is_a_clear_error(
+    tmp_path: Path, run: Run, sample: str, command: str
+) -> None:
     data = (SAMPLES / sample).read_bytes()
     target = tmp_path / "cut.snap"
     for k in range(64):
@@ -81,7 +85,10 @@ def test_truncation_at_every_64th_is_a_clear_error(tmp_path: Path, run: Run, sam
         assert result.code == 2, (k, result)
         assert result.out == ""
         lines = result.err.splitlines()
-        assert len(lines) == 1 and lines[0].startswith(f"snapfmt: error: {target}: "), (k, result.err)
+        assert len(lines) == 1 and lines[0].startswith(f"snapfmt: error: {target}: "), (
+            k,
+            result.err,
+        )
         assert "Traceback" not in result.err
 
 

@@ -17,34 +17,57 @@ from snapfmt.formats import native as nf
 from snapfmt.paths import Component, Path
 from snapfmt.writer import Writer
 
-FS_SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+FS_SETTINGS = settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 
 names = st.text(st.characters(blacklist_categories=["Cs"]), min_size=1, max_size=10)
-paths = st.lists(st.builds(Component, names, st.one_of(st.just(""), names)), min_size=1, max_size=4).map(
-    lambda cs: Path(tuple(cs))
+paths = st.lists(
+    st.builds(Component, names, st.one_of(st.just(""), names)), min_size=1, max_size=4
+).map(lambda cs: Path(tuple(cs)))
+pages = st.sampled_from(
+    [b"", bytes(4096), b"\x00" * 100 + b"\x01", b"text " * 819, os.urandom(4096)]
 )
-pages = st.sampled_from([b"", bytes(4096), b"\x00" * 100 + b"\x01", b"text " * 819, os.urandom(4096)])
 ram = st.lists(pages, max_size=12).map(b"".join)
 
 
 def devices() -> st.SearchStrategy[list[dict[str, Any]]]:
-    one = st.fixed_dictionaries({
-        "path": paths, "state": st.binary(max_size=300), "instance_id": st.integers(0, 2**32 - 1),
-        "version_id": st.integers(0, 2**32 - 1), "qemu_idstr": st.one_of(st.none(), names),
-    })
+    one = st.fixed_dictionaries(
+        {
+            "path": paths,
+            "state": st.binary(max_size=300),
+            "instance_id": st.integers(0, 2**32 - 1),
+            "version_id": st.integers(0, 2**32 - 1),
+            "qemu_idstr": st.one_of(st.none(), names),
+        }
+    )
     return st.lists(one, max_size=5, unique_by=lambda d: d["path"])
 
 
 @FS_SETTINGS
-@given(devs=devices(), blocks=st.lists(st.tuples(paths, ram), max_size=3, unique_by=lambda b: b[0]),
-       chunk_size=st.sampled_from([4096, 8192, 65536]), machine=names)
-def test_round_trip(tmp_path: FsPath, devs: list[dict[str, Any]], blocks: list[tuple[Path, bytes]],
-                    chunk_size: int, machine: str) -> None:
+@given(
+    devs=devices(),
+    blocks=st.lists(st.tuples(paths, ram), max_size=3, unique_by=lambda b: b[0]),
+    chunk_size=st.sampled_from([4096, 8192, 65536]),
+    machine=names,
+)
+def test_round_trip(
+    tmp_path: FsPath,
+    devs: list[dict[str, Any]],
+    blocks: list[tuple[Path, bytes]],
+    chunk_size: int,
+    machine: str,
+) -> None:
     target = tmp_path / "rt.snap"
     with Writer(target, machine=machine, chunk_size=chunk_size, metadata={"k": [1, None]}) as w:
         for d in devs:
-            w.add_device(d["path"], d["state"], instance_id=d["instance_id"], version_id=d["version_id"],
-                         qemu_idstr=d["qemu_idstr"])
+            w.add_device(
+                d["path"],
+                d["state"],
+                instance_id=d["instance_id"],
+                version_id=d["version_id"],
+                qemu_idstr=d["qemu_idstr"],
+            )
         for path, data in blocks:
             w.add_ram_block(path, [data[:5000], data[5000:]])
         w.add_metadata("m", {"x": "y"})
@@ -55,13 +78,20 @@ def test_round_trip(tmp_path: FsPath, devs: list[dict[str, Any]], blocks: list[t
         for d in devs:
             got = read[d["path"]]
             assert (got.data, got.instance_id, got.version_id, got.qemu_idstr) == (
-                d["state"], d["instance_id"], d["version_id"], d["qemu_idstr"] or None)
+                d["state"],
+                d["instance_id"],
+                d["version_id"],
+                d["qemu_idstr"] or None,
+            )
         for path, data in blocks:
             block = snap.ram_block(path)
             assert block.length == len(data)
             assert b"".join(piece for _, piece in block.iter_spans()) == data
             if data:
-                assert block.read(len(data) // 3, len(data) // 2) == data[len(data) // 3 : len(data) // 3 + len(data) // 2]
+                assert (
+                    block.read(len(data) // 3, len(data) // 2)
+                    == data[len(data) // 3 : len(data) // 3 + len(data) // 2]
+                )
         assert snap.metadata("m") == {"x": "y"}
 
 
@@ -122,14 +152,19 @@ def test_atomic_on_error_leaves_old_file_and_no_temp(tmp_path: FsPath) -> None:
 
 
 def test_length_mismatch_is_an_error(tmp_path: FsPath) -> None:
-    with pytest.raises(SnapfmtError, match="the source gave 3 bytes, expected 4"), \
-            Writer(tmp_path / "s.snap", machine="pc") as w:
+    with (
+        pytest.raises(SnapfmtError, match="the source gave 3 bytes, expected 4"),
+        Writer(tmp_path / "s.snap", machine="pc") as w,
+    ):
         w.add_ram_block("/pc.ram", [b"abc"], length=4)
     assert os.listdir(tmp_path) == []
 
 
 def test_duplicate_section_refused(tmp_path: FsPath) -> None:
-    with pytest.raises(SnapfmtError, match="added twice"), Writer(tmp_path / "s.snap", machine="pc") as w:
+    with (
+        pytest.raises(SnapfmtError, match="added twice"),
+        Writer(tmp_path / "s.snap", machine="pc") as w,
+    ):
         w.add_device("/a/vmstate", b"")
         w.add_device("/a/vmstate", b"")
 
@@ -228,6 +263,8 @@ def test_hostile_chunk_offsets_are_refused(tmp_path: FsPath) -> None:
 def test_bad_parameters(tmp_path: FsPath) -> None:
     with pytest.raises(SnapfmtError, match="page size 3000 is not a power of two"):
         Writer(tmp_path / "x", machine="pc", page_size=3000)
-    with pytest.raises(SnapfmtError, match="chunk size 2048 is not a power of two, a multiple of the page size"):
+    with pytest.raises(
+        SnapfmtError, match="chunk size 2048 is not a power of two, a multiple of the page size"
+    ):
         Writer(tmp_path / "x", machine="pc", chunk_size=2048)
     assert os.listdir(tmp_path) == []

@@ -1,0 +1,80 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import snapfmt
+from snapfmt.paths import Path as DevPath
+from tests.helpers import Run
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "m.toml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("machine = 1", "'machine' (a string) is required"),
+        ('machine = "pc"\nbogus = 1', "top level: unknown key 'bogus'"),
+        ('machine = "pc"\nformat = 2', "manifest format 2 is not supported, expected 1"),
+        (
+            'machine = "pc"\n[[device]]\npath = "/a"\n',
+            "device[0] (/a): give exactly one of 'state', 'state_file', 'field'",
+        ),
+        (
+            'machine = "pc"\n[[device]]\npath = "a"\nstate = ""\n',
+            "device[0] (a): bad 'path': path 'a' must start with '/'",
+        ),
+        ('machine = "pc"\n[[device]]\npath = "/a"\nstate = "zz"\n', "'state' must be hex digits"),
+        (
+            'machine = "pc"\n[[ram]]\npath = "/r"\nsize = "1M"\nfill = [{offset = 0, length = 8, pattern = "00"}, '
+            '{offset = 4, length = 8, text = "x"}]\n',
+            "fill regions overlap or pass the size",
+        ),
+        (
+            'machine = "pc"\n[[ram]]\npath = "/r"\nsize = "lots"\n',
+            "'size' must be a non-negative integer or a size",
+        ),
+        ('machine = "pc"\n[[ram]]\npath = "/r"\nfile = "nope.bin"\n', "file 'nope.bin' not found"),
+        ('machine = "pc"\npage_size = 3000\n', "page size 3000 is not a power of two"),
+        ("machine = [", "not valid TOML"),
+    ],
+)
+def test_manifest_errors(tmp_path: Path, run: Run, text: str, message: str) -> None:
+    manifest = write(tmp_path, text)
+    result = run("write", manifest, "-o", tmp_path / "out.snap")
+    assert result.code == 2
+    assert result.err.startswith(f"snapfmt: error: {manifest}: ") and message in result.err, (
+        result.err
+    )
+    assert result.err.count("\n") == 1
+    assert not (tmp_path / "out.snap").exists()
+
+
+def test_fills_and_files(tmp_path: Path, run: Run) -> None:
+    (tmp_path / "blob.bin").write_bytes(b"\x01\x02\x03")
+    manifest = write(
+        tmp_path,
+        """
+machine = "pc"
+[[ram]]
+path = "/r"
+size = "8K"
+fill = [ { offset = 2, length = 5, pattern = "abcd" }, { offset = 4096, length = 3000, random = 9 } ]
+[[ram]]
+path = "/f"
+file = "blob.bin"
+""",
+    )
+    assert run("write", manifest, "-o", tmp_path / "a.snap").code == 0
+    assert run("write", manifest, "-o", tmp_path / "b.snap").code == 0
+    assert (tmp_path / "a.snap").read_bytes() == (tmp_path / "b.snap").read_bytes()
+    with snapfmt.open(tmp_path / "a.snap") as snap:
+        data = snap.ram_block(DevPath.of("r")).read(0, 8192)
+        assert data[:8] == b"\x00\x00\xab\xcd\xab\xcd\xab\x00"
+        assert len(set(data[4096:7096])) > 200 and data[7096:] == bytes(8192 - 7096)
+        assert snap.ram_block(DevPath.of("f")).read(0, 3) == b"\x01\x02\x03"
