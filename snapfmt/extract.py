@@ -19,6 +19,7 @@ from typing import IO, Any
 
 import tomli_w
 
+from snapfmt.chunks import zeros
 from snapfmt.errors import SnapfmtError
 from snapfmt.formats.native import DEFAULT_CHUNK_SIZE, SectionKind
 from snapfmt.model import Snapshot
@@ -47,14 +48,14 @@ def _write_section(snap: Snapshot, path: Path, out: IO[bytes], progress: Progres
         return len(data)
     block = snap.ram_block(path)
     seekable = out.seekable()
-    zeros: dict[int, bytes] = {}
-    for _offset, data in block.iter_spans():
-        if seekable and data == zeros.setdefault(len(data), bytes(len(data))):
-            out.seek(len(data), os.SEEK_CUR)
+    for _offset, view in block.iter_spans():
+        # startswith on a same-length zero string is one memcmp (memoryview == is per item)
+        if seekable and zeros(len(view)).startswith(view):
+            out.seek(len(view), os.SEEK_CUR)
         else:
-            out.write(data)
+            out.write(view)
         if progress:
-            progress(len(data))
+            progress(len(view))
     if seekable:
         out.truncate(block.length)
     return block.length

@@ -95,8 +95,10 @@ class RamBlock(abc.ABC):
         """Bytes ``[offset, offset+length)`` of the block, touching only the chunks needed."""
 
     @abc.abstractmethod
-    def iter_spans(self, span: int = 1 << 22) -> Iterator[tuple[int, bytes]]:
-        """The whole block in order as ``(offset, bytes)`` pieces of about *span* bytes."""
+    def iter_spans(self, span: int = 1 << 22) -> Iterator[tuple[int, memoryview]]:
+        """The whole block in order as ``(offset, view)`` pieces of about *span* bytes.
+
+        A view is valid until the next step of the iteration: its buffer is reused."""
 
     @abc.abstractmethod
     def chunks(self) -> Iterator[ChunkInfo]:

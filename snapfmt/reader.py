@@ -10,14 +10,10 @@ from __future__ import annotations
 import json
 import os
 import stat
-import threading
-from collections.abc import Iterator
 from typing import Any
 
 import construct
-import zstandard
 
-from snapfmt._parallel import ordered_map
 from snapfmt.errors import (
     ChecksumError,
     FormatError,
@@ -26,8 +22,9 @@ from snapfmt.errors import (
     UnsupportedError,
 )
 from snapfmt.formats import native as nf
-from snapfmt.model import ChunkInfo, Configuration, DeviceState, RamBlock, SectionInfo, Snapshot
+from snapfmt.model import Configuration, DeviceState, SectionInfo, Snapshot
 from snapfmt.paths import Path
+from snapfmt.ramblock import NativeRamBlock
 
 __all__ = ["detect", "open_snapshot", "parse"]
 
@@ -132,7 +129,6 @@ class NativeSnapshot(Snapshot):
     def __init__(self, reader: FileReader) -> None:
         self._io = reader
         self.file = reader.name
-        self._lock = threading.Lock()
         self._config: Configuration | None = None
         self._aliases: dict[str, Path] | None = None
         self._read_header()
@@ -381,246 +377,9 @@ class NativeSnapshot(Snapshot):
     def pread(self, offset: int, length: int, what: str) -> bytes:
         return self._io.pread(offset, length, what)
 
+    @property
+    def fd(self) -> int:
+        return self._io.fd
+
     def close(self) -> None:
         self._io.close()
-
-
-class NativeRamBlock(RamBlock):
-    """A RAM block of a native snapshot; its chunk table is read in pieces, on demand."""
-
-    def __init__(self, snapshot: NativeSnapshot, section: SectionInfo) -> None:
-        self._snap = snapshot
-        self.section = section
-        self.file = snapshot.file
-        self.path = Path.parse(section.key)
-        self._verify_descriptor()
-        peek = snapshot.pread(section.offset, min(section.length, 2 * 65535 + 64), "RAM block head")
-        head = snapshot._parse(nf.RamBlockHead, peek, section.offset, f"RAM block {self.path}")
-        self.qemu_idstr: str | None = head.qemu_idstr or None
-        self.length: int = head.length
-        self.page_size: int = head.page_size
-        self.chunk_size: int = head.chunk_size
-        self.chunk_count: int = head.chunk_count
-        self._table_offset = section.offset + len(nf.RamBlockHead.build(head))
-        self._check_head(head)
-        self._zero = bytes(self.chunk_size)
-        self._full_zero_hash = nf.xxh3_64(self._zero)
-        self._local = threading.local()
-
-    def _error(self, cls: type[FormatError], what: str, offset: int, **kw: Any) -> FormatError:
-        return cls(what, file=self.file, offset=offset, section=str(self.path), **kw)
-
-    def _verify_descriptor(self) -> None:
-        import xxhash
-
-        hasher = xxhash.xxh3_64()
-        s = self.section
-        for start in range(s.offset, s.offset + s.length, 1 << 20):
-            length = min(1 << 20, s.offset + s.length - start)
-            hasher.update(self._snap.pread(start, length, "RAM block descriptor"))
-        if hasher.intdigest() != s.checksum:
-            raise self._error(
-                ChecksumError, "RAM block descriptor checksum does not match its bytes", s.offset
-            )
-
-    def _check_head(self, head: Any) -> None:
-        def bad(what: str, found: object, expected: object) -> FormatError:
-            return self._error(
-                FormatError, what, self.section.offset, found=found, expected=expected
-            )
-
-        ps, cs = self.page_size, self.chunk_size
-        if ps & (ps - 1) or not nf.MIN_PAGE_SIZE <= ps <= nf.MAX_PAGE_SIZE:
-            raise bad("bad page size", ps, f"a power of two {nf.MIN_PAGE_SIZE}-{nf.MAX_PAGE_SIZE}")
-        if cs & (cs - 1) or cs % ps or not nf.MIN_CHUNK_SIZE <= cs <= nf.MAX_CHUNK_SIZE:
-            raise bad(
-                "bad chunk size",
-                cs,
-                f"a power of two, multiple of {ps}, {nf.MIN_CHUNK_SIZE}-{nf.MAX_CHUNK_SIZE}",
-            )
-        if self.chunk_count != -(-self.length // cs):
-            raise bad(
-                "chunk count does not fit the block length", self.chunk_count, -(-self.length // cs)
-            )
-        table_end = self._table_offset + self.chunk_count * nf.CHUNK_ENTRY.size
-        if table_end != self.section.offset + self.section.length:
-            raise bad(
-                "chunk table does not fill the descriptor",
-                f"{table_end:#x}",
-                f"{self.section.offset + self.section.length:#x}",
-            )
-        if head.path != self.section.key:
-            raise bad("descriptor path differs from the index", head.path, self.section.key)
-
-    # -- chunk table -------------------------------------------------------------------------
-
-    def _entries(self, first: int, count: int) -> list[ChunkInfo]:
-        raw = self._snap.pread(
-            self._table_offset + first * nf.CHUNK_ENTRY.size,
-            count * nf.CHUNK_ENTRY.size,
-            "chunk table",
-        )
-        lo = self.section.data_offset
-        hi = lo + self.section.data_length
-        out = []
-        for i, (enc, stored, offset, digest) in enumerate(nf.CHUNK_ENTRY.iter_unpack(raw), first):
-            start = i * self.chunk_size
-            length = min(self.chunk_size, self.length - start)
-            entry_at = self._table_offset + i * nf.CHUNK_ENTRY.size
-            if enc == nf.ChunkEncoding.PARENT:
-                raise self._error(
-                    UnsupportedError,
-                    f"chunk {i} lives in a parent snapshot (delta snapshots are not supported yet)",
-                    entry_at,
-                )
-            if enc not in (nf.ChunkEncoding.ZERO, nf.ChunkEncoding.RAW, nf.ChunkEncoding.ZSTD):
-                raise self._error(
-                    FormatError,
-                    f"chunk {i} has an unknown encoding",
-                    entry_at,
-                    found=enc,
-                    expected="0, 1 or 2",
-                )
-            limits = {nf.ChunkEncoding.ZERO: (0, 0), nf.ChunkEncoding.RAW: (length, length)}
-            low, high = limits.get(enc, (1, length - 1))
-            if not low <= stored <= high:
-                raise self._error(
-                    FormatError,
-                    f"chunk {i} has a bad stored length",
-                    entry_at,
-                    found=stored,
-                    expected=f"{low}-{high}",
-                )
-            if stored and (offset < lo or offset + stored > hi):
-                raise self._error(
-                    FormatError,
-                    f"chunk {i} lies outside the block's data",
-                    entry_at,
-                    found=f"{offset:#x}+{stored:#x}",
-                    expected=f"within {lo:#x}-{hi:#x}",
-                )
-            out.append(ChunkInfo(i, start, length, enc, stored, offset, digest))
-        return out
-
-    def chunks(self) -> Iterator[ChunkInfo]:
-        step = 8192
-        for first in range(0, self.chunk_count, step):
-            yield from self._entries(first, min(step, self.chunk_count - first))
-
-    @property
-    def stored_size(self) -> int:
-        return self.section.data_length
-
-    # -- contents ----------------------------------------------------------------------------
-
-    def _decompressor(self) -> zstandard.ZstdDecompressor:
-        d = getattr(self._local, "dctx", None)
-        if d is None:
-            d = self._local.dctx = zstandard.ZstdDecompressor()
-        return d
-
-    def _decode(self, chunk: ChunkInfo, stored: bytes) -> bytes:
-        """The chunk's bytes; raises ChecksumError/FormatError when they are not right."""
-        if chunk.encoding == nf.ChunkEncoding.ZERO:
-            data = self._zero[: chunk.length]
-        elif chunk.encoding == nf.ChunkEncoding.RAW:
-            data = stored
-        else:
-            try:
-                # The frame header's size is untrusted: check it against the table before
-                # the decompressor sizes its buffer from it.
-                framed = zstandard.frame_content_size(stored)
-                if framed != chunk.length:
-                    raise self._chunk_error(
-                        chunk, f"zstd frame says {framed} bytes, expected {chunk.length}"
-                    )
-                data = self._decompressor().decompress(stored, max_output_size=chunk.length)
-            except zstandard.ZstdError as e:
-                raise self._chunk_error(
-                    chunk, f"zstd frame does not decode ({_short(e)})"
-                ) from None
-        if len(data) != chunk.length:
-            raise self._chunk_error(chunk, f"decodes to {len(data)} bytes, expected {chunk.length}")
-        if chunk.encoding != nf.ChunkEncoding.ZERO and nf.xxh3_64(data) != chunk.hash:
-            raise self._chunk_error(chunk, "content does not match its hash")
-        if chunk.encoding == nf.ChunkEncoding.ZERO and chunk.hash != self._zero_hash(chunk.length):
-            raise self._chunk_error(chunk, "zero chunk has a hash other than that of zeros")
-        return data
-
-    def _zero_hash(self, length: int) -> int:
-        if length == self.chunk_size:
-            return self._full_zero_hash
-        return nf.xxh3_64(self._zero[:length])
-
-    def _chunk_error(self, chunk: ChunkInfo, what: str) -> ChecksumError:
-        end = chunk.offset + chunk.length - 1
-        return ChecksumError(
-            f"chunk {chunk.index} (bytes {chunk.offset:#x}-{end:#x}) {what}",
-            file=self.file,
-            offset=chunk.file_offset or self._table_offset,
-            section=str(self.path),
-        )
-
-    def _read_batch(self, batch: list[ChunkInfo]) -> list[bytes]:
-        stored = [c for c in batch if c.stored_length]
-        blobs: dict[int, bytes] = {}
-        if stored:
-            lo = min(c.file_offset for c in stored)
-            hi = max(c.file_offset + c.stored_length for c in stored)
-            if hi - lo <= 2 * sum(c.stored_length for c in stored) + (1 << 16):
-                span = self._snap.pread(lo, hi - lo, "chunk data")
-                view = memoryview(span)
-                for c in stored:
-                    blobs[c.index] = bytes(
-                        view[c.file_offset - lo : c.file_offset - lo + c.stored_length]
-                    )
-            else:  # chunks far apart (a hand-made file): read each on its own
-                for c in stored:
-                    blobs[c.index] = self._snap.pread(c.file_offset, c.stored_length, "chunk data")
-        return [self._decode(c, blobs.get(c.index, b"")) for c in batch]
-
-    def _batches(self, first: int, last: int) -> Iterator[list[ChunkInfo]]:
-        per = max(1, _BATCH_BYTES // self.chunk_size)
-        for start in range(first, last, per):
-            yield self._entries(start, min(per, last - start))
-
-    def read(self, offset: int, length: int) -> bytes:
-        if offset < 0 or length < 0 or offset + length > self.length:
-            raise ValueError(
-                f"range {offset:#x}+{length:#x} is outside {self.path} ({self.length:#x} bytes)"
-            )
-        if length == 0:
-            return b""
-        first = offset // self.chunk_size
-        last = (offset + length - 1) // self.chunk_size + 1
-        pieces = [b"".join(self._read_batch(b)) for b in self._batches(first, last)]
-        data = b"".join(pieces)
-        skip = offset - first * self.chunk_size
-        return data[skip : skip + length]
-
-    def iter_spans(self, span: int = _BATCH_BYTES) -> Iterator[tuple[int, bytes]]:
-        def job(batch: list[ChunkInfo]) -> bytes:
-            return b"".join(self._read_batch(batch))
-
-        for batch, data in ordered_map(job, self._batches(0, self.chunk_count)):
-            yield batch[0].offset, data
-
-    def verify(self) -> Iterator[tuple[ChunkInfo, FormatError]]:
-        """Check every chunk; yields each bad chunk with its error instead of raising."""
-
-        def job(batch: list[ChunkInfo]) -> list[tuple[ChunkInfo, FormatError]]:
-            try:
-                self._read_batch(batch)
-                return []
-            except FormatError:
-                pass
-            bad: list[tuple[ChunkInfo, FormatError]] = []
-            for c in batch:  # find every bad chunk of the batch, not just the first
-                try:
-                    self._read_batch([c])
-                except FormatError as e:
-                    bad.append((c, e))
-            return bad
-
-        for _batch, errors in ordered_map(job, self._batches(0, self.chunk_count)):
-            yield from errors

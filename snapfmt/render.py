@@ -238,7 +238,8 @@ def verify_text(report: Report) -> Iterator[str]:
     if report.ok:
         yield f"OK   {report.file}: {checked}"
     else:
-        yield f"FAIL {report.file}: {len(report.problems)} problems in {checked}"
+        count = len(report.problems)
+        yield f"FAIL {report.file}: {count} problem{'s' if count != 1 else ''} in {checked}"
 
 
 def verify_json(report: Report) -> dict[str, Any]:

@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 from snapfmt.errors import FormatError, LayoutError
 from snapfmt.formats import native as nf
 from snapfmt.model import SectionInfo, Snapshot
-from snapfmt.reader import NativeRamBlock, NativeSnapshot
+from snapfmt.ramblock import NativeRamBlock
+from snapfmt.reader import NativeSnapshot
 
 
 @dataclass(frozen=True)

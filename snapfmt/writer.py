@@ -21,9 +21,9 @@ from types import TracebackType
 from typing import IO, Any
 
 import xxhash
-import zstandard
 
 from snapfmt._parallel import ordered_map
+from snapfmt.chunks import ChunkCodec, Encoded
 from snapfmt.errors import SnapfmtError
 from snapfmt.formats import native as nf
 from snapfmt.paths import Path
@@ -288,27 +288,14 @@ class Writer:
         )
         return WrittenBlock(path, total, chunks, zeros, data_length)
 
-    def _encode_batch(self, batch: bytes, chunk_size: int) -> list[tuple[int, bytes | None, int]]:
-        """Zero-test, hash and compress each chunk of *batch* (runs on a pool thread)."""
-        cctx = getattr(self._local, "cctx", None)
-        if cctx is None:
-            cctx = self._local.cctx = zstandard.ZstdCompressor(
-                level=self._level, write_content_size=True
-            )
-        zero = _zero_chunk(chunk_size)
-        out: list[tuple[int, bytes | None, int]] = []
-        for start in range(0, len(batch), chunk_size):
-            piece = batch[start : start + chunk_size]
-            if piece == zero[: len(piece)]:
-                out.append((nf.ChunkEncoding.ZERO, None, _zero_hash(len(piece))))
-                continue
-            digest = nf.xxh3_64(piece)
-            packed = cctx.compress(piece)
-            if len(packed) < len(piece):
-                out.append((nf.ChunkEncoding.ZSTD, packed, digest))
-            else:
-                out.append((nf.ChunkEncoding.RAW, piece, digest))
-        return out
+    def _encode_batch(self, batch: bytes, chunk_size: int) -> list[Encoded]:
+        """Encode each chunk of *batch* (runs on a pool thread)."""
+        codec = getattr(self._local, "codec", None)
+        if codec is None:
+            codec = self._local.codec = ChunkCodec(self.page_size, self._level)
+        return [
+            codec.encode(batch[at : at + chunk_size]) for at in range(0, len(batch), chunk_size)
+        ]
 
     # -- finishing ---------------------------------------------------------------------------
 
@@ -390,22 +377,6 @@ def _fsync_folder(folder: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-_ZEROS: dict[int, bytes] = {}
-_ZERO_HASHES: dict[int, int] = {}
-
-
-def _zero_chunk(size: int) -> bytes:
-    if size not in _ZEROS:
-        _ZEROS[size] = bytes(size)
-    return _ZEROS[size]
-
-
-def _zero_hash(size: int) -> int:
-    if size not in _ZERO_HASHES:
-        _ZERO_HASHES[size] = nf.xxh3_64(bytes(size))
-    return _ZERO_HASHES[size]
 
 
 def _batches(source: RamSource, size: int) -> Iterator[bytes]:

@@ -69,7 +69,9 @@ class ChunkEncoding(IntEnum):
     ZERO = 0  # nothing stored: the chunk is all zero bytes
     RAW = 1  # stored as is
     ZSTD = 2  # one zstd frame holding the uncompressed bytes
-    PARENT = 3  # §6, reserved for delta snapshots: the parent holds the bytes
+    PARENT = 3  # §7, reserved for delta snapshots: the parent holds the bytes
+    PAGES_RAW = 4  # a bitmap of the non-zero pages, then those pages as they are
+    PAGES_ZSTD = 5  # a bitmap of the non-zero pages, then one zstd frame of those pages
 
 
 # Strings: a little-endian length, then UTF-8 bytes, no terminator.

@@ -1,0 +1,293 @@
+"""RAM blocks of native snapshots: chunk table on demand, contents checked chunk by chunk.
+
+Reading decodes chunks straight into reusable buffers on a thread pool (zstd and xxh3
+release the GIL), so a full read allocates nothing per chunk and memory stays bounded.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import xxhash
+
+from snapfmt._parallel import WORKERS, ordered_map
+from snapfmt.chunks import ChunkCodec, zero_hash
+from snapfmt.errors import ChecksumError, FormatError, UnsupportedError
+from snapfmt.formats import native as nf
+from snapfmt.model import ChunkInfo, RamBlock, SectionInfo
+from snapfmt.paths import Path
+
+if TYPE_CHECKING:
+    from snapfmt.reader import NativeSnapshot
+
+BATCH_BYTES = 1 << 22
+_TABLE_STEP = 8192
+_KNOWN = frozenset(int(e) for e in nf.ChunkEncoding) - {nf.ChunkEncoding.PARENT}
+
+
+class NativeRamBlock(RamBlock):
+    """A RAM block of a native snapshot."""
+
+    def __init__(self, snapshot: NativeSnapshot, section: SectionInfo) -> None:
+        self._snap = snapshot
+        self.section = section
+        self.file = snapshot.file
+        self.path = Path.parse(section.key)
+        self._verify_descriptor()
+        peek = snapshot.pread(section.offset, min(section.length, 2 * 65535 + 64), "RAM block head")
+        head = snapshot._parse(nf.RamBlockHead, peek, section.offset, f"RAM block {self.path}")
+        self.qemu_idstr = head.qemu_idstr or None
+        self.length: int = head.length
+        self.page_size: int = head.page_size
+        self.chunk_size: int = head.chunk_size
+        self.chunk_count: int = head.chunk_count
+        self._table_offset = section.offset + len(nf.RamBlockHead.build(head))
+        self._check_head(head)
+        self._local = threading.local()
+
+    def _error(self, cls: type[FormatError], what: str, offset: int, **kw: Any) -> FormatError:
+        return cls(what, file=self.file, offset=offset, section=str(self.path), **kw)
+
+    def _verify_descriptor(self) -> None:
+        hasher = xxhash.xxh3_64()
+        s = self.section
+        for start in range(s.offset, s.offset + s.length, 1 << 20):
+            length = min(1 << 20, s.offset + s.length - start)
+            hasher.update(self._snap.pread(start, length, "RAM block descriptor"))
+        if hasher.intdigest() != s.checksum:
+            raise self._error(
+                ChecksumError, "RAM block descriptor checksum does not match its bytes", s.offset
+            )
+
+    def _check_head(self, head: Any) -> None:
+        def bad(what: str, found: object, expected: object) -> FormatError:
+            return self._error(
+                FormatError, what, self.section.offset, found=found, expected=expected
+            )
+
+        ps, cs = self.page_size, self.chunk_size
+        if ps & (ps - 1) or not nf.MIN_PAGE_SIZE <= ps <= nf.MAX_PAGE_SIZE:
+            raise bad("bad page size", ps, f"a power of two {nf.MIN_PAGE_SIZE}-{nf.MAX_PAGE_SIZE}")
+        if cs & (cs - 1) or cs % ps or not nf.MIN_CHUNK_SIZE <= cs <= nf.MAX_CHUNK_SIZE:
+            raise bad(
+                "bad chunk size",
+                cs,
+                f"a power of two, multiple of {ps}, {nf.MIN_CHUNK_SIZE}-{nf.MAX_CHUNK_SIZE}",
+            )
+        if self.chunk_count != -(-self.length // cs):
+            raise bad(
+                "chunk count does not fit the block length", self.chunk_count, -(-self.length // cs)
+            )
+        table_end = self._table_offset + self.chunk_count * nf.CHUNK_ENTRY.size
+        if table_end != self.section.offset + self.section.length:
+            raise bad(
+                "chunk table does not fill the descriptor",
+                f"{table_end:#x}",
+                f"{self.section.offset + self.section.length:#x}",
+            )
+        if head.path != self.section.key:
+            raise bad("descriptor path differs from the index", head.path, self.section.key)
+
+    # -- chunk table -----------------------------------------------------------------------
+
+    def _entries(self, first: int, count: int) -> list[ChunkInfo]:
+        raw = self._snap.pread(
+            self._table_offset + first * nf.CHUNK_ENTRY.size,
+            count * nf.CHUNK_ENTRY.size,
+            "chunk table",
+        )
+        lo = self.section.data_offset
+        hi = lo + self.section.data_length
+        out = []
+        for i, (enc, stored, offset, digest) in enumerate(nf.CHUNK_ENTRY.iter_unpack(raw), first):
+            start = i * self.chunk_size
+            length = min(self.chunk_size, self.length - start)
+            entry_at = self._table_offset + i * nf.CHUNK_ENTRY.size
+            if enc == nf.ChunkEncoding.PARENT:
+                raise self._error(
+                    UnsupportedError,
+                    f"chunk {i} lives in a parent snapshot (delta snapshots are not supported yet)",
+                    entry_at,
+                )
+            if enc not in _KNOWN:
+                raise self._error(
+                    FormatError,
+                    f"chunk {i} has an unknown encoding",
+                    entry_at,
+                    found=enc,
+                    expected="0, 1, 2, 4 or 5",
+                )
+            low, high = {nf.ChunkEncoding.ZERO: (0, 0), nf.ChunkEncoding.RAW: (length, length)}.get(
+                enc, (1, length - 1)
+            )
+            if not low <= stored <= high:
+                raise self._error(
+                    FormatError,
+                    f"chunk {i} has a bad stored length",
+                    entry_at,
+                    found=stored,
+                    expected=f"{low}-{high}",
+                )
+            if stored and (offset < lo or offset + stored > hi):
+                raise self._error(
+                    FormatError,
+                    f"chunk {i} lies outside the block's data",
+                    entry_at,
+                    found=f"{offset:#x}+{stored:#x}",
+                    expected=f"within {lo:#x}-{hi:#x}",
+                )
+            if not stored and offset:
+                raise self._error(
+                    FormatError,
+                    f"chunk {i} stores nothing but has an offset",
+                    entry_at,
+                    found=offset,
+                    expected=0,
+                )
+            out.append(ChunkInfo(i, start, length, enc, stored, offset, digest))
+        return out
+
+    def chunks(self) -> Iterator[ChunkInfo]:
+        for first in range(0, self.chunk_count, _TABLE_STEP):
+            yield from self._entries(first, min(_TABLE_STEP, self.chunk_count - first))
+
+    @property
+    def stored_size(self) -> int:
+        return self.section.data_length
+
+    # -- contents --------------------------------------------------------------------------
+
+    def _codec(self) -> ChunkCodec:
+        codec = getattr(self._local, "codec", None)
+        if codec is None:
+            codec = self._local.codec = ChunkCodec(self.page_size)
+        return codec
+
+    def _chunk_error(self, chunk: ChunkInfo, what: str) -> ChecksumError:
+        end = chunk.offset + chunk.length - 1
+        return ChecksumError(
+            f"chunk {chunk.index} (bytes {chunk.offset:#x}-{end:#x}) {what}",
+            file=self.file,
+            offset=chunk.file_offset or self._table_offset + chunk.index * nf.CHUNK_ENTRY.size,
+            section=str(self.path),
+        )
+
+    def _stored(self, batch: list[ChunkInfo]) -> tuple[memoryview, int]:
+        """The stored bytes of *batch* as one view, and the file offset it starts at."""
+        kept = [c for c in batch if c.stored_length]
+        if not kept:
+            return memoryview(b""), 0
+        lo = min(c.file_offset for c in kept)
+        hi = max(c.file_offset + c.stored_length for c in kept)
+        if hi - lo > 2 * sum(c.stored_length for c in kept) + (1 << 16):
+            # A hand-made file with chunks far apart: read them one at a time instead.
+            raise _Scattered
+        buf = getattr(self._local, "stored", None)
+        if buf is None or len(buf) < hi - lo:
+            buf = self._local.stored = bytearray(max(hi - lo, BATCH_BYTES))
+        view = memoryview(buf)[: hi - lo]
+        if os.preadv(self._snap.fd, [view], lo) != hi - lo:
+            raise self._error(FormatError, "chunk data is cut short", lo)
+        return view, lo
+
+    def _fill(self, batch: list[ChunkInfo], out: memoryview) -> None:
+        """Decode consecutive chunks into *out*, checking each against its hash."""
+        try:
+            stored, base = self._stored(batch)
+        except _Scattered:
+            for c in batch:
+                self._fill(
+                    [c], out[c.offset - batch[0].offset : c.offset - batch[0].offset + c.length]
+                )
+            return
+        codec = self._codec()
+        at = 0
+        for c in batch:
+            dest = out[at : at + c.length]
+            at += c.length
+            src = stored[c.file_offset - base : c.file_offset - base + c.stored_length]
+            problem = codec.decode_into(c.encoding, src, dest)
+            if problem:
+                raise self._chunk_error(c, problem)
+            if c.encoding == nf.ChunkEncoding.ZERO:
+                if c.hash != zero_hash(c.length):
+                    raise self._chunk_error(c, "zero chunk has a hash other than that of zeros")
+            elif nf.xxh3_64(dest) != c.hash:
+                raise self._chunk_error(c, "content does not match its hash")
+
+    def _batches(self, first: int, last: int) -> Iterator[list[ChunkInfo]]:
+        per = max(1, BATCH_BYTES // self.chunk_size)
+        for start in range(first, last, per):
+            yield self._entries(start, min(per, last - start))
+
+    def read(self, offset: int, length: int) -> bytes:
+        if offset < 0 or length < 0 or offset + length > self.length:
+            raise ValueError(
+                f"range {offset:#x}+{length:#x} is outside {self.path} ({self.length:#x} bytes)"
+            )
+        if length == 0:
+            return b""
+        first = offset // self.chunk_size
+        last = (offset + length - 1) // self.chunk_size + 1
+        start = first * self.chunk_size
+        out = bytearray(min(last * self.chunk_size, self.length) - start)
+        view = memoryview(out)
+        for batch in self._batches(first, last):
+            self._fill(
+                batch, view[batch[0].offset - start : batch[-1].offset + batch[-1].length - start]
+            )
+        skip = offset - start
+        return bytes(view[skip : skip + length])
+
+    def iter_spans(self, span: int = BATCH_BYTES) -> Iterator[tuple[int, memoryview]]:
+        """The whole block in order.  Each view is valid until the next step of the
+        iteration (its buffer is then reused); copy it with ``bytes()`` to keep it."""
+        ring = [bytearray(max(span, self.chunk_size)) for _ in range(2 * WORKERS + 3)]
+        per = max(1, span // self.chunk_size)
+
+        def numbered() -> Iterator[tuple[int, list[ChunkInfo]]]:
+            for n, first in enumerate(range(0, self.chunk_count, per)):
+                yield n, self._entries(first, min(per, self.chunk_count - first))
+
+        def job(item: tuple[int, list[ChunkInfo]]) -> memoryview:
+            n, batch = item
+            size = batch[-1].offset + batch[-1].length - batch[0].offset
+            view = memoryview(ring[n % len(ring)])[:size]
+            self._fill(batch, view)
+            return view.toreadonly()
+
+        for (_, batch), view in ordered_map(job, numbered()):
+            yield batch[0].offset, view
+
+    def verify(self) -> Iterator[tuple[ChunkInfo, FormatError]]:
+        """Check every chunk; yields each bad chunk with its error instead of raising."""
+
+        def scratch(size: int) -> memoryview:
+            buf = getattr(self._local, "scratch", None)
+            if buf is None or len(buf) < size:
+                buf = self._local.scratch = bytearray(size)
+            return memoryview(buf)[:size]
+
+        def job(batch: list[ChunkInfo]) -> list[tuple[ChunkInfo, FormatError]]:
+            try:
+                self._fill(batch, scratch(batch[-1].offset + batch[-1].length - batch[0].offset))
+                return []
+            except FormatError:
+                pass
+            bad: list[tuple[ChunkInfo, FormatError]] = []
+            for c in batch:  # find every bad chunk of the batch, not just the first
+                try:
+                    self._fill([c], scratch(c.length))
+                except FormatError as e:
+                    bad.append((c, e))
+            return bad
+
+        for _batch, errors in ordered_map(job, self._batches(0, self.chunk_count)):
+            yield from errors
+
+
+class _Scattered(Exception):
+    """Raised inside _fill when a batch's chunks are too far apart to read in one go."""
