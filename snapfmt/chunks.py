@@ -137,7 +137,7 @@ class ChunkCodec:
             inflated = self._inflate(payload, kept)
             if isinstance(inflated, str):
                 return inflated
-            payload = inflated
+            payload = memoryview(inflated)  # slices of a view copy nothing
         elif len(payload) != kept:
             return f"holds {len(payload)} page bytes, its bitmap says {kept}"
         at = end = 0  # copy each stored run into place, zero the gaps between them
