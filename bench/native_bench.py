@@ -159,6 +159,9 @@ def step_info(snap_file: str) -> float:
 
 def child(args: list[str]) -> None:
     name, *rest = args
+    if name not in ("copy", "rawread"):
+        import snapfmt.inspect
+        import snapfmt.verify  # noqa: F401  (import time is not the step's time)
     start = time.perf_counter()
     result = {
         "copy": step_copy,

@@ -193,6 +193,14 @@ class NativeSnapshot(Snapshot):
                 found=f"index {footer.index_offset:#x}+{footer.index_length:#x}",
                 expected=f"end at {at:#x}",
             )
+        if footer.index_length > nf.MAX_INDEX:
+            raise FormatError(
+                "index is larger than any snapshot needs",
+                file=self.file,
+                offset=at,
+                found=f"{footer.index_length} bytes",
+                expected=f"at most {nf.MAX_INDEX}",
+            )
         raw_index = self._io.pread(footer.index_offset, footer.index_length, "index")
         if nf.xxh3_64(raw_index) != footer.index_hash:
             raise ChecksumError(
@@ -286,6 +294,15 @@ class NativeSnapshot(Snapshot):
 
     def body(self, section: SectionInfo) -> bytes:
         """A section's body, checked against its checksum."""
+        if section.length > nf.MAX_BODY:
+            raise FormatError(
+                "section is larger than any non-RAM section may be",
+                file=self.file,
+                offset=section.offset,
+                section=section.key or "configuration",
+                found=f"{section.length} bytes",
+                expected=f"at most {nf.MAX_BODY}",
+            )
         data = self._io.pread(section.offset, section.length, f"section {section.key}")
         if nf.xxh3_64(data) != section.checksum:
             raise ChecksumError(

@@ -137,29 +137,23 @@ class Writer:
             raise SnapfmtError(f"{kind.name.lower()} section {key!r} is added twice")
         self._keys.add((kind, key))
 
-    def _add_section(
-        self,
-        kind: nf.SectionKind,
-        key: str,
-        body: bytes,
-        size: int,
-        data_offset: int = 0,
-        data_length: int = 0,
-        checksum: int | None = None,
-    ) -> None:
+    def _add_section(self, kind: nf.SectionKind, key: str, body: bytes, size: int) -> None:
+        if len(body) > nf.MAX_BODY:
+            raise SnapfmtError(
+                f"section {key!r} would take {len(body)} bytes, more than {nf.MAX_BODY}"
+            )
         offset = self._pos
-        if body:
-            self._write(body)
+        self._write(body)
         self._entries.append(
             {
                 "kind": kind,
                 "flags": 0,
                 "reserved": 0,
                 "offset": offset,
-                "length": self._pos - offset,
-                "checksum": nf.xxh3_64(body) if checksum is None else checksum,
-                "data_offset": data_offset,
-                "data_length": data_length,
+                "length": len(body),
+                "checksum": nf.xxh3_64(body),
+                "data_offset": 0,
+                "data_length": 0,
                 "size": size,
                 "key": key,
             }

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import snapfmt
 from snapfmt.errors import SnapfmtError
@@ -28,17 +30,66 @@ def outcome(path: Path) -> str:
     return "ok" if report.ok else "reported"
 
 
-@pytest.mark.parametrize("mask", [0x01, 0xFF])
-def test_every_byte_flip_is_caught(tmp_path: Path, mask: int) -> None:
+def test_every_bit_flip_is_caught(tmp_path: Path) -> None:
     target = tmp_path / "flipped.snap"
     missed = []
     for at in range(len(TINY)):
         damaged = bytearray(TINY)
-        damaged[at] ^= mask
+        damaged[at] ^= 0x01
         target.write_bytes(damaged)
         if outcome(target) == "ok":
             missed.append(at)
     assert missed == []
+
+
+def test_every_byte_flip_gives_exit_1_or_2_and_no_traceback(tmp_path: Path, run: Run) -> None:
+    target = tmp_path / "flipped.snap"
+    for at in range(len(TINY)):
+        damaged = bytearray(TINY)
+        damaged[at] ^= 0xFF
+        target.write_bytes(damaged)
+        result = run("verify", target)
+        if result.code == 1:
+            assert result.out.startswith("BAD  ") and result.err == "", at
+        else:
+            assert result.code == 2, (at, result)
+            assert result.err.startswith("snapfmt: error: ") and result.err.count("\n") == 1, (
+                at,
+                result.err,
+            )
+
+
+mutations = st.lists(
+    st.one_of(
+        st.tuples(st.just("set"), st.integers(0, len(TINY) - 1), st.integers(0, 255)),
+        st.tuples(st.just("cut"), st.integers(0, len(TINY) - 1), st.integers(1, 64)),
+        st.tuples(st.just("insert"), st.integers(0, len(TINY)), st.binary(min_size=1, max_size=16)),
+    ),
+    min_size=1,
+    max_size=4,
+)
+
+
+@settings(
+    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(mutations)
+def test_mutated_files_raise_only_snapfmt_errors(
+    tmp_path: Path, edits: list[tuple[str, int, object]]
+) -> None:
+    data = bytearray(TINY)
+    for kind, at, arg in edits:
+        if kind == "set":
+            data[min(at, len(data) - 1) : min(at, len(data) - 1) + 1] = bytes([arg])  # type: ignore[list-item]
+        elif kind == "cut":
+            del data[at : at + arg]  # type: ignore[operator]
+        else:
+            data[at:at] = arg  # type: ignore[assignment]
+    target = tmp_path / "mutated.snap"
+    target.write_bytes(data)
+    result = outcome(target)  # anything but SnapfmtError propagates and fails the test
+    if bytes(data) != TINY:
+        assert result != "ok"
 
 
 def test_flip_in_chunk_data_names_path_and_range(tmp_path: Path, run: Run) -> None:

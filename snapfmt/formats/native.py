@@ -43,6 +43,8 @@ MAX_CHUNK_SIZE = 1 << 26
 DEFAULT_CHUNK_SIZE = 1 << 16
 MIN_PAGE_SIZE = 1024
 MAX_PAGE_SIZE = 1 << 21
+MAX_BODY = 1 << 28  # a configuration, device or metadata body; RAM lives in RAM blocks
+MAX_INDEX = 1 << 26
 
 
 def xxh3_64(data: bytes | bytearray | memoryview) -> int:
