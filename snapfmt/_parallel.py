@@ -5,6 +5,7 @@ zstandard and xxhash release the GIL, so threads give real parallelism on that w
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -22,6 +23,13 @@ def ordered_map(
 ) -> Iterator[tuple[T, R]]:
     """Yield ``(item, job(item))`` in input order, at most ``2 * workers`` items in flight,
     so memory stays bounded however many items there are."""
+    items = iter(items)
+    head = list(itertools.islice(items, 2))
+    if len(head) < 2:  # one item: a pool would cost more than it saves
+        for item in head:
+            yield item, job(item)
+        return
+    items = itertools.chain(head, items)
     pending: deque[tuple[T, Future[R]]] = deque()
     with ThreadPoolExecutor(max_workers=workers) as pool:
         try:
