@@ -187,6 +187,16 @@ def run_step(*args: str) -> tuple[float, float]:
     return float(json.loads(out)["seconds"]), usage.ru_maxrss / 1024
 
 
+def command_times(argv: list[str], runs: int) -> float:
+    """Median wall time of a whole command."""
+    times = []
+    for _ in range(max(3, runs)):
+        start = time.perf_counter()
+        subprocess.run(argv, check=True, stdout=subprocess.DEVNULL)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -234,6 +244,13 @@ def main() -> None:
         )
         big_read = run_step("read", big)
         info = [run_step("info", big) for _ in range(args.runs)]
+        cli = command_times([sys.executable, "-m", "snapfmt", "info", big], args.runs)
+        bare = command_times([sys.executable, "-c", "pass"], args.runs)
+        print(
+            f"`snapfmt info` on it as a command: {cli * 1000:.0f} ms wall, of which the "
+            f"interpreter's own start is {bare * 1000:.0f} ms",
+            file=sys.stderr,
+        )
         report(
             results,
             size,

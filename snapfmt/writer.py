@@ -88,9 +88,12 @@ class Writer:
         self._entries: list[dict[str, Any]] = []
         self._keys: set[tuple[int, str]] = set()
         folder = os.path.dirname(os.path.abspath(self.target))
-        fd, self._tmp = tempfile.mkstemp(
-            dir=folder, prefix=f".{os.path.basename(self.target)}.", suffix=".tmp"
-        )
+        try:
+            fd, self._tmp = tempfile.mkstemp(
+                dir=folder, prefix=f".{os.path.basename(self.target)}.", suffix=".tmp"
+            )
+        except OSError as e:
+            raise SnapfmtError(f"{self.target}: cannot write there: {e.strerror}") from None
         os.fchmod(fd, _file_mode())
         self._file = os.fdopen(fd, "wb", buffering=1 << 20)
         self._pos = 0
@@ -229,9 +232,7 @@ class Writer:
         data_offset = self._pos
         total = chunks = zeros = 0
         with tempfile.SpooledTemporaryFile(max_size=8 << 20) as table:
-            for batch, results in ordered_map(
-                encode, _batches(source, max(_BATCH_BYTES, chunk_size))
-            ):
+            for batch, results in ordered_map(encode, _batches(source, max(_BATCH_BYTES, chunk_size)), self._threads):
                 for encoding, payload, digest in results:
                     stored = len(payload) if payload is not None else 0
                     table.write(

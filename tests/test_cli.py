@@ -202,3 +202,10 @@ def test_commands_are_thin(run: Run) -> None:
     """Every registered command is a click command with a docstring (sqlite-utils habit)."""
     for command in cli.commands.values():
         assert isinstance(command, click.Command)
+
+
+def test_write_into_missing_folder_is_one_line(run: Run, samples: Path, tmp_path: Path) -> None:
+    target = tmp_path / "no" / "such" / "x.snap"
+    result = run("write", samples / "manifests" / "tiny.toml", "-o", target)
+    assert result.code == 2
+    assert result.err == f"snapfmt: error: {samples / 'manifests' / 'tiny.toml'}: {target}: cannot write there: No such file or directory\n"
