@@ -19,10 +19,14 @@ WORKERS = max(1, os.cpu_count() or 1)
 
 
 def ordered_map(
-    job: Callable[[T], R], items: Iterable[T], workers: int = WORKERS
+    job: Callable[[T], R], items: Iterable[T], workers: int = WORKERS, window: int | None = None
 ) -> Iterator[tuple[T, R]]:
-    """Yield ``(item, job(item))`` in input order, at most ``2 * workers`` items in flight,
-    so memory stays bounded however many items there are."""
+    """Yield ``(item, job(item))`` in input order.
+
+    At most *window* items (default ``2 * workers + 1``) are submitted and not yet
+    yielded, counting the one just yielded, so memory stays bounded however many items
+    there are; a caller that reuses buffers needs ``window + 1`` of them."""
+    window = window or 2 * workers + 1
     items = iter(items)
     head = list(itertools.islice(items, 2))
     if len(head) < 2:  # one item: a pool would cost more than it saves
@@ -35,7 +39,7 @@ def ordered_map(
         try:
             for item in items:
                 pending.append((item, pool.submit(job, item)))
-                if len(pending) > 2 * workers:
+                if len(pending) >= window:
                     first, future = pending.popleft()
                     yield first, future.result()
             while pending:

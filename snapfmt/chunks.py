@@ -92,8 +92,12 @@ class ChunkCodec:
         kept = b"".join(chunk[p * ps : (p + 1) * ps] for p, stored in enumerate(flags) if stored)
         packed = self._cctx.compress(kept)
         if len(packed) < len(kept):
-            return ChunkEncoding.PAGES_ZSTD, bytes(bitmap) + packed, digest
-        return ChunkEncoding.PAGES_RAW, bytes(bitmap) + kept, digest
+            encoding, stored_bytes = ChunkEncoding.PAGES_ZSTD, bytes(bitmap) + packed
+        else:
+            encoding, stored_bytes = ChunkEncoding.PAGES_RAW, bytes(bitmap) + kept
+        if len(stored_bytes) >= length:  # a short chunk whose only zero page is short
+            return ChunkEncoding.RAW, chunk, digest
+        return encoding, stored_bytes, digest
 
     # -- reading -------------------------------------------------------------------------
 
@@ -105,7 +109,11 @@ class ChunkCodec:
             framed = zstandard.frame_content_size(frame)
             if framed != expected:
                 return f"zstd frame says {framed} bytes, expected {expected}"
-            data: bytes = self._dctx.decompress(frame, max_output_size=expected)
+            # allow_extra_data=False: bytes after the frame would be a change that
+            # decompression alone could not notice.
+            data: bytes = self._dctx.decompress(
+                frame, max_output_size=expected, allow_extra_data=False
+            )
         except zstandard.ZstdError as e:
             return f"zstd frame does not decode ({str(e)[:80]})"
         if len(data) != expected:

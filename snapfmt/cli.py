@@ -205,4 +205,7 @@ def main(argv: list[str] | None = None) -> None:
         where = f"{e.filename}: " if e.filename else ""
         click.echo(f"snapfmt: error: {where}{e.strerror or e}", err=True)
         code = EXIT_BAD_INPUT
+    except Exception as e:  # a case the checks above missed: still one line, never a traceback
+        click.echo(f"snapfmt: error: unexpected {type(e).__name__}: {e}", err=True)
+        code = EXIT_BAD_INPUT
     sys.exit(code if isinstance(code, int) else EXIT_OK)

@@ -159,10 +159,10 @@ class Snapshot(abc.ABC):
         raise KeyError(key)
 
     def select(self, selector: str) -> list[Path]:
-        return resolve(selector, self.section_paths(), self.aliases())
+        return resolve(selector, self.section_paths(), self.aliases)
 
     def select_one(self, selector: str) -> Path:
-        return resolve_one(selector, self.section_paths(), self.aliases())
+        return resolve_one(selector, self.section_paths(), self.aliases)
 
     def devices(self) -> Iterator[DeviceState]:
         for section in self.sections:

@@ -14,10 +14,8 @@ address without a driver (``pci.0/05.0``), a driver without an address (``.../e1
 from __future__ import annotations
 
 import difflib
-import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from functools import cache
 
 from snapfmt.errors import PathSyntaxError, SelectorError
 
@@ -139,26 +137,50 @@ class Path:
 _ANY = "..."
 
 
+class _Glob:
+    """A name pattern where ``*`` matches any run of characters; matching is linear in
+    practice (``str.find`` per piece), with no regular-expression backtracking."""
+
+    __slots__ = ("pieces",)
+
+    def __init__(self, text: str) -> None:
+        self.pieces = [unescape(piece, where="selector: ") for piece in text.split("*")]
+
+    def match(self, text: str) -> bool:
+        pieces = self.pieces
+        if len(pieces) == 1:
+            return text == pieces[0]
+        first, last = pieces[0], pieces[-1]
+        if len(text) < len(first) + len(last) or not (
+            text.startswith(first) and text.endswith(last)
+        ):
+            return False
+        at, end = len(first), len(text) - len(last)
+        for piece in pieces[1:-1]:  # leftmost match of each middle piece, in order
+            found = text.find(piece, at, end)
+            if found < 0:
+                return False
+            at = found + len(piece)
+        return True
+
+
 @dataclass(frozen=True, slots=True)
 class _Pattern:
     """One selector component; ``None`` means "not constrained"."""
 
-    name: re.Pattern[str] | None
-    address: re.Pattern[str] | None
+    name: _Glob | None
+    address: _Glob | None
     either: bool  # a bare token matches the name or the address
 
     def matches(self, comp: Component) -> bool:
         if self.either:
             assert self.name is not None
-            return bool(self.name.fullmatch(comp.name) or self.name.fullmatch(comp.address))
-        if self.name is not None and not self.name.fullmatch(comp.name):
+            return self.name.match(comp.name) or (
+                bool(comp.address) and self.name.match(comp.address)
+            )
+        if self.name is not None and not self.name.match(comp.name):
             return False
-        return self.address is None or bool(comp.address and self.address.fullmatch(comp.address))
-
-
-def _glob(text: str) -> re.Pattern[str]:
-    pieces = [re.escape(unescape(piece, where="selector: ")) for piece in text.split("*")]
-    return re.compile(".*".join(pieces), re.DOTALL)
+        return self.address is None or bool(comp.address and self.address.match(comp.address))
 
 
 def _parse_pattern(text: str) -> _Pattern | str:
@@ -168,10 +190,10 @@ def _parse_pattern(text: str) -> _Pattern | str:
         raise SelectorError("selector has an empty component")
     name, sep, address = text.partition("@")
     if not sep:
-        return _Pattern(_glob(name), None, either=True)
+        return _Pattern(_Glob(name), None, either=True)
     if not address:
         raise SelectorError(f"selector component {text!r} has '@' but no address")
-    return _Pattern(_glob(name) if name else None, _glob(address), either=False)
+    return _Pattern(_Glob(name) if name else None, _Glob(address), either=False)
 
 
 @dataclass(frozen=True)
@@ -192,17 +214,17 @@ class Selector:
         return cls(text, anchored, parts if anchored else (_ANY, *parts))
 
     def _match(self, comps: Sequence[Component], whole: bool) -> bool:
-        @cache
-        def step(i: int, j: int) -> bool:
-            if i == len(self.parts):
-                return j == len(comps) or not whole
-            part = self.parts[i]
+        """Run the parts over the components as a set of positions (no recursion)."""
+        positions = {0}
+        for part in self.parts:
             if part == _ANY:
-                return any(step(i + 1, k) for k in range(j, len(comps) + 1))
-            assert isinstance(part, _Pattern)
-            return j < len(comps) and part.matches(comps[j]) and step(i + 1, j + 1)
-
-        return step(0, 0)
+                positions = set(range(min(positions), len(comps) + 1))
+            else:
+                assert isinstance(part, _Pattern)
+                positions = {j + 1 for j in positions if j < len(comps) and part.matches(comps[j])}
+            if not positions:
+                return False
+        return len(comps) in positions if whole else True
 
     def matches(self, path: Path) -> bool:
         """True when the selector names *path* itself."""
@@ -213,21 +235,34 @@ class Selector:
         return self._match(path.components, whole=False)
 
 
-def resolve(
-    selector: str, paths: Iterable[Path], aliases: Mapping[str, Path] | None = None
-) -> list[Path]:
+Aliases = Mapping[str, Path] | Callable[[], Mapping[str, Path]] | None
+
+
+def resolve(selector: str, paths: Iterable[Path], aliases: Aliases = None) -> list[Path]:
     """Every path *selector* names, sorted.
 
-    An exact alias (a QEMU identifier such as ``0000:00:05.0/e1000``) names its path.
     Paths the selector names wholly win over paths it names only through a device node
-    above them, so ``/pc.ram`` names ``/pc.ram`` and not also ``/pc.ram/x``.
+    above them, so ``/pc.ram`` names ``/pc.ram`` and not also ``/pc.ram/x``.  When it
+    names nothing, a QEMU identifier equal to it (``0000:00:05.0/e1000``) names its
+    section; *aliases* may be a function, called only then.
     """
     pool = sorted(set(paths))
-    if aliases and selector in aliases:
-        return [aliases[selector]]
-    sel = Selector.parse(selector)
-    whole = [p for p in pool if sel.matches(p)]
-    return whole or [p for p in pool if sel.covers(p)]
+    sel: Selector | None = None
+    problem: SelectorError | None = None
+    try:
+        sel = Selector.parse(selector)
+    except SelectorError as e:
+        problem = e
+    if sel is not None:
+        found = [p for p in pool if sel.matches(p)] or [p for p in pool if sel.covers(p)]
+        if found:
+            return found
+    table = aliases() if callable(aliases) else aliases
+    if table and selector in table:
+        return [table[selector]]
+    if problem is not None:
+        raise problem
+    return []
 
 
 def _nearest(selector: str, pool: Sequence[Path], count: int = 3) -> list[str]:
@@ -246,9 +281,7 @@ def _nearest(selector: str, pool: Sequence[Path], count: int = 3) -> list[str]:
     return [str(p) for p in sorted(pool, key=lambda p: (-score(p), p))[:count]]
 
 
-def resolve_one(
-    selector: str, paths: Iterable[Path], aliases: Mapping[str, Path] | None = None
-) -> Path:
+def resolve_one(selector: str, paths: Iterable[Path], aliases: Aliases = None) -> Path:
     """The one path *selector* names; an error lists every candidate or the nearest paths."""
     pool = sorted(set(paths))
     found = resolve(selector, pool, aliases)

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from snapfmt.reader import NativeSnapshot
 
 BATCH_BYTES = 1 << 22
+_RING_BUDGET = 1 << 25  # bytes of reusable output buffers iter_spans may hold
 _TABLE_STEP = 8192
 _KNOWN = frozenset(int(e) for e in nf.ChunkEncoding) - {nf.ChunkEncoding.PARENT}
 
@@ -88,6 +89,8 @@ class NativeRamBlock(RamBlock):
                 f"{table_end:#x}",
                 f"{self.section.offset + self.section.length:#x}",
             )
+        if self.length != self.section.size:
+            raise bad("index size disagrees with the block length", self.section.size, self.length)
         if head.path != self.section.key:
             raise bad("descriptor path differs from the index", head.path, self.section.key)
 
@@ -193,30 +196,48 @@ class NativeRamBlock(RamBlock):
             raise self._error(FormatError, "chunk data is cut short", lo)
         return view, lo
 
-    def _fill(self, batch: list[ChunkInfo], out: memoryview) -> None:
-        """Decode consecutive chunks into *out*, checking each against its hash."""
+    def _decode(
+        self, codec: ChunkCodec, c: ChunkInfo, src: memoryview, dest: memoryview | None
+    ) -> None:
+        """Decode one chunk into *dest* and check its hash; with no *dest*, only check
+        (a ZERO chunk then costs nothing)."""
+        if c.encoding == nf.ChunkEncoding.ZERO:
+            if c.hash != zero_hash(c.length):
+                raise self._chunk_error(c, "zero chunk has a hash other than that of zeros")
+            if dest is None:
+                return
+        if dest is None:
+            dest = self._scratch(c.length)
+        problem = codec.decode_into(c.encoding, src, dest)
+        if problem:
+            raise self._chunk_error(c, problem)
+        if c.encoding != nf.ChunkEncoding.ZERO and nf.xxh3_64(dest) != c.hash:
+            raise self._chunk_error(c, "content does not match its hash")
+
+    def _scratch(self, size: int) -> memoryview:
+        buf = getattr(self._local, "scratch", None)
+        if buf is None or len(buf) < size:
+            buf = self._local.scratch = bytearray(size)
+        return memoryview(buf)[:size]
+
+    def _sources(self, batch: list[ChunkInfo]) -> Iterator[tuple[ChunkInfo, memoryview]]:
+        """Each chunk of *batch* with its stored bytes, read in one go where possible."""
         try:
             stored, base = self._stored(batch)
         except _Scattered:
             for c in batch:
-                self._fill(
-                    [c], out[c.offset - batch[0].offset : c.offset - batch[0].offset + c.length]
-                )
+                stored, base = self._stored([c])
+                yield c, stored
             return
-        codec = self._codec()
-        at = 0
         for c in batch:
-            dest = out[at : at + c.length]
-            at += c.length
-            src = stored[c.file_offset - base : c.file_offset - base + c.stored_length]
-            problem = codec.decode_into(c.encoding, src, dest)
-            if problem:
-                raise self._chunk_error(c, problem)
-            if c.encoding == nf.ChunkEncoding.ZERO:
-                if c.hash != zero_hash(c.length):
-                    raise self._chunk_error(c, "zero chunk has a hash other than that of zeros")
-            elif nf.xxh3_64(dest) != c.hash:
-                raise self._chunk_error(c, "content does not match its hash")
+            yield c, stored[c.file_offset - base : c.file_offset - base + c.stored_length]
+
+    def _fill(self, batch: list[ChunkInfo], out: memoryview) -> None:
+        """Decode consecutive chunks into *out*, checking each against its hash."""
+        codec = self._codec()
+        first = batch[0].offset
+        for c, src in self._sources(batch):
+            self._decode(codec, c, src, out[c.offset - first : c.offset - first + c.length])
 
     def _batches(self, first: int, last: int) -> Iterator[list[ChunkInfo]]:
         per = max(1, BATCH_BYTES // self.chunk_size)
@@ -245,7 +266,9 @@ class NativeRamBlock(RamBlock):
     def iter_spans(self, span: int = BATCH_BYTES) -> Iterator[tuple[int, memoryview]]:
         """The whole block in order.  Each view is valid until the next step of the
         iteration (its buffer is then reused); copy it with ``bytes()`` to keep it."""
-        ring = [bytearray(max(span, self.chunk_size)) for _ in range(2 * WORKERS + 3)]
+        size = max(span, self.chunk_size)
+        window = max(1, min(2 * WORKERS + 1, _RING_BUDGET // size))
+        ring = [bytearray(size) for _ in range(window + 1)]
         per = max(1, span // self.chunk_size)
 
         def numbered() -> Iterator[tuple[int, list[ChunkInfo]]]:
@@ -254,40 +277,58 @@ class NativeRamBlock(RamBlock):
 
         def job(item: tuple[int, list[ChunkInfo]]) -> memoryview:
             n, batch = item
-            size = batch[-1].offset + batch[-1].length - batch[0].offset
-            view = memoryview(ring[n % len(ring)])[:size]
+            length = batch[-1].offset + batch[-1].length - batch[0].offset
+            view = memoryview(ring[n % len(ring)])[:length]
             self._fill(batch, view)
             return view.toreadonly()
 
-        for (_, batch), view in ordered_map(job, numbered()):
+        for (_, batch), view in ordered_map(job, numbered(), window=window):
             yield batch[0].offset, view
 
-    def verify(self) -> Iterator[tuple[ChunkInfo, FormatError]]:
-        """Check every chunk; yields each bad chunk with its error instead of raising."""
-
-        def scratch(size: int) -> memoryview:
-            buf = getattr(self._local, "scratch", None)
-            if buf is None or len(buf) < size:
-                buf = self._local.scratch = bytearray(size)
-            return memoryview(buf)[:size]
+    def verify(self) -> Iterator[tuple[ChunkInfo | None, FormatError]]:
+        """Check every chunk, and that the stored chunks fill the data region in block
+        order without gaps; yields each problem instead of raising."""
 
         def job(batch: list[ChunkInfo]) -> list[tuple[ChunkInfo, FormatError]]:
-            try:
-                self._fill(batch, scratch(batch[-1].offset + batch[-1].length - batch[0].offset))
-                return []
-            except FormatError:
-                pass
+            codec = self._codec()
             bad: list[tuple[ChunkInfo, FormatError]] = []
-            for c in batch:  # find every bad chunk of the batch, not just the first
+            try:
+                sources = list(self._sources(batch))
+            except FormatError as e:
+                return [(batch[0], e)]
+            for c, src in sources:
                 try:
-                    self._fill([c], scratch(c.length))
+                    self._decode(codec, c, src, None)
                 except FormatError as e:
                     bad.append((c, e))
             return bad
 
-        for _batch, errors in ordered_map(job, self._batches(0, self.chunk_count)):
+        expected = self.section.data_offset
+        for batch, errors in ordered_map(job, self._batches(0, self.chunk_count)):
             yield from errors
+            for c in batch:
+                if c.stored_length and c.file_offset != expected:
+                    yield (
+                        c,
+                        self._chunk_error(
+                            c,
+                            f"is stored at {c.file_offset:#x}, expected {expected:#x} (chunks must fill the data region in order)",
+                        ),
+                    )
+                expected = max(expected, c.file_offset + c.stored_length)
+        end = self.section.data_offset + self.section.data_length
+        if expected != end:
+            yield (
+                None,
+                self._error(
+                    FormatError,
+                    "stored chunks do not fill the data region",
+                    expected,
+                    found=f"end at {expected:#x}",
+                    expected=f"{end:#x}",
+                ),
+            )
 
 
 class _Scattered(Exception):
-    """Raised inside _fill when a batch's chunks are too far apart to read in one go."""
+    """Raised inside _stored when a batch's chunks are too far apart to read in one go."""

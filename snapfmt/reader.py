@@ -10,7 +10,8 @@ from __future__ import annotations
 import json
 import os
 import stat
-from typing import Any
+import struct
+from typing import Any, NamedTuple
 
 import construct
 
@@ -26,9 +27,69 @@ from snapfmt.model import Configuration, DeviceState, SectionInfo, Snapshot
 from snapfmt.paths import Path
 from snapfmt.ramblock import NativeRamBlock
 
-__all__ = ["detect", "open_snapshot", "parse"]
+_KINDS = frozenset(int(k) for k in nf.SectionKind)
 
-_BATCH_BYTES = 1 << 22
+
+class IndexRow(NamedTuple):
+    kind: int
+    flags: int
+    offset: int
+    length: int
+    checksum: int
+    data_offset: int
+    data_length: int
+    size: int
+    key: str
+
+
+# IndexEntry up to and including the key's length (a test keeps it equal to the declaration)
+INDEX_ENTRY_HEAD = struct.Struct("<HHIQQQQQQH")
+
+
+def _parse_index(raw: bytes, file: str, offset: int) -> list[IndexRow]:
+    """nf.Index, read with struct: construct would take seconds for a large index."""
+
+    def cut(at: int, what: str) -> TruncatedError:
+        return TruncatedError(f"index is cut short in {what}", file=file, offset=offset + at)
+
+    if len(raw) < 4:
+        raise cut(0, "its entry count")
+    (count,) = struct.unpack_from("<I", raw)
+    if count > (len(raw) - 4) // INDEX_ENTRY_HEAD.size:
+        raise FormatError(
+            "index entry count does not fit the index", file=file, offset=offset, found=count
+        )
+    rows = []
+    at = 4
+    for number in range(count):
+        if at + INDEX_ENTRY_HEAD.size > len(raw):
+            raise cut(at, f"entry {number}")
+        kind, flags, _reserved, off, length, checksum, doff, dlen, size, key_length = (
+            INDEX_ENTRY_HEAD.unpack_from(raw, at)
+        )
+        at += INDEX_ENTRY_HEAD.size
+        if at + key_length > len(raw):
+            raise cut(at, f"entry {number}'s key")
+        try:
+            key = raw[at : at + key_length].decode("utf-8")
+        except UnicodeDecodeError:
+            raise FormatError(
+                f"index entry {number} has a key that is not UTF-8", file=file, offset=offset + at
+            ) from None
+        at += key_length
+        rows.append(IndexRow(kind, flags, off, length, checksum, doff, dlen, size, key))
+    if at != len(raw):
+        raise FormatError(
+            "index has bytes after its last entry",
+            file=file,
+            offset=offset + at,
+            found=len(raw) - at,
+            expected=0,
+        )
+    return rows
+
+
+__all__ = ["detect", "open_snapshot", "parse"]
 
 
 def parse(con: construct.Construct, data: bytes, *, file: str, offset: int, what: str) -> Any:
@@ -208,76 +269,80 @@ class NativeSnapshot(Snapshot):
                 file=self.file,
                 offset=footer.index_offset,
             )
-        index = self._parse(nf.Index, raw_index, footer.index_offset, "index")
-        if len(index.entries) != footer.section_count:
+        entries = _parse_index(raw_index, self.file, footer.index_offset)
+        if len(entries) != footer.section_count:
             raise FormatError(
                 "section count differs between footer and index",
                 file=self.file,
                 offset=at + 28,
-                found=len(index.entries),
+                found=len(entries),
                 expected=footer.section_count,
             )
         self.index_offset = footer.index_offset
         self.index_length = footer.index_length
         self.index_hash = footer.index_hash
-        self._sections = self._check_entries(index.entries)
+        self._sections = self._check_entries(entries)
 
-    def _check_entries(self, entries: Any) -> list[SectionInfo]:
+    def _check_entries(self, entries: list[IndexRow]) -> list[SectionInfo]:
         sections: list[SectionInfo] = []
-        seen: set[tuple[int, str]] = set()
+        self._by_key: dict[tuple[int, str], SectionInfo] = {}
+        paths: set[str] = set()
         for number, e in enumerate(entries):
             where = f"section {number} ({e.key or 'configuration'})"
-            known = e.kind in nf.SectionKind.__members__.values()
+
+            def bad(
+                what: str, cls: type[FormatError] = FormatError, where: str = where
+            ) -> FormatError:
+                return cls(f"{where} {what}", file=self.file, offset=self.index_offset)
+
+            known = e.kind in _KINDS
             optional = bool(e.flags & nf.SectionFlag.OPTIONAL)
             if not known and not optional:
-                raise UnsupportedError(
-                    f"{where} has kind {e.kind}, unknown to this reader and not optional",
-                    file=self.file,
-                    offset=self.index_offset,
+                raise bad(
+                    f"has kind {e.kind}, unknown to this reader and not optional", UnsupportedError
                 )
-            spans = [(e.offset, e.length), (e.data_offset, e.data_length)]
-            for start, length in spans:
+            for start, length in ((e.offset, e.length), (e.data_offset, e.data_length)):
                 if length and (start < nf.HEADER_SIZE or start + length > self.index_offset):
-                    raise FormatError(
-                        f"{where} lies outside the section area",
-                        file=self.file,
-                        offset=self.index_offset,
-                        found=f"{start:#x}+{length:#x}",
-                        expected=f"within {nf.HEADER_SIZE:#x}-{self.index_offset:#x}",
+                    raise bad(
+                        f"lies outside the section area {nf.HEADER_SIZE:#x}-{self.index_offset:#x}: {start:#x}+{length:#x}"
                     )
-            if known and e.kind in (nf.SectionKind.DEVICE, nf.SectionKind.RAM_BLOCK):
+            if e.kind in (nf.SectionKind.DEVICE, nf.SectionKind.RAM_BLOCK):
                 try:
-                    Path.parse(e.key)
+                    canonical = str(Path.parse(e.key))
                 except PathSyntaxError as err:
-                    raise FormatError(
-                        f"{where} has a bad path: {err}", file=self.file, offset=self.index_offset
-                    ) from None
-            if (e.kind, e.key) in seen:
-                raise FormatError(
-                    f"{where} appears twice", file=self.file, offset=self.index_offset
-                )
-            seen.add((e.kind, e.key))
-            sections.append(
-                SectionInfo(
-                    kind=nf.SectionKind(e.kind) if known else e.kind,
-                    key=e.key,
-                    offset=e.offset,
-                    length=e.length,
-                    size=e.size,
-                    stored=e.length + e.data_length,
-                    checksum=e.checksum,
-                    data_offset=e.data_offset,
-                    data_length=e.data_length,
-                    optional=optional,
-                )
+                    raise bad(f"has a bad path: {err}") from None
+                if canonical != e.key:
+                    raise bad(f"has a path not in canonical form, expected {canonical}")
+                if e.key in paths:
+                    raise bad("uses a path another section has")
+                paths.add(e.key)
+            elif e.kind == nf.SectionKind.CONFIGURATION and e.key:
+                raise bad("is a configuration with a key; expected an empty key")
+            elif e.kind == nf.SectionKind.METADATA and not e.key:
+                raise bad("is a metadata section without a name")
+            if (e.kind, e.key) in self._by_key:
+                raise bad("appears twice")
+            if e.kind != nf.SectionKind.RAM_BLOCK and (e.data_offset or e.data_length):
+                raise bad("has a data region, which only RAM blocks have")
+            info = SectionInfo(
+                kind=nf.SectionKind(e.kind) if known else e.kind,
+                key=e.key,
+                offset=e.offset,
+                length=e.length,
+                size=e.size,
+                stored=e.length + e.data_length,
+                checksum=e.checksum,
+                data_offset=e.data_offset,
+                data_length=e.data_length,
+                optional=optional,
             )
-        configs = [s for s in sections if s.kind == nf.SectionKind.CONFIGURATION]
-        if len(configs) != 1:
+            self._by_key[(e.kind, e.key)] = info
+            sections.append(info)
+        if (nf.SectionKind.CONFIGURATION, "") not in self._by_key:
             raise FormatError(
-                "a snapshot needs exactly one configuration section",
+                "the snapshot has no configuration section",
                 file=self.file,
                 offset=self.index_offset,
-                found=len(configs),
             )
         return sections
 
@@ -314,35 +379,77 @@ class NativeSnapshot(Snapshot):
         return data
 
     def _section(self, kind: nf.SectionKind, key: str) -> SectionInfo:
-        for s in self._sections:
-            if s.kind == kind and s.key == key:
-                return s
-        raise KeyError(key)
+        return self._by_key[(kind, key)]
+
+    def section_for(self, path: Path) -> SectionInfo:
+        key = str(path)
+        found = self._by_key.get((nf.SectionKind.DEVICE, key)) or self._by_key.get(
+            (nf.SectionKind.RAM_BLOCK, key)
+        )
+        if found is None:
+            raise KeyError(key)
+        return found
 
     @property
     def configuration(self) -> Configuration:
         if self._config is None:
             section = self._section(nf.SectionKind.CONFIGURATION, "")
-            c = self._parse(nf.Configuration, self.body(section), section.offset, "configuration")
-            self._config = Configuration(
-                machine=c.machine,
-                page_size=c.page_size,
-                capabilities=tuple(c.capabilities),
-                metadata=self._json(c.metadata or "{}", section, "configuration metadata"),
-            )
+            c = self._parse_body(nf.Configuration, section, "configuration")
+            if (
+                c.page_size & (c.page_size - 1)
+                or not nf.MIN_PAGE_SIZE <= c.page_size <= nf.MAX_PAGE_SIZE
+            ):
+                raise self._bad(
+                    section,
+                    "bad page size",
+                    found=c.page_size,
+                    expected=f"a power of two {nf.MIN_PAGE_SIZE}-{nf.MAX_PAGE_SIZE}",
+                )
+            metadata = self._json(c.metadata or "{}", section, "configuration metadata")
+            if not isinstance(metadata, dict):
+                raise self._bad(
+                    section,
+                    "configuration metadata is not a JSON object",
+                    found=type(metadata).__name__,
+                )
+            self._config = Configuration(c.machine, c.page_size, tuple(c.capabilities), metadata)
         return self._config
+
+    def _bad(self, section: SectionInfo, what: str, **kw: Any) -> FormatError:
+        return FormatError(
+            what,
+            file=self.file,
+            offset=section.offset,
+            section=section.key or "configuration",
+            **kw,
+        )
+
+    def _parse_body(self, con: construct.Construct, section: SectionInfo, what: str) -> Any:
+        """Parse a whole body (checked against its checksum); trailing bytes are an error."""
+        body = self.body(section)
+        parsed = self._parse(con, body, section.offset, what)
+        used = len(con.build(parsed))
+        if used != len(body):
+            raise self._bad(
+                section,
+                f"{what} does not fill its section",
+                found=f"{used} bytes",
+                expected=f"{len(body)}",
+            )
+        if section.size != len(body):
+            raise self._bad(
+                section,
+                "index size disagrees with the section",
+                found=section.size,
+                expected=len(body),
+            )
+        return parsed
 
     def _json(self, text: str, section: SectionInfo, what: str) -> Any:
         try:
             return json.loads(text)
         except (ValueError, RecursionError) as e:
-            raise FormatError(
-                f"{what} is not valid JSON",
-                file=self.file,
-                offset=section.offset,
-                section=section.key or None,
-                found=_short(e),
-            ) from None
+            raise self._bad(section, f"{what} is not valid JSON", found=_short(e)) from None
 
     def device(self, path: Path) -> DeviceState:
         section = self._section(nf.SectionKind.DEVICE, str(path))
@@ -350,15 +457,28 @@ class NativeSnapshot(Snapshot):
         head = self._parse(nf.DeviceState, body, section.offset, f"device {path}")
         head_size = len(nf.DeviceState.build(head))
         if head_size + head.state_length != len(body):
-            raise FormatError(
+            raise self._bad(
+                section,
                 "device state length disagrees with the section length",
-                file=self.file,
-                offset=section.offset,
-                section=str(path),
                 found=head.state_length,
                 expected=len(body) - head_size,
             )
+        if head.state_length != section.size:
+            raise self._bad(
+                section,
+                "index size disagrees with the state length",
+                found=section.size,
+                expected=head.state_length,
+            )
+        if head.path != section.key:
+            raise self._bad(
+                section, "device path differs from the index", found=head.path, expected=section.key
+            )
         layout = self._json(head.layout, section, "field layout") if head.layout else None
+        if layout is not None and not isinstance(layout, dict):
+            raise self._bad(
+                section, "field layout is not a JSON object", found=type(layout).__name__
+            )
         return DeviceState(
             path=path,
             driver=head.driver,
@@ -376,20 +496,43 @@ class NativeSnapshot(Snapshot):
 
     def metadata(self, name: str) -> Any:
         section = self._section(nf.SectionKind.METADATA, name)
-        doc = self._parse(nf.Metadata, self.body(section), section.offset, f"metadata {name}")
+        body = self.body(section)
+        doc = self._parse(nf.Metadata, body, section.offset, f"metadata {name}")
+        if 4 + len(doc.document.encode("utf-8")) != len(body):
+            raise self._bad(section, "metadata document does not fill its section")
+        if section.size != len(body) - 4:
+            raise self._bad(
+                section,
+                "index size disagrees with the document",
+                found=section.size,
+                expected=len(body) - 4,
+            )
         return self._json(doc.document, section, f"metadata {name}")
 
     def aliases(self) -> dict[str, Path]:
+        """QEMU identifiers kept on sections; sections that cannot be read are skipped
+        here (using them reports the problem)."""
         if self._aliases is None:
             found: dict[str, Path] = {}
-            for device in self.devices():
-                if device.qemu_idstr:
-                    found.setdefault(device.qemu_idstr, device.path)
-            for block in self.ram_blocks():
-                if block.qemu_idstr:
-                    found.setdefault(block.qemu_idstr, block.path)
+            for section in self.sections:
+                if section.kind not in (nf.SectionKind.DEVICE, nf.SectionKind.RAM_BLOCK):
+                    continue
+                try:
+                    idstr = self._qemu_idstr(section)
+                except FormatError:
+                    continue
+                if idstr:
+                    found.setdefault(idstr, Path.parse(section.key))
             self._aliases = found
         return self._aliases
+
+    def _qemu_idstr(self, section: SectionInfo) -> str:
+        """The QEMU id string at the start of a device or RAM block body (not checksummed
+        here: only used to find the section, which is checked when it is read)."""
+        head = self.pread(section.offset, min(section.length, 3 * (2 + 0xFFFF)), "section head")
+        con = nf.DeviceState if section.kind == nf.SectionKind.DEVICE else nf.RamBlockHead
+        parsed = self._parse(con, head, section.offset, f"section {section.key}")
+        return str(parsed.qemu_idstr)
 
     def pread(self, offset: int, length: int, what: str) -> bytes:
         return self._io.pread(offset, length, what)

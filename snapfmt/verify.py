@@ -82,7 +82,7 @@ def _check_section(
         block = NativeRamBlock(snap, section)
         report.bytes += block.length
         for chunk, error in block.verify():
-            span = (chunk.offset, chunk.offset + chunk.length - 1)
+            span = (chunk.offset, chunk.offset + chunk.length - 1) if chunk else None
             report.problems.append(Problem(section.key, error.offset, error.what, span))
         report.chunks += block.chunk_count
         if progress:

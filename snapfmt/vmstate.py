@@ -53,6 +53,14 @@ class _Cursor:
         self.data = data
         self.pos = 0
         self.base = base
+        # Zero-size fields and structs cost no bytes, so nesting could multiply them
+        # without limit: every element visited spends from this budget.
+        self.budget = len(data) + 4096
+
+    def visit(self) -> None:
+        self.budget -= 1
+        if self.budget < 0:
+            raise LayoutError("layout describes more elements than the state can hold")
 
     def take(self, size: int, what: str) -> bytes:
         if size < 0 or self.pos + size > len(self.data):
@@ -92,6 +100,7 @@ def _fields(node: Layout, cur: _Cursor, prefix: str, where: str) -> Iterator[Fie
             base += f"[{field['index']}]"
         names = [base] if count is None else [f"{base}[{i}]" for i in range(count)]
         for label in names:
+            cur.visit()
             if type_name == "struct":
                 inner = field.get("struct")
                 if not isinstance(inner, Mapping):

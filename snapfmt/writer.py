@@ -86,7 +86,7 @@ class Writer:
         self._level = level
         self._threads = threads or max(1, os.cpu_count() or 1)
         self._entries: list[dict[str, Any]] = []
-        self._keys: set[tuple[int, str]] = set()
+        self._keys: set[tuple[str, str]] = set()
         folder = os.path.dirname(os.path.abspath(self.target))
         try:
             fd, self._tmp = tempfile.mkstemp(
@@ -134,11 +134,16 @@ class Writer:
         self._pos += len(data)
 
     def _claim(self, kind: nf.SectionKind, key: str) -> None:
+        """Keys are unique per namespace: one for paths (devices and RAM blocks), one for
+        metadata names (spec/format.md §3)."""
         if self._closed:
             raise SnapfmtError("the writer is closed")
-        if (kind, key) in self._keys:
-            raise SnapfmtError(f"{kind.name.lower()} section {key!r} is added twice")
-        self._keys.add((kind, key))
+        if kind == nf.SectionKind.METADATA and not key:
+            raise SnapfmtError("a metadata section needs a name")
+        space = "metadata" if kind == nf.SectionKind.METADATA else "path"
+        if (space, key) in self._keys:
+            raise SnapfmtError(f"{space} {key!r} is used by two sections")
+        self._keys.add((space, key))
 
     def _add_section(self, kind: nf.SectionKind, key: str, body: bytes, size: int) -> None:
         if len(body) > nf.MAX_BODY:
@@ -232,7 +237,9 @@ class Writer:
         data_offset = self._pos
         total = chunks = zeros = 0
         with tempfile.SpooledTemporaryFile(max_size=8 << 20) as table:
-            for batch, results in ordered_map(encode, _batches(source, max(_BATCH_BYTES, chunk_size)), self._threads):
+            for batch, results in ordered_map(
+                encode, _batches(source, max(_BATCH_BYTES, chunk_size)), self._threads
+            ):
                 for encoding, payload, digest in results:
                     stored = len(payload) if payload is not None else 0
                     table.write(

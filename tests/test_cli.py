@@ -208,4 +208,7 @@ def test_write_into_missing_folder_is_one_line(run: Run, samples: Path, tmp_path
     target = tmp_path / "no" / "such" / "x.snap"
     result = run("write", samples / "manifests" / "tiny.toml", "-o", target)
     assert result.code == 2
-    assert result.err == f"snapfmt: error: {samples / 'manifests' / 'tiny.toml'}: {target}: cannot write there: No such file or directory\n"
+    assert (
+        result.err
+        == f"snapfmt: error: {samples / 'manifests' / 'tiny.toml'}: {target}: cannot write there: No such file or directory\n"
+    )
