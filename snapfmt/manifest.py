@@ -46,6 +46,7 @@ _DEVICE = {
 _RAM = {"path", "size", "qemu_id", "file", "fill", "chunk_size"}
 _FILL = {"offset", "length", "pattern", "text", "random"}
 _DOC = {"name", "file", "content"}
+_FIELD = {"name", "type", "value"}
 _SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(i?B)?\s*$", re.IGNORECASE)
 _PIECE = 1 << 20
 
@@ -66,6 +67,8 @@ def load(path: str) -> Manifest:
         raise ManifestError(f"{path}: cannot read: {e.strerror}") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ManifestError(f"{path}: not valid TOML: {e}") from None
+    except RecursionError:
+        raise ManifestError(f"{path}: nests too deeply") from None
     manifest = Manifest(os.path.dirname(os.path.abspath(path)), data, path)
     _check_keys(manifest, data, _TOP, "top level")
     if not isinstance(data.get("machine"), str):
@@ -74,15 +77,40 @@ def load(path: str) -> Manifest:
         raise ManifestError(
             f"{path}: manifest format {data['format']!r} is not supported, expected 1"
         )
-    for i, dev in enumerate(_tables(manifest, "device")):
-        _check_keys(manifest, dev, _DEVICE, f"device[{i}]")
-    for i, ram in enumerate(_tables(manifest, "ram")):
-        _check_keys(manifest, ram, _RAM, f"ram[{i}]")
-        for j, fill in enumerate(ram.get("fill", [])):
-            _check_keys(manifest, fill, _FILL, f"ram[{i}].fill[{j}]")
-    for i, doc in enumerate(_tables(manifest, "document")):
+    _exclusive(manifest, data, ("metadata", "metadata_file"), "top level")
+    for i, dev in enumerate(_tables(manifest, data, "device", "top level")):
+        where = f"device[{i}]"
+        _check_keys(manifest, dev, _DEVICE, where)
+        _strings(
+            manifest,
+            dev,
+            ("path", "driver", "vmstate", "qemu_id", "state_file", "layout_file"),
+            where,
+        )
+        for j, item in enumerate(_tables(manifest, dev, "field", where)):
+            _check_keys(manifest, item, _FIELD, f"{where}.field[{j}]")
+    for i, ram in enumerate(_tables(manifest, data, "ram", "top level")):
+        where = f"ram[{i}]"
+        _check_keys(manifest, ram, _RAM, where)
+        _strings(manifest, ram, ("path", "qemu_id", "file"), where)
+        for j, fill in enumerate(_tables(manifest, ram, "fill", where)):
+            _check_keys(manifest, fill, _FILL, f"{where}.fill[{j}]")
+    for i, doc in enumerate(_tables(manifest, data, "document", "top level")):
         _check_keys(manifest, doc, _DOC, f"document[{i}]")
+        _strings(manifest, doc, ("name", "file"), f"document[{i}]")
+        _exclusive(manifest, doc, ("content", "file"), f"document[{i}]")
     return manifest
+
+
+def _strings(m: Manifest, table: Mapping[str, Any], keys: tuple[str, ...], where: str) -> None:
+    for key in keys:
+        if key in table and not isinstance(table[key], str):
+            raise ManifestError(f"{m.name}: {where}: '{key}' must be a string, got {table[key]!r}")
+
+
+def _exclusive(m: Manifest, table: Mapping[str, Any], keys: tuple[str, str], where: str) -> None:
+    if all(k in table for k in keys):
+        raise ManifestError(f"{m.name}: {where}: give '{keys[0]}' or '{keys[1]}', not both")
 
 
 def _check_keys(m: Manifest, table: Any, allowed: set[str], where: str) -> None:
@@ -96,10 +124,10 @@ def _check_keys(m: Manifest, table: Any, allowed: set[str], where: str) -> None:
         )
 
 
-def _tables(m: Manifest, key: str) -> list[dict[str, Any]]:
-    value = m.data.get(key, [])
-    if not isinstance(value, list):
-        raise ManifestError(f"{m.name}: '{key}' must be an array of tables ([[{key}]])")
+def _tables(m: Manifest, table: Mapping[str, Any], key: str, where: str) -> list[dict[str, Any]]:
+    value = table.get(key, [])
+    if not isinstance(value, list) or not all(isinstance(item, dict) for item in value):
+        raise ManifestError(f"{m.name}: {where}: '{key}' must be an array of tables")
     return value
 
 
@@ -120,9 +148,14 @@ def _int(
 
 
 def _file(m: Manifest, name: Any, where: str) -> str:
+    """A file named relative to the manifest, which must stay inside its folder."""
     if not isinstance(name, str):
         raise ManifestError(f"{m.name}: {where}: a file name must be a string")
-    path = os.path.join(m.folder, name)
+    path = os.path.realpath(os.path.join(m.folder, name))
+    if os.path.isabs(name) or os.path.commonpath(
+        [os.path.realpath(m.folder), path]
+    ) != os.path.realpath(m.folder):
+        raise ManifestError(f"{m.name}: {where}: file {name!r} is outside the manifest's folder")
     if not os.path.isfile(path):
         raise ManifestError(f"{m.name}: {where}: file {name!r} not found")
     return path
@@ -136,7 +169,7 @@ def _read(m: Manifest, name: Any, where: str) -> bytes:
 def _json_file(m: Manifest, name: Any, where: str) -> Any:
     try:
         return json.loads(_read(m, name, where))
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:
         raise ManifestError(f"{m.name}: {where}: {name!r} is not valid JSON: {e}") from None
 
 
@@ -173,7 +206,7 @@ def _device_state(m: Manifest, dev: Mapping[str, Any], where: str) -> tuple[byte
 
 def _fill_source(m: Manifest, ram: Mapping[str, Any], size: int, where: str) -> Iterator[bytes]:
     regions = []
-    for j, fill in enumerate(ram.get("fill", [])):
+    for j, fill in enumerate(_tables(m, ram, "fill", where)):
         at = f"{where}.fill[{j}]"
         offset, length = _int(m, fill, "offset", at), _int(m, fill, "length", at)
         kinds = [k for k in ("pattern", "text", "random") if k in fill]
@@ -247,7 +280,7 @@ def _fill_pieces(
 def ram_bytes(manifest: Manifest) -> int:
     """How many RAM bytes *manifest* describes (for a progress bar); 0 where unknown."""
     total = 0
-    for ram in _tables(manifest, "ram"):
+    for ram in _tables(manifest, manifest.data, "ram", "top level"):
         size = ram.get("size")
         if isinstance(size, int):
             total += size
@@ -279,7 +312,7 @@ def build(manifest: Manifest, output: str, progress: Callable[[int], None] | Non
             metadata=metadata,
             chunk_size=chunk_size,
         ) as w:
-            for i, dev in enumerate(_tables(m, "device")):
+            for i, dev in enumerate(_tables(m, data, "device", "top level")):
                 where = f"device[{i}] ({dev.get('path')})"
                 state, layout = _device_state(m, dev, where)
                 w.add_device(
@@ -292,7 +325,7 @@ def build(manifest: Manifest, output: str, progress: Callable[[int], None] | Non
                     layout=layout,
                     qemu_idstr=dev.get("qemu_id"),
                 )
-            for i, ram in enumerate(_tables(m, "ram")):
+            for i, ram in enumerate(_tables(m, data, "ram", "top level")):
                 where = f"ram[{i}] ({ram.get('path')})"
                 path = _path(m, ram, where)
                 source: RamSource
@@ -312,7 +345,7 @@ def build(manifest: Manifest, output: str, progress: Callable[[int], None] | Non
                     chunk_size=_int(m, ram, "chunk_size", where, chunk_size),
                     progress=progress,
                 )
-            for i, doc in enumerate(_tables(m, "document")):
+            for i, doc in enumerate(_tables(m, data, "document", "top level")):
                 where = f"document[{i}]"
                 if not isinstance(doc.get("name"), str):
                     raise ManifestError(f"{m.name}: {where}: 'name' (a string) is required")
@@ -322,3 +355,6 @@ def build(manifest: Manifest, output: str, progress: Callable[[int], None] | Non
         raise
     except SnapfmtError as e:
         raise ManifestError(f"{m.name}: {e}") from None
+    except (TypeError, ValueError, RecursionError) as e:
+        # e.g. a TOML date in a JSON document: name the manifest, never a traceback
+        raise ManifestError(f"{m.name}: a value cannot be used: {e}") from None

@@ -162,7 +162,10 @@ def encode_value(type_name: str, value: object, size: int | None = None) -> byte
     """Encode one scalar as QEMU writes it; byte-string types take bytes or hex."""
     spec = _INTEGERS.get(type_name)
     if spec is None:
-        raw = bytes.fromhex(value) if isinstance(value, str) else value
+        try:
+            raw = bytes.fromhex(value) if isinstance(value, str) else value
+        except ValueError:
+            raise LayoutError(f"type {type_name!r} needs hex digits, got {value!r}") from None
         if not isinstance(raw, bytes | bytearray):
             raise LayoutError(f"type {type_name!r} needs bytes or a hex string, got {value!r}")
         if size is not None and len(raw) != size:
@@ -170,7 +173,10 @@ def encode_value(type_name: str, value: object, size: int | None = None) -> byte
         return bytes(raw)
     width, signed, order = spec
     if isinstance(value, str):
-        value = int(value, 0)
+        try:
+            value = int(value, 0)
+        except ValueError:
+            raise LayoutError(f"type {type_name!r} needs an integer, got {value!r}") from None
     if not isinstance(value, int):
         raise LayoutError(f"type {type_name!r} needs an integer, got {value!r}")
     try:

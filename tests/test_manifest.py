@@ -78,3 +78,52 @@ file = "blob.bin"
         assert data[:8] == b"\x00\x00\xab\xcd\xab\xcd\xab\x00"
         assert len(set(data[4096:7096])) > 200 and data[7096:] == bytes(8192 - 7096)
         assert snap.ram_block(DevPath.of("f")).read(0, 3) == b"\x01\x02\x03"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            'machine = "pc"\n[[device]]\npath = "/d"\nstate_file = "/etc/hostname"\n',
+            "file '/etc/hostname' is outside the manifest's folder",
+        ),
+        (
+            'machine = "pc"\n[[device]]\npath = "/d"\nstate_file = "../x"\n',
+            "file '../x' is outside the manifest's folder",
+        ),
+        (
+            'machine = "pc"\nmetadata = {}\nmetadata_file = "x.json"\n',
+            "give 'metadata' or 'metadata_file', not both",
+        ),
+        (
+            'machine = "pc"\n[[device]]\npath = "/d"\nfield = [{name = "a", type = "uint8", value = 1, size = 1}]\n',
+            "field[0]: unknown key 'size'",
+        ),
+        (
+            'machine = "pc"\n[[device]]\npath = "/d"\nfield = [1]\n',
+            "'field' must be an array of tables",
+        ),
+        (
+            'machine = "pc"\n[[device]]\npath = "/d"\ndriver = 5\nstate = ""\n',
+            "'driver' must be a string, got 5",
+        ),
+        (
+            'machine = "pc"\n[[device]]\npath = "/d"\nfield = [{name = "a", type = "uint8", value = "zz"}]\n',
+            "type 'uint8' needs an integer, got 'zz'",
+        ),
+        (
+            'machine = "pc"\n[[ram]]\npath = "/r"\nsize = 8\nfill = 5\n',
+            "'fill' must be an array of tables",
+        ),
+        (
+            'machine = "pc"\n[[document]]\nname = "d"\ncontent = 1979-05-27\n',
+            "a value cannot be used: Object of type date is not JSON serializable",
+        ),
+        (
+            'machine = "pc"\n[[document]]\nname = ""\ncontent = 1\n',
+            "a metadata section needs a name",
+        ),
+    ],
+)
+def test_manifest_values_are_checked(tmp_path: Path, run: Run, text: str, message: str) -> None:
+    test_manifest_errors(tmp_path, run, text, message)

@@ -270,3 +270,82 @@ def test_bad_parameters(tmp_path: FsPath) -> None:
     ):
         Writer(tmp_path / "x", machine="pc", chunk_size=2048)
     assert os.listdir(tmp_path) == []
+
+
+def _write_with(tmp_path: FsPath, edit: Any) -> FsPath:
+    """A small snapshot whose index entries *edit* changes before they are written."""
+    target = tmp_path / "edited.snap"
+    with Writer(target, machine="pc") as w:
+        w.add_device("/dev/vmstate", b"\x01\x02")
+        w.add_ram_block("/ram", [b"\x07" * 5000])
+        edit(w._entries)
+    return target
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (
+            lambda e: e[1].update(key="/dev/vmst%61te"),
+            "has a path not in canonical form, expected /dev/vmstate",
+        ),
+        (lambda e: e[2].update(key="/dev/vmstate"), "uses a path another section has"),
+        (lambda e: e[0].update(key="x"), "is a configuration with a key; expected an empty key"),
+        (
+            lambda e: e[1].update(data_offset=64, data_length=4),
+            "has a data region, which only RAM blocks have",
+        ),
+    ],
+)
+def test_index_rules(tmp_path: FsPath, edit: Any, message: str) -> None:
+    with pytest.raises(SnapfmtError, match=message):
+        snapfmt.open(_write_with(tmp_path, edit))
+
+
+def test_index_size_must_agree(tmp_path: FsPath) -> None:
+    target = _write_with(tmp_path, lambda e: e[1].update(size=99))
+    with (
+        snapfmt.open(target) as snap,
+        pytest.raises(
+            SnapfmtError, match="index size disagrees with the state length: found 99, expected 2"
+        ),
+    ):
+        snap.device(Path.of("dev", "vmstate"))
+    target = _write_with(tmp_path, lambda e: e[2].update(size=1 << 40))
+    with (
+        snapfmt.open(target) as snap,
+        pytest.raises(SnapfmtError, match="index size disagrees with the block length"),
+    ):
+        snap.ram_block(Path.of("ram"))
+
+
+def test_short_last_chunk_with_a_short_zero_page(tmp_path: FsPath) -> None:
+    data = os.urandom(8192) + b"\x00"
+    target = tmp_path / "s.snap"
+    with Writer(target, machine="pc", chunk_size=16384) as w:
+        w.add_ram_block("/r", [data])
+    with snapfmt.open(target) as snap:
+        block = snap.ram_block(Path.of("r"))
+        assert block.read(0, len(data)) == data
+        assert list(block.verify()) == []
+
+
+def test_chunks_must_fill_the_data_region_in_order(tmp_path: FsPath) -> None:
+    target = tmp_path / "s.snap"
+    with Writer(target, machine="pc", chunk_size=4096) as w:
+        w.add_ram_block("/r", [os.urandom(4096) * 1 + os.urandom(4096)])
+    with snapfmt.open(target) as snap:
+        block = snap.ram_block(Path.of("r"))
+        table_at = block._table_offset
+        first, second = list(block.chunks())
+    data = bytearray(target.read_bytes())
+    # both entries point at the first chunk's bytes: the second chunk's are unused
+    data[table_at + 24 + 8 : table_at + 24 + 16] = first.file_offset.to_bytes(8, "little")
+    data[table_at + 24 + 16 : table_at + 24 + 24] = first.hash.to_bytes(8, "little")
+    target.write_bytes(_reseal(data))
+    with snapfmt.open(target) as snap:
+        problems = [e.what for _, e in snap.ram_block(Path.of("r")).verify()]
+    assert problems == [
+        f"chunk 1 (bytes 0x1000-0x1fff) is stored at {first.file_offset:#x}, expected {second.file_offset:#x} (chunks must fill the data region in order)",
+        "stored chunks do not fill the data region",
+    ]

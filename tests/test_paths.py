@@ -127,3 +127,10 @@ def test_selector_naming_nothing_lists_nearest() -> None:
 @given(paths)
 def test_full_path_selector_names_the_path(path: Path) -> None:
     assert resolve(str(path), [path]) == [path]
+
+
+def test_pathological_selectors_finish_quickly() -> None:
+    many = [Path.of("a" * 50 + str(i)) for i in range(200)]
+    assert resolve("*" * 40 + "q", many) == []
+    assert resolve("*a*a*a*a*a*a*a*a*a*a*a*a*a*q", many) == []
+    assert len(resolve("/".join(["..."] * 2000), many)) == 200
