@@ -25,6 +25,7 @@ from snapfmt.errors import (
 from snapfmt.formats import native as nf
 from snapfmt.model import Configuration, DeviceState, SectionInfo, Snapshot
 from snapfmt.paths import Path
+from snapfmt.qemu_reader import QemuStream
 from snapfmt.ramblock import NativeRamBlock
 
 _KINDS = frozenset(int(k) for k in nf.SectionKind)
@@ -155,6 +156,8 @@ def detect(head: bytes) -> str | None:
     """The format whose magic *head* starts with, or None."""
     if head.startswith(nf.MAGIC):
         return "native"
+    if head.startswith(b"QEVM"):
+        return "qemu"
     return None
 
 
@@ -170,6 +173,8 @@ def open_snapshot(path: str | os.PathLike[str]) -> Snapshot:
         kind = detect(head)
         if kind == "native":
             return NativeSnapshot(reader)
+        if kind == "qemu":
+            return QemuStream(reader)
         if not head:
             raise FormatError("empty file, not a snapshot", file=name)
         raise FormatError(
@@ -177,7 +182,7 @@ def open_snapshot(path: str | os.PathLike[str]) -> Snapshot:
             file=name,
             offset=0,
             found=f"first bytes {head[:8].hex()}",
-            expected=f"native magic {nf.MAGIC.hex()}",
+            expected=f"native magic {nf.MAGIC.hex()} or QEMU's 5145564d",
         )
     except BaseException:
         reader.close()

@@ -3,7 +3,8 @@
 A layout has the shape of one device entry of QEMU's vmdesc JSON
 (``{"fields": [...], "subsections": [...]}``; spec/format.md §5), so a layout taken from a
 QEMU stream and one written by snapfmt decode the same way.  Values are big-endian, as
-QEMU writes them, except the type ``"int32 le"``.
+QEMU writes them.  ``"int32 le"`` is big-endian too: QEMU's name means "less or equal"
+(the loaded value may not exceed the current one), checked against QEMU 7.2 streams.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ for _bits in (8, 16, 32, 64):
         _name = f"{'' if _signed else 'u'}int{_bits}"
         _INTEGERS[_name] = (_bits // 8, _signed, "big")
         _INTEGERS[f"{_name} equal"] = (_bits // 8, _signed, "big")
-_INTEGERS["int32 le"] = (4, True, "little")
+_INTEGERS["int32 le"] = (4, True, "big")
 _INTEGERS["uint8_t"] = (1, False, "big")
 _INTEGERS["bool"] = (1, False, "big")
 

@@ -31,7 +31,7 @@ LAYOUT = {
 }
 DATA = (
     bytes.fromhex("fffe")
-    + (-5).to_bytes(4, "little", signed=True)
+    + (-5).to_bytes(4, "big", signed=True)
     + b"\x01"
     + b"\x07\x08\x09"
     + bytes(range(8))

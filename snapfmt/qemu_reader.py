@@ -1,0 +1,588 @@
+"""Read QEMU migration streams (QEVM v3) into the snapfmt model.
+
+Opening walks the whole stream once, front to back: the configuration, every section
+(iterative ones split over START/PART/END are merged), the RAM records (recorded as a
+page map per block, not read into memory), EOF and the vmdesc after it.  Device sections
+carry no length: each ends at its footer (0x7e + section id) followed by a valid next
+header.  The vmdesc, once found, describes the device payloads for decoding.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from array import array
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from snapfmt.chunks import zero_hash
+from snapfmt.errors import FormatError, UnsupportedError
+from snapfmt.formats import qemu as qf
+from snapfmt.formats.native import ChunkEncoding, SectionKind, xxh3_64
+from snapfmt.model import ChunkInfo, Configuration, DeviceState, RamBlock, SectionInfo, Snapshot
+from snapfmt.paths import Path
+from snapfmt.qemu_paths import PathMapper
+
+_WINDOW = 1 << 23
+_IDSTR = re.compile(rb"^[\x21-\x7e]+$")
+NOT_SENT, ZERO_PAGE = 0, -1
+
+
+class _Cursor:
+    """Sequential big-endian reads over a file with absolute positions."""
+
+    def __init__(self, reader: Any, start: int = 0) -> None:
+        self.io = reader
+        self.pos = start
+        self._buf = b""
+        self._at = 0  # file offset of _buf[0]
+
+    def _fill(self, need: int) -> memoryview:
+        rel = self.pos - self._at
+        if rel < 0 or rel + need > len(self._buf):
+            length = max(need, _WINDOW)
+            length = min(length, self.io.size - self.pos)
+            if length < need:
+                raise self.error(
+                    "stream ends early",
+                    found=f"{self.io.size - self.pos} bytes left",
+                    expected=f"{need}",
+                )
+            self._buf = self.io.pread(self.pos, length, "stream")
+            self._at = self.pos
+            rel = 0
+        return memoryview(self._buf)[rel : rel + need]
+
+    def error(self, what: str, cls: type[FormatError] = FormatError, **kw: Any) -> FormatError:
+        return cls(what, file=self.io.name, offset=self.pos, **kw)
+
+    def take(self, n: int) -> bytes:
+        data = bytes(self._fill(n))
+        self.pos += n
+        return data
+
+    def peek(self, n: int = 1) -> bytes:
+        return bytes(self._fill(n)) if self.pos + n <= self.io.size else b""
+
+    def u8(self) -> int:
+        return self.take(1)[0]
+
+    def be16(self) -> int:
+        return int.from_bytes(self.take(2), "big")
+
+    def be32(self) -> int:
+        return int.from_bytes(self.take(4), "big")
+
+    def be64(self) -> int:
+        return int.from_bytes(self.take(8), "big")
+
+    def counted(self) -> str:
+        return self.take(self.u8()).decode("latin-1")
+
+
+@dataclass
+class _Section:
+    section_id: int
+    idstr: str
+    instance_id: int
+    version_id: int
+    header_offset: int
+    spans: list[tuple[int, int]] = field(default_factory=list)  # payload (offset, length)
+    iterative: bool = False
+
+
+@dataclass
+class _Block:
+    idstr: str
+    length: int
+    pages: array  # type: ignore[type-arg]  # per page: NOT_SENT, ZERO_PAGE or file offset
+
+
+class QemuStream(Snapshot):
+    format_name = "qemu"
+
+    def __init__(self, reader: Any, start: int = 0) -> None:
+        self._io = reader
+        self.file = reader.name
+        self.version = "3"
+        self.page_size = 4096
+        self.machine = ""
+        self.capabilities: list[str] = []
+        self.uuid: str | None = None
+        self.footers: bool | None = None
+        self.vmdesc: dict[str, Any] | None = None
+        self.vmdesc_offset: int | None = None
+        self.commands: list[tuple[int, int]] = []
+        self._sections: dict[int, _Section] = {}
+        self._order: list[_Section] = []
+        self._blocks: dict[str, _Block] = {}
+        self._base = start
+        self._cur = _Cursor(reader, start)
+        self._walk()
+        self._index()
+
+    # -- walking -----------------------------------------------------------------------------
+
+    def _walk(self) -> None:
+        cur = self._cur
+        if cur.take(4) != qf.MAGIC:
+            raise FormatError("not a QEMU stream: bad magic", file=self.file, offset=cur.pos - 4)
+        version = cur.be32()
+        if version == qf.VERSION_COMPAT:
+            raise cur.error(
+                "QEMU savevm v2 streams are obsolete and not supported", UnsupportedError
+            )
+        if version != qf.VERSION:
+            raise cur.error(
+                "QEMU stream version not supported",
+                UnsupportedError,
+                found=version,
+                expected=qf.VERSION,
+            )
+        while True:
+            at = cur.pos
+            kind = cur.u8()
+            if kind == qf.SectionType.CONFIGURATION and at == self._base + 8:
+                self._configuration()
+            elif kind in (qf.SectionType.START, qf.SectionType.FULL):
+                self._start(at, kind)
+            elif kind in (qf.SectionType.PART, qf.SectionType.END):
+                self._part(at)
+            elif kind == qf.SectionType.COMMAND:
+                self._command(at)
+            elif kind == qf.SectionType.EOF:
+                self._after_eof()
+                return
+            else:
+                cur.pos = at
+                raise cur.error(
+                    "unknown section type", found=f"{kind:#04x}", expected="0x00-0x04, 0x07 or 0x08"
+                )
+
+    def _configuration(self) -> None:
+        cur = self._cur
+        length = cur.be32()
+        if length > 255:
+            raise cur.error(
+                "machine type name too long", found=length, expected="at most 255 bytes"
+            )
+        self.machine = cur.take(length).decode("latin-1")
+        while cur.peek() == bytes([qf.SectionType.SUBSECTION]):
+            cur.u8()
+            name = cur.counted()
+            cur.be32()  # version
+            if name == "configuration/target-page-bits":
+                bits = cur.be32()
+                if not 10 <= bits <= 21:
+                    raise cur.error("target page bits out of range", found=bits, expected="10-21")
+                self.page_size = 1 << bits
+            elif name == "configuration/capabilities":
+                self.capabilities = [cur.counted() for _ in range(min(cur.be32(), 64))]
+            elif name == "configuration/uuid":
+                self.uuid = cur.take(16).hex()
+            else:
+                raise cur.error(f"unknown configuration subsection {name!r}", UnsupportedError)
+
+    def _start(self, at: int, kind: int) -> None:
+        cur = self._cur
+        section_id = cur.be32()
+        raw = cur.take(cur.u8())
+        if not _IDSTR.match(raw):
+            raise cur.error("section id string is not printable", found=raw[:40])
+        section = _Section(section_id, raw.decode("ascii"), cur.be32(), cur.be32(), at)
+        section.iterative = kind == qf.SectionType.START
+        if section_id in self._sections:
+            raise cur.error(f"section id {section_id} ({section.idstr}) appears twice")
+        self._sections[section_id] = section
+        self._order.append(section)
+        self._payload(section)
+
+    def _part(self, at: int) -> None:
+        section_id = self._cur.be32()
+        section = self._sections.get(section_id)
+        if section is None or not section.iterative:
+            self._cur.pos = at
+            raise self._cur.error("PART/END for a section that has no START", found=section_id)
+        self._payload(section)
+
+    def _payload(self, section: _Section) -> None:
+        cur = self._cur
+        start = cur.pos
+        if section.idstr == "ram":
+            if section.version_id != 4:
+                raise cur.error(
+                    "RAM section version not supported",
+                    UnsupportedError,
+                    section="ram",
+                    found=section.version_id,
+                    expected=4,
+                )
+            self._ram(section)
+            section.spans.append((start, cur.pos - start))
+            self._footer(section, after_ram=True)
+            return
+        end = self._find_footer(section, start)
+        section.spans.append((start, end - start))
+        cur.pos = end
+        self._footer(section)
+
+    def _footer(self, section: _Section, after_ram: bool = False) -> None:
+        cur = self._cur
+        if self.footers is None:
+            self.footers = cur.peek() == bytes([qf.SectionType.FOOTER])
+        if not self.footers:
+            return
+        at = cur.pos
+        if cur.u8() != qf.SectionType.FOOTER or cur.be32() != section.section_id:
+            cur.pos = at
+            raise cur.error(
+                f"missing section footer for {section.idstr}",
+                section=section.idstr,
+                expected=f"7e {section.section_id:08x}",
+            )
+
+    def _find_footer(self, section: _Section, start: int) -> int:
+        """Where the footer after a device payload starts: 0x7e + section id, then a valid
+        next section header (QEMU writes no payload length)."""
+        if self.footers is False:
+            raise self._cur.error(
+                "device sections without footers (machine types up to 2.3) are not supported",
+                UnsupportedError,
+                section=section.idstr,
+            )
+        needle = bytes([qf.SectionType.FOOTER]) + section.section_id.to_bytes(4, "big")
+        pos = start
+        size = self._io.size
+        while pos < size:
+            window = self._io.pread(pos, min(_WINDOW, size - pos), "stream")
+            hit = window.find(needle)
+            while hit >= 0:
+                if self._plausible_next(pos + hit + 5):
+                    return int(pos + hit)
+                hit = window.find(needle, hit + 1)
+            if pos + len(window) >= size:
+                break
+            pos += len(window) - 4
+        raise FormatError(
+            "missing section footer",
+            file=self.file,
+            offset=start,
+            section=section.idstr,
+            expected=f"7e {section.section_id:08x} after the payload",
+        )
+
+    def _plausible_next(self, at: int) -> bool:
+        size = self._io.size
+        if at >= size:
+            return False
+        head = self._io.pread(at, min(300, size - at), "stream")
+        kind = head[0]
+        if kind == qf.SectionType.EOF:
+            rest = head[1:6]
+            return not rest or (rest[0] == qf.SectionType.VMDESCRIPTION and head[6:7] == b"{")
+        if kind in (qf.SectionType.START, qf.SectionType.FULL):
+            if len(head) < 6 or head[5] == 0 or len(head) < 6 + head[5] + 8:
+                return False
+            return (
+                bool(_IDSTR.match(head[6 : 6 + head[5]]))
+                and int.from_bytes(head[1:5], "big") not in self._sections
+            )
+        if kind in (qf.SectionType.PART, qf.SectionType.END):
+            known = self._sections.get(int.from_bytes(head[1:5], "big"))
+            return known is not None and known.iterative
+        if kind == qf.SectionType.COMMAND:
+            return (
+                len(head) >= 3
+                and int.from_bytes(head[1:3], "big") in qf.Command.__members__.values()
+            )
+        return False
+
+    def _command(self, at: int) -> None:
+        cur = self._cur
+        command, length = cur.be16(), cur.be16()
+        if command not in qf.Command.__members__.values():
+            cur.pos = at
+            raise cur.error("unknown command", found=command)
+        cur.take(length)
+        self.commands.append((at, command))
+        if command == qf.Command.PACKAGED:
+            raise cur.error("packaged (postcopy) streams are not supported yet", UnsupportedError)
+
+    def _after_eof(self) -> None:
+        cur = self._cur
+        if cur.pos == self._io.size:
+            return
+        if cur.peek() != bytes([qf.SectionType.VMDESCRIPTION]):
+            raise cur.error("bytes after EOF that are not a vmdesc", found=cur.peek().hex())
+        cur.u8()
+        length = cur.be32()
+        at = cur.pos
+        if length > self._io.size - at or length > 1 << 26:
+            raise cur.error("vmdesc length runs past the end of the stream", found=length)
+        try:
+            desc = json.loads(cur.take(length))
+        except (ValueError, RecursionError) as e:
+            raise FormatError(
+                "vmdesc is not valid JSON", file=self.file, offset=at, found=str(e)[:80]
+            ) from None
+        if not isinstance(desc, dict) or not isinstance(desc.get("devices", []), list):
+            raise FormatError(
+                "vmdesc is not an object with a device list", file=self.file, offset=at
+            )
+        self.vmdesc, self.vmdesc_offset = desc, at
+        if cur.pos != self._io.size:
+            raise cur.error("bytes after the vmdesc", found=f"{self._io.size - cur.pos} bytes")
+
+    # -- RAM ---------------------------------------------------------------------------------
+
+    def _ram(self, section: _Section) -> None:
+        """RAM records up to EOS; pages are recorded by file offset, not read."""
+        cur = self._cur
+        page = self.page_size
+        mask = page - 1
+        block: _Block | None = None
+        while True:
+            at = cur.pos
+            word = int.from_bytes(cur._fill(8), "big")
+            cur.pos += 8
+            flags, offset = word & mask, word & ~mask
+            if flags & ~qf.RAM_FLAGS_MASK:
+                cur.pos = at
+                raise cur.error("RAM record flags out of range", section="ram", found=f"{flags:#x}")
+            if flags & qf.RamFlag.MEM_SIZE:
+                self._mem_size(offset)
+                continue
+            if flags & qf.RamFlag.EOS:
+                return
+            if flags == qf.RamFlag.MULTIFD_FLUSH:
+                continue
+            if flags & (
+                qf.RamFlag.XBZRLE | qf.RamFlag.COMPRESS_PAGE | qf.RamFlag.HOOK | qf.RamFlag.FULL
+            ):
+                cur.pos = at
+                name = qf.RamFlag(
+                    flags
+                    & (
+                        qf.RamFlag.XBZRLE
+                        | qf.RamFlag.COMPRESS_PAGE
+                        | qf.RamFlag.HOOK
+                        | qf.RamFlag.FULL
+                    )
+                ).name
+                raise cur.error(
+                    f"RAM records of kind {name} are not supported", UnsupportedError, section="ram"
+                )
+            if not flags & qf.RamFlag.CONTINUE:
+                idstr = cur.counted()
+                block = self._blocks.get(idstr)
+                if block is None:
+                    raise cur.error(f"RAM record for unknown block {idstr!r}", section="ram")
+            elif block is None:
+                raise cur.error("RAM record continues no block", section="ram")
+            index = offset // page
+            if index >= len(block.pages):
+                cur.pos = at
+                raise cur.error(
+                    f"RAM page offset past the end of block {block.idstr}",
+                    section="ram",
+                    found=f"{offset:#x}",
+                    expected=f"below {block.length:#x}",
+                )
+            if flags & qf.RamFlag.ZERO:
+                fill = cur.u8()
+                if fill:
+                    raise cur.error(
+                        "zero page with a non-zero fill byte", section="ram", found=fill
+                    )
+                block.pages[index] = ZERO_PAGE
+            elif flags & qf.RamFlag.PAGE:
+                block.pages[index] = cur.pos
+                cur.pos += page
+                if cur.pos > self._io.size:
+                    raise cur.error("stream ends inside a RAM page", section="ram")
+            else:
+                cur.pos = at
+                raise cur.error(
+                    "RAM record with neither ZERO nor PAGE", section="ram", found=f"{flags:#x}"
+                )
+
+    def _mem_size(self, total: int) -> None:
+        cur = self._cur
+        if "mapped-ram" in self.capabilities:
+            raise cur.error(
+                "mapped-ram streams are not supported yet", UnsupportedError, section="ram"
+            )
+        seen = 0
+        while seen < total:
+            idstr = cur.counted()
+            length = cur.be64()
+            if "x-ignore-shared" in self.capabilities:
+                cur.be64()  # the block's guest address
+            if (
+                not idstr
+                or length % self.page_size
+                or seen + length > total
+                or idstr in self._blocks
+            ):
+                raise cur.error(
+                    "bad RAM block list entry", section="ram", found=f"{idstr!r} {length:#x}"
+                )
+            self._blocks[idstr] = _Block(
+                idstr, length, array("q", bytes(8 * (length // self.page_size)))
+            )
+            seen += length
+
+    # -- model -------------------------------------------------------------------------------
+
+    def _index(self) -> None:
+        mapper = PathMapper(
+            self.machine, [(s.idstr, s.instance_id) for s in self._order if s.idstr != "ram"]
+        )
+        self._device_paths: dict[str, _Section] = {}
+        self._block_paths: dict[str, _Block] = {}
+        described = {}
+        for d in (self.vmdesc or {}).get("devices", []):
+            if isinstance(d, dict):
+                described[(d.get("name"), d.get("instance_id"))] = d
+        self._layouts: dict[int, dict[str, Any]] = {}
+        infos = []
+        for s in self._order:
+            if s.idstr == "ram":
+                continue
+            path = str(mapper.section(s.idstr, s.instance_id))
+            if path in self._device_paths:
+                raise FormatError(
+                    f"two sections map to {path}",
+                    file=self.file,
+                    offset=s.header_offset,
+                    section=s.idstr,
+                )
+            self._device_paths[path] = s
+            desc = described.get((s.idstr, s.instance_id))
+            if desc is not None:
+                self._layouts[s.section_id] = desc
+            size = sum(n for _, n in s.spans)
+            infos.append(SectionInfo(SectionKind.DEVICE, path, s.spans[0][0], size, size, size))
+        for b in self._blocks.values():
+            path = str(mapper.ram_block(b.idstr))
+            self._block_paths[path] = b
+            stored = sum(1 for p in b.pages if p > 0) * self.page_size
+            infos.append(SectionInfo(SectionKind.RAM_BLOCK, path, 0, 0, b.length, stored))
+        self._infos = infos
+
+    @property
+    def configuration(self) -> Configuration:
+        meta: dict[str, Any] = {}
+        if self.uuid:
+            meta["uuid"] = self.uuid
+        return Configuration(self.machine, self.page_size, tuple(self.capabilities), meta)
+
+    @property
+    def sections(self) -> list[SectionInfo]:
+        return list(self._infos)
+
+    def section_record(self, path: Path) -> _Section:
+        return self._device_paths[str(path)]
+
+    def device(self, path: Path) -> DeviceState:
+        s = self._device_paths[str(path)]
+        data = b"".join(self._io.pread(off, n, "section payload") for off, n in s.spans)
+        desc = self._layouts.get(s.section_id)
+        name = (
+            desc.get("vmsd_name", s.idstr.rpartition("/")[2])
+            if desc
+            else s.idstr.rpartition("/")[2]
+        )
+        layout = (
+            {"fields": desc.get("fields", []), "subsections": desc.get("subsections", [])}
+            if desc
+            else None
+        )
+        return DeviceState(
+            path,
+            path.parent.leaf.name if path.parent else name,
+            str(name),
+            s.instance_id,
+            s.version_id,
+            data,
+            layout,
+            s.idstr,
+            s.spans[0][0],
+        )
+
+    def ram_block(self, path: Path) -> QemuRamBlock:
+        b = self._block_paths[str(path)]
+        return QemuRamBlock(self, path, b)
+
+    def metadata(self, name: str) -> Any:
+        raise KeyError(name)
+
+    def aliases(self) -> dict[str, Path]:
+        found: dict[str, Path] = {}
+        for path, s in self._device_paths.items():
+            found.setdefault(s.idstr, Path.parse(path))
+        for path, b in self._block_paths.items():
+            found.setdefault(b.idstr, Path.parse(path))
+        return found
+
+    def pread(self, offset: int, length: int, what: str) -> bytes:
+        return bytes(self._io.pread(offset, length, what))
+
+    def close(self) -> None:
+        self._io.close()
+
+
+class QemuRamBlock(RamBlock):
+    """A RAM block of a QEMU stream, read through its page map (pages sent last win)."""
+
+    def __init__(self, stream: QemuStream, path: Path, block: _Block) -> None:
+        self._stream = stream
+        self._block = block
+        self.path = path
+        self.qemu_idstr = block.idstr
+        self.length = block.length
+        self.page_size = stream.page_size
+        self.chunk_size = stream.page_size
+
+    def read(self, offset: int, length: int) -> bytes:
+        if offset < 0 or length < 0 or offset + length > self.length:
+            raise ValueError(f"range {offset:#x}+{length:#x} is outside {self.path}")
+        out = bytearray(length)
+        page = self.page_size
+        first, last = offset // page, (offset + length + page - 1) // page
+        for index in range(first, last):
+            where = self._block.pages[index]
+            if where <= 0:
+                continue
+            data = self._stream.pread(where, page, "RAM page")
+            lo = max(offset, index * page)
+            hi = min(offset + length, (index + 1) * page)
+            out[lo - offset : hi - offset] = data[lo - index * page : hi - index * page]
+        return bytes(out)
+
+    def iter_spans(self, span: int = 1 << 22) -> Iterator[tuple[int, memoryview]]:
+        for start in range(0, self.length, span):
+            yield start, memoryview(self.read(start, min(span, self.length - start)))
+
+    def chunks(self) -> Iterator[ChunkInfo]:
+        page = self.page_size
+        for index, where in enumerate(self._block.pages):
+            if where <= 0:
+                yield ChunkInfo(
+                    index, index * page, page, ChunkEncoding.ZERO, 0, 0, zero_hash(page)
+                )
+            else:
+                yield ChunkInfo(
+                    index,
+                    index * page,
+                    page,
+                    ChunkEncoding.RAW,
+                    page,
+                    where,
+                    xxh3_64(self._stream.pread(where, page, "RAM page")),
+                )
+
+    @property
+    def pages_sent(self) -> int:
+        return sum(1 for p in self._block.pages if p > 0)
