@@ -485,6 +485,10 @@ class QemuStream(Snapshot):
     def section_record(self, path: Path) -> _Section:
         return self._device_paths[str(path)]
 
+    def layout_entry(self, path: Path) -> dict[str, Any] | None:
+        """The vmdesc entry describing the device section at *path*, if any."""
+        return self._layouts.get(self._device_paths[str(path)].section_id)
+
     def device(self, path: Path) -> DeviceState:
         s = self._device_paths[str(path)]
         data = b"".join(self._io.pread(off, n, "section payload") for off, n in s.spans)

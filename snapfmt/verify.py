@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from snapfmt.errors import FormatError, LayoutError
 from snapfmt.formats import native as nf
 from snapfmt.model import SectionInfo, Snapshot
+from snapfmt.qemu_reader import QemuStream
 from snapfmt.ramblock import NativeRamBlock
 from snapfmt.reader import NativeSnapshot
 
@@ -50,6 +51,8 @@ def verify(snap: Snapshot, progress: Callable[[int], None] | None = None) -> Rep
 
     The header, footer and index were checked when the file was opened.
     """
+    if isinstance(snap, QemuStream):
+        return _verify_qemu(snap)
     if not isinstance(snap, NativeSnapshot):
         raise FormatError(f"verify does not support {snap.format_name} files yet", file=snap.file)
     report = Report(snap.file)
@@ -116,3 +119,68 @@ def _tiling(snap: NativeSnapshot, regions: list[tuple[int, int, str]]) -> list[P
             problems.append(Problem(label, start, f"{label} overlaps the part before it"))
         position = max(position, start + length)
     return problems
+
+
+def _verify_qemu(stream: QemuStream) -> Report:
+    """A QEMU stream's structure and footers were checked when it was walked; here the
+    vmdesc must agree with the sections: same versions, same page size, and every
+    described payload decodes to exactly its length."""
+    report = Report(stream.file)
+    desc = stream.vmdesc
+    described: set[tuple[object, object]] = set()
+    if desc is not None:
+        if desc.get("page_size", stream.page_size) != stream.page_size:
+            report.problems.append(
+                Problem(
+                    None,
+                    stream.vmdesc_offset,
+                    f"vmdesc page size {desc.get('page_size')} differs from the stream's {stream.page_size}",
+                )
+            )
+        described = {
+            (d.get("name"), d.get("instance_id"))
+            for d in desc.get("devices", [])
+            if isinstance(d, dict)
+        }
+    present: set[tuple[object, object]] = set()
+    for section in stream.sections:
+        report.sections += 1
+        report.bytes += section.size
+        path = section.path
+        if path is None or section.kind != nf.SectionKind.DEVICE:
+            continue
+        device = stream.device(path)
+        key = (device.qemu_idstr or "", device.instance_id)
+        present.add(key)
+        entry = stream.layout_entry(path)
+        where = f"{path} ({device.qemu_idstr} instance {device.instance_id})"
+        if desc is None:
+            continue
+        if entry is None:
+            report.problems.append(
+                Problem(where, device.data_offset, "section is not described by the vmdesc")
+            )
+            continue
+        if entry.get("version") != device.version_id:
+            report.problems.append(
+                Problem(
+                    where,
+                    device.data_offset,
+                    f"section version {device.version_id} differs from the vmdesc's {entry.get('version')}",
+                )
+            )
+        try:
+            device.fields()
+        except LayoutError as e:
+            report.problems.append(
+                Problem(where, device.data_offset, f"payload does not match the vmdesc: {e}")
+            )
+    for name, instance in sorted(described - present, key=str):
+        report.problems.append(
+            Problem(
+                f"{name} instance {instance}",
+                stream.vmdesc_offset,
+                "vmdesc describes a section the stream does not have",
+            )
+        )
+    return report

@@ -1,0 +1,192 @@
+"""QEMU migration streams written by real QEMU 7.2 (samples/qemu/)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+import snapfmt
+from snapfmt.errors import SnapfmtError
+from snapfmt.paths import Path as DevPath
+from snapfmt.qemu_paths import PathMapper
+from tests.helpers import SAMPLES, Run
+
+QEMU = SAMPLES / "qemu"
+_spec = importlib.util.spec_from_file_location("make_qemu_samples", QEMU / "make_qemu_samples.py")
+assert _spec and _spec.loader
+make_qemu_samples = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(make_qemu_samples)
+
+E1000 = "/i440FX-pcihost/pci.0/e1000@05.0"
+
+
+@pytest.mark.parametrize("name", ["pc", "q35"])
+def test_guest_ram_is_read_exactly(name: str) -> None:
+    with snapfmt.open(QEMU / f"{name}.mig") as stream:
+        block = stream.ram_block(stream.select_one("/pc.ram"))
+        assert block.length == 16 << 20
+        assert block.read(0, block.length) == make_qemu_samples.ram_image()
+        assert block.read(0x100000, 29) == b"snapfmt sample page at 1 MiB."
+
+
+@pytest.mark.parametrize("name", ["pc", "q35"])
+def test_every_device_decodes_through_the_vmdesc(name: str, run: Run) -> None:
+    with snapfmt.open(QEMU / f"{name}.mig") as stream:
+        assert stream.format_name == "qemu"
+        devices = list(stream.devices())
+        assert len(devices) > 30
+        for device in devices:
+            assert device.layout is not None, device.path
+            fields = device.fields()  # raises unless the layout covers every byte
+            assert sum(f.size for f in fields) <= len(device.data)
+    assert run("verify", QEMU / f"{name}.mig").code == 0
+
+
+def test_paths_of_the_pc_sample() -> None:
+    with snapfmt.open(QEMU / "pc.mig") as stream:
+        paths = {str(p) for p in stream.section_paths()}
+        configuration = stream.configuration
+    assert configuration.machine == "pc-i440fx-7.2" and configuration.page_size == 4096
+    for expected in [
+        f"{E1000}/vmstate",
+        f"{E1000}/rom",  # the option ROM shares the device node with the state
+        "/i440FX-pcihost/pci.0/virtio-net-pci@06.0/vmstate",
+        "/i440FX-pcihost/pci.0/lsi53c895a@07.0/vmstate",
+        "/i440FX-pcihost/pci.0/pci-bridge@08.0/vmstate",
+        "/i440FX-pcihost/pci.0/pci-bridge@08.0/pci/e1000@03.0/vmstate",
+        "/cpu@0/cpu",
+        "/cpu@1/apic",
+        "/timer/vmstate",
+        "/pc.ram",
+        "/pc.bios",
+        "/%2From%40etc%2Facpi%2Ftables",
+    ]:
+        assert expected in paths
+
+
+def test_qemu_identifiers_select_sections(run: Run) -> None:
+    with snapfmt.open(QEMU / "pc.mig") as stream:
+        assert str(stream.select_one("0000:00:05.0/e1000")) == f"{E1000}/vmstate"
+        assert str(stream.select_one("0000:00:05.0/e1000.rom")) == f"{E1000}/rom"
+        assert str(stream.select_one("0000:00:08.0:03.0/e1000")).endswith("pci/e1000@03.0/vmstate")
+        assert str(stream.select_one("/rom@etc/acpi/tables")) == "/%2From%40etc%2Facpi%2Ftables"
+    result = run("dump", QEMU / "pc.mig", "0000:00:07.0/lsiscsi", "--json")
+    section = json.loads(result.out)["sections"][0]
+    assert section["qemu_id"] == "0000:00:07.0/lsiscsi" and section["driver"] == "lsi53c895a"
+    assert section["fields"][0]["name"].startswith("parent_obj.")
+
+
+def test_mapping_function() -> None:
+    mapper = PathMapper(
+        "pc-q35-7.2",
+        [
+            ("0000:00:1f.0/ICH9LPC", 0),
+            ("0000:00:02.0:00.0/virtio-net", 0),
+            ("cpu", 0),
+            ("cpu", 1),
+            ("dma", 0),
+            ("dma", 1),
+            ("timer", 0),
+        ],
+    )
+    assert (
+        str(mapper.section("0000:00:1f.0/ICH9LPC", 0))
+        == "/q35-pcihost/pcie.0/ICH9-LPC@1f.0/vmstate"
+    )
+    assert (
+        str(mapper.section("0000:00:02.0:00.0/virtio-net", 0))
+        == "/q35-pcihost/pcie.0/pci-bridge@02.0/pci/virtio-net-pci@00.0/vmstate"
+    )
+    assert str(mapper.section("cpu", 1)) == "/cpu@1/cpu"
+    assert str(mapper.section("dma", 1)) == "/dma@1/vmstate"
+    assert str(mapper.section("timer", 0)) == "/timer/vmstate"
+    assert str(mapper.ram_block("0000:00:03.0/mem0")) == "/q35-pcihost/pcie.0/mem0@03.0/mem0"
+    assert str(mapper.ram_block("/rom@etc/acpi/rsdp")) == "/%2From%40etc%2Facpi%2Frsdp"
+
+
+def test_stream_without_vmdesc_still_reads(tmp_path: Path, run: Run) -> None:
+    data = (QEMU / "pc.mig").read_bytes()
+    cut = data.rindex(b"\x00\x06" + (len(data) - data.rindex(b'{"page_size"')).to_bytes(4, "big"))
+    target = tmp_path / "novmdesc.mig"
+    target.write_bytes(data[: cut + 1])  # up to and including EOF
+    with snapfmt.open(target) as bare, snapfmt.open(QEMU / "pc.mig") as full:
+        assert bare.vmdesc is None
+        assert [s.key for s in bare.sections] == [s.key for s in full.sections]
+        path = DevPath.parse(f"{E1000}/vmstate")
+        assert bare.device(path).data == full.device(path).data
+        assert bare.device(path).layout is None
+        ram = bare.ram_block(DevPath.of("pc.ram"))
+        assert ram.read(0x800000, 256) == bytes(range(256))
+    result = run("dump", target, "lsi53c895a")
+    assert result.code == 0 and "  0x" in result.out  # shown as hex
+
+
+def test_broken_footer_names_the_section(tmp_path: Path, run: Run) -> None:
+    data = bytearray((QEMU / "pc.mig").read_bytes())
+    with snapfmt.open(QEMU / "pc.mig") as stream:
+        record = stream.section_record(DevPath.parse(f"{E1000}/vmstate"))
+        start, length = record.spans[0]
+    data[start + length] = 0x7F  # the footer marker after the e1000 payload
+    target = tmp_path / "broken.mig"
+    target.write_bytes(data)
+    result = run("info", target)
+    assert result.code == 2
+    assert (
+        result.err
+        == f"snapfmt: error: {target}: offset {start:#x}: 0000:00:05.0/e1000: missing section footer, expected 7e {record.section_id:08x} after the payload\n"
+    )
+
+
+def test_raised_section_version_is_reported(tmp_path: Path, run: Run) -> None:
+    data = bytearray((QEMU / "pc.mig").read_bytes())
+    with snapfmt.open(QEMU / "pc.mig") as stream:
+        record = stream.section_record(DevPath.parse(f"{E1000}/vmstate"))
+    version_at = record.header_offset + 1 + 4 + 1 + len(record.idstr) + 4
+    assert int.from_bytes(data[version_at : version_at + 4], "big") == 2
+    data[version_at : version_at + 4] = (3).to_bytes(4, "big")
+    target = tmp_path / "raised.mig"
+    target.write_bytes(data)
+    result = run("verify", target)
+    assert result.code == 1
+    assert (
+        f"BAD  {E1000}/vmstate (0000:00:05.0/e1000 instance 0): section version 3 differs from the vmdesc's 2"
+        in result.out
+    )
+
+
+@pytest.mark.parametrize("k", range(1, 64, 3))
+def test_truncated_streams_are_one_line_errors(tmp_path: Path, run: Run, k: int) -> None:
+    data = (QEMU / "q35.mig").read_bytes()
+    target = tmp_path / "cut.mig"
+    target.write_bytes(data[: len(data) * k // 64])
+    result = run("info", target)
+    assert (
+        result.code == 2
+        and result.err.startswith(f"snapfmt: error: {target}: ")
+        and result.err.count("\n") == 1
+    )
+
+
+def test_extract_all_keeps_block_names_inside(tmp_path: Path, run: Run) -> None:
+    out = tmp_path / "out"
+    assert run("extract", QEMU / "pc.mig", "--all", "-d", out).code == 0
+    files = {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()}
+    assert "sections/%2From%40etc%2Facpi%2Ftables.bin" in files
+    assert (out / "sections" / "pc.ram.bin").read_bytes() == make_qemu_samples.ram_image()
+    assert all(p.resolve().is_relative_to(out.resolve()) for p in out.rglob("*"))
+
+
+def test_unsupported_records_are_clear(tmp_path: Path) -> None:
+    data = bytearray((QEMU / "q35.mig").read_bytes())
+    at = data.index(b"\x06pc.ram") - 8  # the first record naming pc.ram
+    word = int.from_bytes(data[at : at + 8], "big")
+    data[at : at + 8] = (word & ~0xFFF | 0x40).to_bytes(8, "big")  # XBZRLE
+    target = tmp_path / "xbzrle.mig"
+    target.write_bytes(data)
+    with pytest.raises(
+        SnapfmtError, match=rf"offset {at:#x}: ram: RAM records of kind XBZRLE are not supported"
+    ):
+        snapfmt.open(target)
