@@ -132,20 +132,31 @@ class Qemu:
 
     # -- QMP ---------------------------------------------------------------------------------
 
+    def _gone(self) -> QemuError:
+        if self._proc is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._proc.wait(timeout=5)
+        return QemuError(f"QEMU went away: {self.stderr() or 'no message'}")
+
     def _read(self) -> dict[str, Any]:
         assert self._file is not None
-        line = self._file.readline()
+        try:
+            line = self._file.readline()
+        except OSError:
+            raise self._gone() from None
         if not line:
-            raise QemuError(f"QEMU closed its QMP connection: {self.stderr() or 'no message'}")
+            raise self._gone()
         message: dict[str, Any] = json.loads(line)
         return message
 
     def command(self, name: str, **arguments: Any) -> Any:
         assert self._file is not None
-        self._file.write(
-            json.dumps({"execute": name, **({"arguments": arguments} if arguments else {})}) + "\n"
-        )
-        self._file.flush()
+        request = {"execute": name, **({"arguments": arguments} if arguments else {})}
+        try:
+            self._file.write(json.dumps(request) + "\n")
+            self._file.flush()
+        except OSError:
+            raise self._gone() from None
         while True:
             message = self._read()
             if "return" in message:
