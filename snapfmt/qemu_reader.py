@@ -552,18 +552,23 @@ class QemuRamBlock(RamBlock):
     def read(self, offset: int, length: int) -> bytes:
         if offset < 0 or length < 0 or offset + length > self.length:
             raise ValueError(f"range {offset:#x}+{length:#x} is outside {self.path}")
-        out = bytearray(length)
         page = self.page_size
         first, last = offset // page, (offset + length + page - 1) // page
-        for index in range(first, last):
-            where = self._block.pages[index]
-            if where <= 0:
-                continue
-            data = self._stream.pread(where, page, "RAM page")
-            lo = max(offset, index * page)
-            hi = min(offset + length, (index + 1) * page)
-            out[lo - offset : hi - offset] = data[lo - index * page : hi - index * page]
-        return bytes(out)
+        out = bytearray((last - first) * page)
+        wheres = [(i, w) for i, w in enumerate(self._block.pages[first:last]) if w > 0]
+        if wheres:
+            lo = min(w for _, w in wheres)
+            hi = max(w for _, w in wheres) + page
+            # page records sit close together in the stream: one read for the lot
+            if hi - lo <= 2 * len(wheres) * (page + 512):
+                raw = memoryview(self._stream.pread(lo, hi - lo, "RAM pages"))
+                for i, w in wheres:
+                    out[i * page : (i + 1) * page] = raw[w - lo : w - lo + page]
+            else:
+                for i, w in wheres:
+                    out[i * page : (i + 1) * page] = self._stream.pread(w, page, "RAM page")
+        skip = offset - first * page
+        return bytes(out[skip : skip + length])
 
     def iter_spans(self, span: int = 1 << 22) -> Iterator[tuple[int, memoryview]]:
         for start in range(0, self.length, span):

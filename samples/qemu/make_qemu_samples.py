@@ -45,6 +45,9 @@ def commands(ram_file: str) -> dict[str, list[str]]:
         "-smp",
         "2",
         "-nodefaults",
+        # the RTC follows the VM clock, which stands still while paused: saves agree
+        "-rtc",
+        "base=2020-01-01T00:00:00,clock=vm",
     ]
     nics = [
         "-device",
