@@ -10,6 +10,7 @@ header.  The vmdesc, once found, describes the device payloads for decoding.
 from __future__ import annotations
 
 import json
+import os
 import re
 from array import array
 from collections.abc import Iterator
@@ -24,7 +25,8 @@ from snapfmt.model import ChunkInfo, Configuration, DeviceState, RamBlock, Secti
 from snapfmt.paths import Path
 from snapfmt.qemu_paths import PathMapper
 
-_WINDOW = 1 << 23
+_WINDOW = 1 << 23  # RAM records and footer searches
+_CURSOR_WINDOW = 1 << 16  # headers and small structures
 _IDSTR = re.compile(rb"^[\x21-\x7e]+$")
 NOT_SENT, ZERO_PAGE = 0, -1
 
@@ -41,7 +43,7 @@ class _Cursor:
     def _fill(self, need: int) -> memoryview:
         rel = self.pos - self._at
         if rel < 0 or rel + need > len(self._buf):
-            length = max(need, _WINDOW)
+            length = max(need, _CURSOR_WINDOW)
             length = min(length, self.io.size - self.pos)
             if length < need:
                 raise self.error(
@@ -117,6 +119,8 @@ class QemuStream(Snapshot):
         self._sections: dict[int, _Section] = {}
         self._order: list[_Section] = []
         self._blocks: dict[str, _Block] = {}
+        self._last_block: _Block | None = None
+        self._window = bytearray(_WINDOW)
         self._base = start
         self._cur = _Cursor(reader, start)
         self._walk()
@@ -254,8 +258,10 @@ class QemuStream(Snapshot):
         needle = bytes([qf.SectionType.FOOTER]) + section.section_id.to_bytes(4, "big")
         pos = start
         size = self._io.size
+        chunk = _CURSOR_WINDOW  # most device states are small: start small, then grow
         while pos < size:
-            window = self._io.pread(pos, min(_WINDOW, size - pos), "stream")
+            window = self._io.pread(pos, min(chunk, size - pos), "stream")
+            chunk = min(2 * chunk, _WINDOW)
             hit = window.find(needle)
             while hit >= 0:
                 if self._plausible_next(pos + hit + 5):
@@ -337,75 +343,110 @@ class QemuStream(Snapshot):
     # -- RAM ---------------------------------------------------------------------------------
 
     def _ram(self, section: _Section) -> None:
-        """RAM records up to EOS; pages are recorded by file offset, not read."""
+        """RAM records up to EOS; pages are recorded by file offset, not read.
+
+        The hot path -- CONTINUE records of a whole or zero page, nearly every record of
+        a stream -- reads headers straight from a window with one struct call each; any
+        other record goes through _ram_record."""
+        io = self._io
+        page = self.page_size
+        mask, shift, step = page - 1, page.bit_length() - 1, 8 + page
+        whole = int(qf.RamFlag.CONTINUE | qf.RamFlag.PAGE)
+        zero = int(qf.RamFlag.CONTINUE | qf.RamFlag.ZERO)
+        unpack = qf.RAM_WORD.unpack_from
+        block = self._last_block  # CONTINUE may refer to a block named in an earlier section
+        pages = block.pages if block else array("q")
+        pos = self._cur.pos
+        window = self._window  # reused: a fresh 8 MiB bytes per refill costs page faults
+        buf, base, end = memoryview(window)[:0], pos, 0
+        while True:
+            rel = pos - base
+            if rel + 9 > end:
+                if pos + 8 > io.size:
+                    self._cur.pos = min(pos, io.size)
+                    raise self._cur.error("stream ends inside the RAM section", section="ram")
+                end = os.preadv(io.fd, [window], pos)
+                buf, base, rel = memoryview(window)[:end], pos, 0
+            (word,) = unpack(buf, rel)
+            flags = word & mask
+            if flags == whole:
+                index = word >> shift
+                if index < len(pages):
+                    pages[index] = pos + 8
+                    pos += step
+                    continue
+            elif flags == zero and buf[rel + 8] == 0:
+                index = word >> shift
+                if index < len(pages):
+                    pages[index] = ZERO_PAGE
+                    pos += 9
+                    continue
+            self._cur.pos = pos
+            block, done = self._ram_record(block)
+            pages = block.pages if block else array("q")
+            pos = self._cur.pos
+            if done:
+                self._last_block = block
+                return
+
+    def _ram_record(self, block: _Block | None) -> tuple[_Block | None, bool]:
+        """One RAM record at the cursor, the careful way; returns (block, reached EOS)."""
         cur = self._cur
         page = self.page_size
-        mask = page - 1
-        block: _Block | None = None
-        while True:
-            at = cur.pos
-            word = int.from_bytes(cur._fill(8), "big")
-            cur.pos += 8
-            flags, offset = word & mask, word & ~mask
-            if flags & ~qf.RAM_FLAGS_MASK:
-                cur.pos = at
-                raise cur.error("RAM record flags out of range", section="ram", found=f"{flags:#x}")
-            if flags & qf.RamFlag.MEM_SIZE:
-                self._mem_size(offset)
-                continue
-            if flags & qf.RamFlag.EOS:
-                return
-            if flags == qf.RamFlag.MULTIFD_FLUSH:
-                continue
-            if flags & (
-                qf.RamFlag.XBZRLE | qf.RamFlag.COMPRESS_PAGE | qf.RamFlag.HOOK | qf.RamFlag.FULL
-            ):
-                cur.pos = at
-                name = qf.RamFlag(
-                    flags
-                    & (
-                        qf.RamFlag.XBZRLE
-                        | qf.RamFlag.COMPRESS_PAGE
-                        | qf.RamFlag.HOOK
-                        | qf.RamFlag.FULL
-                    )
-                ).name
-                raise cur.error(
-                    f"RAM records of kind {name} are not supported", UnsupportedError, section="ram"
-                )
-            if not flags & qf.RamFlag.CONTINUE:
-                idstr = cur.counted()
-                block = self._blocks.get(idstr)
-                if block is None:
-                    raise cur.error(f"RAM record for unknown block {idstr!r}", section="ram")
-            elif block is None:
-                raise cur.error("RAM record continues no block", section="ram")
-            index = offset // page
-            if index >= len(block.pages):
-                cur.pos = at
-                raise cur.error(
-                    f"RAM page offset past the end of block {block.idstr}",
-                    section="ram",
-                    found=f"{offset:#x}",
-                    expected=f"below {block.length:#x}",
-                )
-            if flags & qf.RamFlag.ZERO:
-                fill = cur.u8()
-                if fill:
-                    raise cur.error(
-                        "zero page with a non-zero fill byte", section="ram", found=fill
-                    )
-                block.pages[index] = ZERO_PAGE
-            elif flags & qf.RamFlag.PAGE:
-                block.pages[index] = cur.pos
-                cur.pos += page
-                if cur.pos > self._io.size:
-                    raise cur.error("stream ends inside a RAM page", section="ram")
-            else:
-                cur.pos = at
-                raise cur.error(
-                    "RAM record with neither ZERO nor PAGE", section="ram", found=f"{flags:#x}"
-                )
+        at = cur.pos
+        word = cur.be64()
+        flags, offset = word & (page - 1), word & ~(page - 1)
+        unsupported = (
+            qf.RamFlag.XBZRLE | qf.RamFlag.COMPRESS_PAGE | qf.RamFlag.HOOK | qf.RamFlag.FULL
+        )
+        if flags & ~qf.RAM_FLAGS_MASK:
+            cur.pos = at
+            raise cur.error("RAM record flags out of range", section="ram", found=f"{flags:#x}")
+        if flags & qf.RamFlag.MEM_SIZE:
+            self._mem_size(offset)
+            return block, False
+        if flags & qf.RamFlag.EOS:
+            return block, True
+        if flags == qf.RamFlag.MULTIFD_FLUSH:
+            return block, False
+        if flags & unsupported:
+            cur.pos = at
+            name = qf.RamFlag(flags & unsupported).name
+            raise cur.error(
+                f"RAM records of kind {name} are not supported", UnsupportedError, section="ram"
+            )
+        if not flags & qf.RamFlag.CONTINUE:
+            idstr = cur.counted()
+            block = self._blocks.get(idstr)
+            if block is None:
+                raise cur.error(f"RAM record for unknown block {idstr!r}", section="ram")
+        elif block is None:
+            raise cur.error("RAM record continues no block", section="ram")
+        index = offset // page
+        if index >= len(block.pages):
+            cur.pos = at
+            raise cur.error(
+                f"RAM page offset past the end of block {block.idstr}",
+                section="ram",
+                found=f"{offset:#x}",
+                expected=f"below {block.length:#x}",
+            )
+        if flags & qf.RamFlag.ZERO:
+            fill = cur.u8()
+            if fill:
+                raise cur.error("zero page with a non-zero fill byte", section="ram", found=fill)
+            block.pages[index] = ZERO_PAGE
+        elif flags & qf.RamFlag.PAGE:
+            block.pages[index] = cur.pos
+            cur.pos += page
+            if cur.pos > self._io.size:
+                raise cur.error("stream ends inside a RAM page", section="ram")
+        else:
+            cur.pos = at
+            raise cur.error(
+                "RAM record with neither ZERO nor PAGE", section="ram", found=f"{flags:#x}"
+            )
+        return block, False
 
     def _mem_size(self, total: int) -> None:
         cur = self._cur
@@ -467,7 +508,9 @@ class QemuStream(Snapshot):
         for b in self._blocks.values():
             path = str(mapper.ram_block(b.idstr))
             self._block_paths[path] = b
-            stored = sum(1 for p in b.pages if p > 0) * self.page_size
+            stored = (
+                len(b.pages) - b.pages.count(NOT_SENT) - b.pages.count(ZERO_PAGE)
+            ) * self.page_size
             infos.append(SectionInfo(SectionKind.RAM_BLOCK, path, 0, 0, b.length, stored))
         self._infos = infos
 
