@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from snapfmt.errors import LayoutError
-from snapfmt.formats.native import ChunkEncoding, SectionKind
+from snapfmt.formats.native import SectionKind
 from snapfmt.model import Configuration, DeviceState, SectionInfo, Snapshot
 from snapfmt.paths import Path
 from snapfmt.vmstate import Field
@@ -114,11 +114,7 @@ def _device(snap: Snapshot, path: Path) -> DeviceDump:
 
 def _ram(snap: Snapshot, path: Path) -> RamDump:
     block = snap.ram_block(path)
-    chunks = zeros = stored = 0
-    for chunk in block.chunks():
-        chunks += 1
-        zeros += chunk.encoding == ChunkEncoding.ZERO
-        stored += chunk.stored_length
+    chunks, zeros, stored = block.summary()
     return RamDump(
         path,
         block.qemu_idstr,

@@ -108,6 +108,15 @@ class RamBlock(abc.ABC):
     def chunk_hashes(self) -> Iterator[int]:
         return (c.hash for c in self.chunks())
 
+    def summary(self) -> tuple[int, int, int]:
+        """(chunks, all-zero chunks, bytes stored) without reading the contents."""
+        chunks = zeros = stored = 0
+        for chunk in self.chunks():
+            chunks += 1
+            zeros += chunk.stored_length == 0
+            stored += chunk.stored_length
+        return chunks, zeros, stored
+
 
 class Snapshot(abc.ABC):
     """An open snapshot file.  Sections load on demand; use as a context manager."""

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from snapfmt.chunks import zero_hash
+from snapfmt.chunks import zero_hash, zeros
 from snapfmt.errors import FormatError, UnsupportedError
 from snapfmt.formats import qemu as qf
 from snapfmt.formats.native import ChunkEncoding, SectionKind, xxh3_64
@@ -576,6 +576,10 @@ class QemuStream(Snapshot):
     def pread(self, offset: int, length: int, what: str) -> bytes:
         return bytes(self._io.pread(offset, length, what))
 
+    @property
+    def fd(self) -> int:
+        return int(self._io.fd)
+
     def close(self) -> None:
         self._io.close()
 
@@ -597,25 +601,60 @@ class QemuRamBlock(RamBlock):
             raise ValueError(f"range {offset:#x}+{length:#x} is outside {self.path}")
         page = self.page_size
         first, last = offset // page, (offset + length + page - 1) // page
-        out = bytearray((last - first) * page)
-        wheres = [(i, w) for i, w in enumerate(self._block.pages[first:last]) if w > 0]
-        if wheres:
-            lo = min(w for _, w in wheres)
-            hi = max(w for _, w in wheres) + page
+        where = self._block.pages[first:last]
+        sent = [w for w in where if w > 0]
+        zero = zeros(page)
+        parts: list[bytes | memoryview] = []
+        if sent and max(sent) + page - min(sent) <= 2 * len(sent) * (page + 512):
             # page records sit close together in the stream: one read for the lot
-            if hi - lo <= 2 * len(wheres) * (page + 512):
-                raw = memoryview(self._stream.pread(lo, hi - lo, "RAM pages"))
-                for i, w in wheres:
-                    out[i * page : (i + 1) * page] = raw[w - lo : w - lo + page]
-            else:
-                for i, w in wheres:
-                    out[i * page : (i + 1) * page] = self._stream.pread(w, page, "RAM page")
+            lo = min(sent)
+            raw = memoryview(self._stream.pread(lo, max(sent) + page - lo, "RAM pages"))
+            parts = [raw[w - lo : w - lo + page] if w > 0 else zero for w in where]
+        else:
+            parts = [self._stream.pread(w, page, "RAM page") if w > 0 else zero for w in where]
+        data = b"".join(parts)
         skip = offset - first * page
-        return bytes(out[skip : skip + length])
+        return data[skip : skip + length] if skip or len(data) != length else data
+
+    def summary(self) -> tuple[int, int, int]:
+        pages = self._block.pages
+        unsent = pages.count(NOT_SENT) + pages.count(ZERO_PAGE)
+        return len(pages), unsent, (len(pages) - unsent) * self.page_size
 
     def iter_spans(self, span: int = 1 << 22) -> Iterator[tuple[int, memoryview]]:
-        for start in range(0, self.length, span):
-            yield start, memoryview(self.read(start, min(span, self.length - start)))
+        """The whole block in order, gathered page by page into one reused buffer: each
+        view is valid until the next step of the iteration."""
+        page = self.page_size
+        per = max(1, span // page)
+        out = bytearray(per * page)
+        view = memoryview(out)
+        limit = 2 * per * (page + 512)
+        raw = bytearray(limit)
+        zero = zeros(page)
+        pages = self._block.pages
+        for first in range(0, len(pages), per):
+            where = pages[first : first + per]
+            sent = [w for w in where if w > 0]
+            lo = min(sent) if sent else 0
+            hi = max(sent) + page if sent else 0
+            close = hi - lo <= limit
+            if sent and close:
+                got = os.preadv(self._stream.fd, [memoryview(raw)[: hi - lo]], lo)
+                if got != hi - lo:
+                    raise FormatError(
+                        "stream ends inside a RAM page", file=self._stream.file, offset=lo + got
+                    )
+            source = memoryview(raw)
+            at = 0
+            for w in where:
+                if w <= 0:
+                    view[at : at + page] = zero
+                elif close:
+                    view[at : at + page] = source[w - lo : w - lo + page]
+                else:
+                    view[at : at + page] = self._stream.pread(w, page, "RAM page")
+                at += page
+            yield first * page, view[:at].toreadonly()
 
     def chunks(self) -> Iterator[ChunkInfo]:
         page = self.page_size

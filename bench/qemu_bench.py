@@ -1,0 +1,116 @@
+#!/usr/bin/env python3
+"""Benchmark snapfmt on a real QEMU stream against `cat` of the same file, in one run.
+
+    python bench/qemu_bench.py [--gib 1] [--runs 3] [--dir DIR]
+
+QEMU (qemu-system-x86_64, paused, no guest code) saves a guest whose RAM is a file of
+random bytes (memory-backend-file, share=off), so nearly every page is a PAGE record.
+Each command then runs as its own process, timed by wall clock with its peak RSS:
+
+  baseline   cat FILE > /dev/null
+  info       snapfmt info FILE
+  dump       snapfmt dump FILE
+  extract    snapfmt extract FILE --all -d DIR
+  convert    snapfmt convert FILE OUT --to native
+
+Targets (issue 3): dump within 1.5x of cat, extract --all within 3x, convert at least
+300 MB/s of guest RAM, peak RSS under 150 MB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from snapfmt.qmp import Qemu
+
+
+def timed(argv: list[str], stdout: int | None = subprocess.DEVNULL) -> tuple[float, float]:
+    """(wall seconds, peak RSS in MB) of one command."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(argv, stdout=stdout)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode:
+        raise SystemExit(f"{argv} failed with {proc.returncode}")
+    return wall, usage.ru_maxrss / 1024
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--gib", type=int, default=1)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--dir", default=None)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(dir=args.dir, prefix="snapfmt-qbench-") as tmp:
+        work = Path(tmp)
+        ram, stream = work / "ram.img", work / "vm.mig"
+        with open(ram, "wb") as f:
+            for _ in range(args.gib * 256):
+                f.write(os.urandom(4 << 20))
+        machine = ["-M", "pc-i440fx-7.2", "-m", f"{args.gib}G", "-nodefaults",
+                   "-object", f"memory-backend-file,id=pc.ram,size={args.gib}G,mem-path={ram},share=off",
+                   "-machine", "memory-backend=pc.ram"]  # fmt: skip
+        t = time.perf_counter()
+        with Qemu(machine, timeout=600) as vm:
+            vm.save(str(stream))
+        print(
+            f"QEMU wrote a {stream.stat().st_size / 1e9:.2f} GB stream in {time.perf_counter() - t:.1f} s",
+            file=sys.stderr,
+        )
+        ram.unlink()
+        snapfmt = [sys.executable, "-m", "snapfmt"]
+        steps = {
+            "cat": ["cat", str(stream)],
+            "info": [*snapfmt, "info", str(stream)],
+            "dump": [*snapfmt, "dump", str(stream)],
+            "extract --all": [*snapfmt, "extract", str(stream), "--all", "-d", str(work / "out")],
+            "convert": [*snapfmt, "convert", str(stream), str(work / "vm.snap"), "--to", "native"],
+        }
+        results: dict[str, list[tuple[float, float]]] = {name: [] for name in steps}
+        for run in range(args.runs):
+            for name, argv in steps.items():
+                results[name].append(timed(argv))
+                shutil.rmtree(work / "out", ignore_errors=True)
+                (work / "vm.snap").unlink(missing_ok=True)
+            print(f"run {run + 1}/{args.runs} done", file=sys.stderr)
+        report(results, args.gib)
+
+
+def report(results: dict[str, list[tuple[float, float]]], gib: int) -> None:
+    med = {name: statistics.median(s for s, _ in r) for name, r in results.items()}
+    rss = {name: max(m for _, m in r) for name, r in results.items()}
+    mb = gib * (1 << 30) / 1e6
+    goals = {"dump": ("x cat", 1.5), "extract --all": ("x cat", 3.0)}
+    print(f"\n{gib} GiB guest of random RAM; median of {len(results['cat'])} runs\n")
+    print(f"{'step':<15}{'seconds':>9}{'x cat':>8}{'MB/s':>9}{'peak RSS':>10}  target")
+    for name in results:
+        ratio = med[name] / med["cat"]
+        verdict = ""
+        if name in goals:
+            verdict = f"<= {goals[name][1]}x cat: {'PASS' if ratio <= goals[name][1] else 'FAIL'}"
+        if name == "convert":
+            verdict = f">= 300 MB/s: {'PASS' if mb / med[name] >= 300 else 'FAIL'}"
+        print(
+            f"{name:<15}{med[name]:>9.3f}{ratio:>8.2f}{mb / med[name]:>9.0f}{rss[name]:>8.0f}MB  {verdict}"
+        )
+    peak = max(v for k, v in rss.items() if k != "cat")
+    print(
+        f"\npeak RSS of any snapfmt step: {peak:.0f} MB (< 150 MB: {'PASS' if peak < 150 else 'FAIL'})"
+    )
+
+
+if __name__ == "__main__":
+    main()
