@@ -22,6 +22,11 @@ from snapfmt.writer import _file_mode, _fsync_folder
 
 Progress = Callable[[int], None] | None
 
+# Plain ints: `int | IntFlag` makes (and caches for good) an IntFlag for every distinct
+# page offset, which grew memory with the RAM size.
+_ZERO, _PAGE, _CONTINUE = int(qf.RamFlag.ZERO), int(qf.RamFlag.PAGE), int(qf.RamFlag.CONTINUE)
+_MEM_SIZE, _EOS = int(qf.RamFlag.MEM_SIZE), int(qf.RamFlag.EOS)
+
 
 def _counted(text: str, what: str) -> bytes:
     raw = text.encode("latin-1")
@@ -111,17 +116,17 @@ def _write(snap: Snapshot, out: _Out, progress: Progress) -> None:
     ram_id = 1
     if blocks:
         _section_head(out, qf.SectionType.START, ram_id, "ram", 0, 4)
-        out.be64(sum(b.length for b in blocks) | qf.RamFlag.MEM_SIZE)
+        out.be64(sum(b.length for b in blocks) | _MEM_SIZE)
         for block in blocks:
             out.raw(_counted(str(block.qemu_idstr), "RAM block name"))
             out.be64(block.length)
-        out.be64(qf.RamFlag.EOS)
+        out.be64(_EOS)
         _footer(out, ram_id)
         out.u8(qf.SectionType.END)
         out.be32(ram_id)
         for block in blocks:
             _pages(out, block, page, progress)
-        out.be64(qf.RamFlag.EOS)
+        out.be64(_EOS)
         _footer(out, ram_id)
     for number, device in enumerate(devices, start=ram_id + 1):
         _section_head(
@@ -193,14 +198,14 @@ def _pages(out: _Out, block: RamBlock, page: int, progress: Progress) -> None:
         records = bytearray()
         for at in range(0, len(span), page):
             data = span[at : at + page]
-            flags = qf.RamFlag.ZERO if zero.startswith(data) else qf.RamFlag.PAGE
+            flags = _ZERO if zero.startswith(data) else _PAGE
             if not first:
-                flags |= qf.RamFlag.CONTINUE
+                flags |= _CONTINUE
             records += (offset + at | flags).to_bytes(8, "big")
             if first:
                 records += name
                 first = False
-            records += b"\x00" if flags & qf.RamFlag.ZERO else data
+            records += b"\x00" if flags & _ZERO else data
         out.raw(records)
         if progress:
             progress(len(span))
