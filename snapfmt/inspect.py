@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,6 +29,36 @@ class SectionRow:
 
 
 @dataclass(frozen=True)
+class Container:
+    """What wrapped the snapshot: a libvirt save image or whole-file compression."""
+
+    kind: str
+    compression: str
+    version: int | None = None
+    byte_order: str | None = None
+    was_running: bool | None = None
+    domain_name: str | None = None
+    domain_xml: str | None = None
+
+
+def container(snap: Snapshot) -> Container | None:
+    wrapper = getattr(snap, "wrapper", None)
+    if wrapper is None:
+        return None
+    xml = wrapper.domain_xml
+    name = re.search(r"<name>([^<]{1,200})</name>", xml or "")
+    return Container(
+        wrapper.kind,
+        wrapper.compression,
+        wrapper.version,
+        wrapper.byte_order,
+        wrapper.was_running,
+        name.group(1) if name else None,
+        xml,
+    )
+
+
+@dataclass(frozen=True)
 class Info:
     file: str
     format: str
@@ -35,6 +66,7 @@ class Info:
     file_size: int
     configuration: Configuration
     rows: list[SectionRow]
+    container: Container | None = None
 
 
 def info(snap: Snapshot) -> Info:
@@ -59,12 +91,13 @@ def info(snap: Snapshot) -> Info:
             )
         rows.append(row)
     return Info(
-        snap.file,
+        snap.origin,
         snap.format_name,
         snap.version,
-        os.path.getsize(snap.file),
+        os.path.getsize(snap.origin),
         snap.configuration,
         rows,
+        container(snap),
     )
 
 
@@ -100,6 +133,7 @@ class Dump:
     version: str
     configuration: Configuration
     sections: list[DeviceDump | RamDump | MetadataDump] = field(default_factory=list)
+    container: Container | None = None
 
 
 def _device(snap: Snapshot, path: Path) -> DeviceDump:
@@ -137,7 +171,9 @@ def dump(snap: Snapshot, selectors: Sequence[str] = ()) -> Dump:
             if not found:
                 snap.select_one(selector)  # raises with the nearest paths
             wanted.update(found)
-    result = Dump(snap.file, snap.format_name, snap.version, snap.configuration)
+    result = Dump(
+        snap.origin, snap.format_name, snap.version, snap.configuration, container=container(snap)
+    )
     for section in snap.sections:
         result.sections.extend(_dump_section(snap, section, wanted))
     return result

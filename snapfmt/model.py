@@ -153,6 +153,11 @@ class Snapshot(abc.ABC):
 
     # -- conveniences shared by every format -------------------------------------------
 
+    @property
+    def origin(self) -> str:
+        """The file the user named (``file`` may name decompressed data inside it)."""
+        return str(getattr(self, "_origin", self.file))
+
     def section_paths(self) -> list[Path]:
         return [p for p in (s.path for s in self.sections) if p is not None]
 

@@ -104,8 +104,12 @@ class _Block:
 class QemuStream(Snapshot):
     format_name = "qemu"
 
-    def __init__(self, reader: Any, start: int = 0) -> None:
+    def __init__(self, reader: Any, start: int = 0, wrapper: Any = None) -> None:
         self._io = reader
+        self._origin = reader.name
+        self.wrapper = wrapper  # a wrappers.Wrapper when the stream came inside another file
+        if wrapper is not None:
+            self.format_name = "libvirt" if wrapper.kind == "libvirt" else "qemu"
         self.file = reader.name
         self.version = "3"
         self.page_size = 4096

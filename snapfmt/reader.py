@@ -15,6 +15,7 @@ from typing import Any, NamedTuple
 
 import construct
 
+from snapfmt import wrappers
 from snapfmt.errors import (
     ChecksumError,
     FormatError,
@@ -22,6 +23,7 @@ from snapfmt.errors import (
     TruncatedError,
     UnsupportedError,
 )
+from snapfmt.formats import libvirt as libvirt_format
 from snapfmt.formats import native as nf
 from snapfmt.model import Configuration, DeviceState, SectionInfo, Snapshot
 from snapfmt.paths import Path
@@ -121,8 +123,8 @@ def _short(error: Exception) -> str:
 class FileReader:
     """Positioned reads that never pass the end of the file silently."""
 
-    def __init__(self, path: str) -> None:
-        self.name = path
+    def __init__(self, path: str, label: str | None = None) -> None:
+        self.name = label or path
         # O_NONBLOCK: opening a FIFO must not wait for a writer; it is refused just below.
         self.fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
         info = os.fstat(self.fd)
@@ -162,31 +164,85 @@ def detect(head: bytes) -> str | None:
 
 
 def open_snapshot(path: str | os.PathLike[str]) -> Snapshot:
-    """Open a snapshot file of any readable format (detected from its first bytes)."""
+    """Open a snapshot file of any readable format (detected from its first bytes): the
+    native container, a QEMU stream, a libvirt save image, or a QEMU stream compressed
+    whole with gzip, bzip2, xz or zstd."""
     name = os.fspath(path)
     try:
         reader = FileReader(name)
     except OSError as e:
         raise FormatError(f"cannot open: {e.strerror}", file=name) from None
     try:
-        head = reader.pread(0, min(reader.size, 16), "magic")
-        kind = detect(head)
-        if kind == "native":
-            return NativeSnapshot(reader)
-        if kind == "qemu":
-            return QemuStream(reader)
-        if not head:
-            raise FormatError("empty file, not a snapshot", file=name)
-        raise FormatError(
-            "not a snapshot format snapfmt reads",
-            file=name,
-            offset=0,
-            found=f"first bytes {head[:8].hex()}",
-            expected=f"native magic {nf.MAGIC.hex()} or QEMU's 5145564d",
-        )
+        return _open(reader, name)
     except BaseException:
         reader.close()
         raise
+
+
+def _open(reader: FileReader, name: str) -> Snapshot:
+    head = reader.pread(0, min(reader.size, libvirt_format.HEADER_SIZE), "magic")
+    kind = detect(head)
+    if kind == "native":
+        return NativeSnapshot(reader)
+    if kind == "qemu":
+        return QemuStream(reader)
+    if head.startswith(b"LibvirtQemud"):
+        wrapper, start = wrappers.libvirt_header(head, name)
+        if start > reader.size:
+            raise TruncatedError(
+                "libvirt save image ends inside its XML", file=name, offset=reader.size
+            )
+        wrapper.domain_xml = wrappers.domain_xml(name, start - libvirt_format.HEADER_SIZE)
+        if wrapper.compression in ("lzop", "sparse"):
+            raise UnsupportedError(
+                f"libvirt save images in {wrapper.compression} format are not supported",
+                file=name,
+                offset=28,
+            )
+        if wrapper.compression == "raw":
+            if reader.pread(start, min(4, reader.size - start), "QEMU stream") != b"QEVM":
+                raise FormatError(
+                    "no QEMU stream after the libvirt header", file=name, offset=start
+                )
+            return QemuStream(reader, start, wrapper)
+        return _decompressed(reader, name, start, wrapper.compression, wrapper)
+    compression = wrappers.compression_of(head)
+    if compression:
+        return _decompressed(
+            reader, name, 0, compression, wrappers.Wrapper(compression, compression)
+        )
+    if not head:
+        raise FormatError("empty file, not a snapshot", file=name)
+    raise FormatError(
+        "not a snapshot format snapfmt reads",
+        file=name,
+        offset=0,
+        found=f"first bytes {head[:8].hex()}",
+        expected=f"native magic {nf.MAGIC.hex()} or QEMU's 5145564d",
+    )
+
+
+def _decompressed(
+    reader: FileReader, name: str, start: int, compression: str, wrapper: wrappers.Wrapper
+) -> Snapshot:
+    """A QEMU stream inside compressed data: decompressed to a temporary file first."""
+    tmp = wrappers.decompress_to_temp(name, start, compression)
+    try:
+        inner = FileReader(tmp, label=f"{name} ({compression}-decompressed)")
+    finally:
+        os.unlink(tmp)  # the open descriptor keeps the data until it is closed
+    try:
+        if inner.pread(0, min(4, inner.size), "QEMU stream") != b"QEVM":
+            raise FormatError(
+                "the decompressed data is not a QEMU stream", file=inner.name, offset=0
+            )
+        stream = QemuStream(inner, 0, wrapper)
+    except BaseException:
+        inner.close()
+        raise
+    reader.close()
+    stream._origin = name
+    return stream
 
 
 class NativeSnapshot(Snapshot):

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from snapfmt.extract import Extracted
-from snapfmt.inspect import DeviceDump, Dump, Info, MetadataDump, RamDump
+from snapfmt.inspect import Container, DeviceDump, Dump, Info, MetadataDump, RamDump
 from snapfmt.model import Configuration
 from snapfmt.verify import Report
 from snapfmt.vmstate import Field
@@ -53,6 +53,35 @@ def _config_json(config: Configuration) -> dict[str, Any]:
 # -- info ------------------------------------------------------------------------------------
 
 
+def _container_lines(c: Container | None) -> list[str]:
+    if c is None:
+        return []
+    if c.kind != "libvirt":
+        return [f"container     {c.compression}-compressed QEMU stream"]
+    running = "was running" if c.was_running else "was paused"
+    lines = [
+        f"container     libvirt save image version {c.version} ({c.byte_order}-endian), "
+        f"{c.compression}, {running}"
+    ]
+    if c.domain_xml is not None:
+        lines.append(f"domain        {c.domain_name or '?'} (XML {len(c.domain_xml)} bytes)")
+    return lines
+
+
+def _container_json(c: Container | None) -> dict[str, Any] | None:
+    if c is None:
+        return None
+    return {
+        "kind": c.kind,
+        "compression": c.compression,
+        "version": c.version,
+        "byte_order": c.byte_order,
+        "was_running": c.was_running,
+        "domain_name": c.domain_name,
+        "domain_xml": c.domain_xml,
+    }
+
+
 def info_text(info: Info) -> str:
     config = info.configuration
     kinds: dict[str, int] = {}
@@ -63,6 +92,7 @@ def info_text(info: Info) -> str:
     lines = [
         f"file          {info.file} ({human(info.file_size)})",
         f"format        snapfmt {info.format} {info.version}",
+        *_container_lines(info.container),
         f"machine       {config.machine}",
         f"page size     {config.page_size}",
         f"capabilities  {', '.join(config.capabilities) or '-'}",
@@ -92,6 +122,7 @@ def info_json(info: Info) -> dict[str, Any]:
         "format": info.format,
         "version": info.version,
         "file_size": info.file_size,
+        "container": _container_json(info.container),
         "configuration": _config_json(info.configuration),
         "sections": [
             {
@@ -139,6 +170,10 @@ def hexdump(data: bytes, base: int) -> Iterator[str]:
 def dump_text(dump: Dump) -> Iterator[str]:
     c = dump.configuration
     yield f"{dump.file}: snapfmt {dump.format} {dump.version}"
+    yield from _container_lines(dump.container)
+    if dump.container is not None and dump.container.domain_xml:
+        yield "domain XML:"
+        yield from ("  " + line for line in dump.container.domain_xml.splitlines())
     yield (
         f"configuration: machine {c.machine}, page size {c.page_size}, "
         f"capabilities {', '.join(c.capabilities) or '-'}"
@@ -221,6 +256,7 @@ def dump_json(dump: Dump) -> dict[str, Any]:
         "file": dump.file,
         "format": dump.format,
         "version": dump.version,
+        "container": _container_json(dump.container),
         "configuration": _config_json(dump.configuration),
         "sections": sections,
     }

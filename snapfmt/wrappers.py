@@ -1,0 +1,125 @@
+"""Files that wrap a QEMU stream: libvirt save images and whole-file compression.
+
+Each is unwrapped to (file, offset of the QEMU stream, what was around it).  Compressed
+payloads are decompressed, streaming, to a temporary file that is removed on close.
+"""
+
+from __future__ import annotations
+
+import bz2
+import gzip
+import lzma
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import IO, Any
+
+import zstandard
+
+from snapfmt.errors import FormatError, UnsupportedError
+from snapfmt.formats import libvirt as lf
+
+COMPRESSED = {
+    b"\x1f\x8b": "gzip",
+    b"BZh": "bzip2",
+    b"\xfd7zXZ\x00": "xz",
+    b"\x28\xb5\x2f\xfd": "zstd",
+}
+
+
+@dataclass
+class Wrapper:
+    kind: str  # "libvirt", or a compression name for a whole compressed stream
+    compression: str = "raw"
+    version: int | None = None
+    was_running: bool | None = None
+    byte_order: str | None = None
+    domain_xml: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def compression_of(head: bytes) -> str | None:
+    for magic, name in COMPRESSED.items():
+        if head.startswith(magic):
+            return name
+    return None
+
+
+def _opener(name: str) -> Callable[[IO[bytes]], Any]:
+    if name == "gzip":
+        return lambda f: gzip.GzipFile(fileobj=f, mode="rb")
+    if name == "bzip2":
+        return lambda f: bz2.BZ2File(f, mode="rb")
+    if name == "xz":
+        return lambda f: lzma.LZMAFile(f, mode="rb")
+    if name == "zstd":
+        return lambda f: zstandard.ZstdDecompressor().stream_reader(f, read_across_frames=True)
+    raise UnsupportedError(f"{name} compression is not supported")
+
+
+def decompress_to_temp(path: str, start: int, name: str) -> str:
+    """Decompress *path* from *start* into a temporary file; returns its name."""
+    fd, tmp = tempfile.mkstemp(prefix="snapfmt-", suffix=".qemu")
+    try:
+        with open(path, "rb") as raw, os.fdopen(fd, "wb") as out:
+            raw.seek(start)
+            with _opener(name)(raw) as source:
+                shutil.copyfileobj(source, out, 1 << 20)
+    except (OSError, EOFError, lzma.LZMAError, zstandard.ZstdError, ValueError) as e:
+        os.unlink(tmp)
+        raise FormatError(
+            f"{name} data does not decompress: {e}", file=path, offset=start
+        ) from None
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return tmp
+
+
+def libvirt_header(head: bytes, path: str) -> tuple[Wrapper, int]:
+    """Parse the 92-byte header (either byte order); returns it and the stream offset."""
+    if head.startswith(lf.MAGIC_PARTIAL):
+        raise FormatError(
+            "libvirt save image is incomplete (the save never finished)",
+            file=path,
+            offset=0,
+            found=lf.MAGIC_PARTIAL.decode(),
+            expected=lf.MAGIC.decode(),
+        )
+    if len(head) < lf.HEADER_SIZE:
+        raise FormatError(
+            "libvirt save image header is cut short",
+            file=path,
+            offset=0,
+            found=f"{len(head)} bytes",
+            expected=f"{lf.HEADER_SIZE}",
+        )
+    little = lf.HeaderLE.parse(head)
+    header, order = (
+        (little, "little") if little.version in (1, 2) else (lf.HeaderBE.parse(head), "big")
+    )
+    if header.version not in (1, 2):
+        raise UnsupportedError(
+            "libvirt save image version not supported",
+            file=path,
+            offset=16,
+            found=little.version,
+            expected="1 or 2",
+        )
+    try:
+        compression = lf.Compression(header.format).name.lower()
+    except ValueError:
+        raise FormatError(
+            "unknown libvirt save image compression", file=path, offset=28, found=header.format
+        ) from None
+    wrapper = Wrapper("libvirt", compression, header.version, bool(header.was_running), order)
+    return wrapper, lf.HEADER_SIZE + header.data_len
+
+
+def domain_xml(path: str, data_len: int) -> str:
+    with open(path, "rb") as f:
+        f.seek(lf.HEADER_SIZE)
+        data = f.read(min(data_len, 16 << 20))
+    return data.split(b"\0", 1)[0].decode("utf-8", "replace")
