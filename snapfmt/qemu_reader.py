@@ -453,30 +453,85 @@ class QemuStream(Snapshot):
         return block, False
 
     def _mem_size(self, total: int) -> None:
+        """The block list of the RAM section's setup; it ends when the lengths add up to
+        the total (not at a zero name length)."""
         cur = self._cur
-        if "mapped-ram" in self.capabilities:
+        mapped = "mapped-ram" in self.capabilities
+        # The page map costs 8 bytes a page. QEMU sends every page (or, with mapped-ram,
+        # stores them in a file at least as large as RAM), so RAM far beyond what the
+        # file could hold is a hostile declaration, refused before any allocation.
+        if total // self.page_size > self._io.size // 9 + (1 << 20):
             raise cur.error(
-                "mapped-ram streams are not supported yet", UnsupportedError, section="ram"
+                "RAM block list declares more RAM than the stream could hold",
+                section="ram",
+                found=f"{total:#x} bytes",
+                expected=f"about {self._io.size // 9 * self.page_size:#x} at most",
             )
         seen = 0
         while seen < total:
+            at = cur.pos
             idstr = cur.counted()
             length = cur.be64()
-            if "x-ignore-shared" in self.capabilities:
-                cur.be64()  # the block's guest address
             if (
                 not idstr
                 or length % self.page_size
                 or seen + length > total
                 or idstr in self._blocks
             ):
+                cur.pos = at
                 raise cur.error(
                     "bad RAM block list entry", section="ram", found=f"{idstr!r} {length:#x}"
                 )
-            self._blocks[idstr] = _Block(
-                idstr, length, array("q", bytes(8 * (length // self.page_size)))
-            )
+            if "x-ignore-shared" in self.capabilities:
+                cur.be64()  # the block's guest address (read before a mapped-ram header)
+            block = _Block(idstr, length, array("q", bytes(8 * (length // self.page_size))))
+            self._blocks[idstr] = block
+            if mapped:
+                self._mapped_ram(block)
             seen += length
+
+    def _mapped_ram(self, block: _Block) -> None:
+        """mapped-ram: a header, a bitmap of the pages present (host unsigned longs,
+        little-endian on x86) and every page at a fixed offset; the stream goes on after
+        the block's page area."""
+        cur = self._cur
+        at = cur.pos
+        version, page_size, bitmap_offset, pages_offset = qf.MAPPED_RAM_HEADER.unpack(
+            cur.take(qf.MAPPED_RAM_HEADER.size)
+        )
+        where = f"mapped-ram header of {block.idstr}"
+        if version != 1:
+            cur.pos = at
+            raise cur.error(
+                f"{where}: version not supported",
+                UnsupportedError,
+                section="ram",
+                found=version,
+                expected=1,
+            )
+        if bitmap_offset == 0 and pages_offset == 0:  # a block skipped by x-ignore-shared
+            return
+        pages = len(block.pages)
+        bitmap_length = -(-pages // 64) * 8
+        size = self._io.size
+        if (
+            page_size != self.page_size
+            or bitmap_offset + bitmap_length > size
+            or pages_offset + block.length > size
+        ):
+            cur.pos = at
+            raise cur.error(
+                f"{where} does not fit the stream",
+                section="ram",
+                found=f"page size {page_size}, bitmap at {bitmap_offset:#x}, pages at {pages_offset:#x}",
+            )
+        bits = int.from_bytes(
+            self._io.pread(bitmap_offset, bitmap_length, "mapped-ram bitmap"), "little"
+        )
+        for index in range(pages):
+            if bits >> index & 1:
+                block.pages[index] = pages_offset + index * page_size
+        cur.pos = pages_offset + block.length
 
     # -- model -------------------------------------------------------------------------------
 

@@ -136,6 +136,7 @@ MappedRamHeader = Struct(
     "bitmap_offset" / Int64ub,
     "pages_offset" / Int64ub,
 )
+MAPPED_RAM_HEADER = struct.Struct(">IQQQ")  # = MappedRamHeader (packed, 28 bytes)
 
 XbzrleHead = Struct(
     "encoding" / Int8ub,
