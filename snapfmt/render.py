@@ -7,6 +7,9 @@ import json
 from collections.abc import Iterator
 from typing import Any
 
+import click
+
+from snapfmt.diff import Diff
 from snapfmt.extract import Extracted
 from snapfmt.inspect import Container, DeviceDump, Dump, Info, MetadataDump, RamDump
 from snapfmt.model import Configuration
@@ -298,3 +301,97 @@ def verify_json(report: Report) -> dict[str, Any]:
 def extracted_text(items: list[Extracted]) -> Iterator[str]:
     rows = [[e.key, e.kind, e.file, str(e.size)] for e in items]
     yield from table(["SECTION", "KIND", "FILE", "SIZE"], rows)
+
+
+# -- diff --------------------------------------------------------------------------------------
+
+
+def _diff_value(value: object) -> str:
+    if value is None:
+        return "(absent)"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return f"{value:#x} ({value})"
+    if isinstance(value, bytes | bytearray):
+        shown = bytes(value[:SHOWN_BYTES]).hex(" ")
+        return shown + (f" … ({len(value)} bytes)" if len(value) > SHOWN_BYTES else "")
+    return str(value)
+
+
+_MARK = {"added": "+", "removed": "-", "changed": "~"}
+_COLOUR = {"added": "green", "removed": "red", "changed": "yellow"}
+
+
+def diff_text(
+    d: Diff, *, fields: bool = True, pages: bool = False, colour: bool = False
+) -> Iterator[str]:
+    def paint(text: str, status: str) -> str:
+        return click.style(text, fg=_COLOUR[status]) if colour else text
+
+    yield f"--- {d.a}"
+    yield f"+++ {d.b}"
+    for change in d.configuration:
+        yield paint(f"~ configuration: {change.name} {change.old} -> {change.new}", "changed")
+    for s in d.sections:
+        yield paint(f"{_MARK[s.status]} {s.path}: {s.summary}", s.status)
+        if fields:
+            width = max((len(c.name) for c in s.changes), default=0)
+            for c in s.changes:
+                yield f"    {c.name:<{width}}  {_diff_value(c.old)} -> {_diff_value(c.new)}"
+        if pages:
+            yield from (f"    {lo:#x}-{hi:#x}" for lo, hi in s.ranges)
+            if s.ranges_truncated:
+                yield "    … (more ranges not listed)"
+    total = len(d.sections) + bool(d.configuration)
+    yield (
+        "identical"
+        if d.identical
+        else f"{total} difference{'s' if total != 1 else ''}, {d.same_sections} sections identical"
+    )
+
+
+def diff_stat(d: Diff) -> Iterator[str]:
+    rows = [[s.path, s.status, str(len(s.changes) if s.kind == "device" else s.pages),
+             str(s.bytes_changed if s.kind == "ram-block" else "-")] for s in d.sections]  # fmt: skip
+    rows += (
+        [["configuration", "changed", str(len(d.configuration)), "-"]] if d.configuration else []
+    )
+    yield from table(["SECTION", "STATUS", "FIELDS/PAGES", "BYTES"], rows)
+    yield f"{len(rows)} sections differ, {d.same_sections} identical"
+
+
+def _json_value(value: object) -> object:
+    return value.hex() if isinstance(value, bytes | bytearray) else value
+
+
+def diff_json(d: Diff) -> dict[str, Any]:
+    return {
+        "a": d.a,
+        "b": d.b,
+        "identical": d.identical,
+        "configuration": [{"name": c.name, "old": c.old, "new": c.new} for c in d.configuration],
+        "sections": [
+            {
+                "path": s.path,
+                "kind": s.kind,
+                "status": s.status,
+                "summary": s.summary,
+                "changes": [
+                    {
+                        "name": c.name,
+                        "old": _json_value(c.old),
+                        "new": _json_value(c.new),
+                        "offset": c.offset,
+                    }
+                    for c in s.changes
+                ],
+                "pages": s.pages,
+                "bytes_changed": s.bytes_changed,
+                "ranges": [[lo, hi] for lo, hi in s.ranges],
+                "ranges_truncated": s.ranges_truncated,
+            }
+            for s in d.sections
+        ],
+        "same_sections": d.same_sections,
+    }

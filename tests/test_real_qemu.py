@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import random
+import time
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ import pytest
 
 import snapfmt
 from snapfmt import qmp
+from snapfmt.diff import diff
 from snapfmt.verify import verify
 
 
@@ -32,6 +34,7 @@ def machine(ram_file: Path, kind: str) -> list[str]:
         "-machine", "memory-backend=pc.ram",
         "-device", "e1000,addr=05.0", "-device", "virtio-net-pci,addr=06.0,romfile=",
         "-device", "lsi53c895a,addr=07.0",
+        "-rtc", "base=2020-01-01T00:00:00,clock=vm",  # a paused machine's RTC stands still
     ]  # fmt: skip
 
 
@@ -131,3 +134,48 @@ def test_qemu_restores_what_snapfmt_wrote(qemu: None, tmp_path: Path, run: Any, 
     first, second = _contents(original), _contents(again)
     assert list(first) == list(second)
     assert [key for key in first if first[key] != second[key]] == []
+
+
+def test_diff_names_the_e1000_mac_fields(qemu: None, tmp_path: Path) -> None:
+    """Two paused machines whose e1000 differs only in its MAC address."""
+    ram_file = tmp_path / "ram.img"
+    ram_file.write_bytes(bytes(16 << 20))
+    base = [*machine(ram_file, "pc")]
+    base[base.index("e1000,addr=05.0")] = "e1000,addr=05.0,mac=52:54:00:12:34:56"
+    base[base.index("virtio-net-pci,addr=06.0,romfile=")] = (
+        "virtio-net-pci,addr=06.0,romfile=,mac=52:54:00:00:00:06"
+    )
+    other = [a.replace("mac=52:54:00:12:34:56", "mac=52:54:00:ab:cd:ef") for a in base]
+    for name, args in (("a.mig", base), ("b.mig", other)):
+        with qmp.Qemu(args) as vm:
+            vm.save(str(tmp_path / name))
+    with snapfmt.open(tmp_path / "a.mig") as a, snapfmt.open(tmp_path / "b.mig") as b:
+        result = diff(a, b)
+    assert [s.path for s in result.sections] == ["/i440FX-pcihost/pci.0/e1000@05.0/vmstate"]
+    changed = {c.name: (c.old, c.new) for c in result.sections[0].changes}
+    # receive address registers RAL0/RAH0 (0x5400, 0x5404) in the full MAC state, little-endian MAC
+    assert changed["e1000/full_mac_state:mac_reg[5376]"][0] == int.from_bytes(
+        bytes.fromhex("52540012"), "little"
+    )
+    assert changed["e1000/full_mac_state:mac_reg[5376]"][1] == int.from_bytes(
+        bytes.fromhex("525400ab"), "little"
+    )
+    assert {"eeprom_data[1]", "eeprom_data[2]"} <= set(changed)  # the MAC's words in the EEPROM
+
+
+def test_diff_of_a_running_vm_saved_twice(qemu: None, tmp_path: Path) -> None:
+    """Firmware runs between two saves: timers and RAM change (the CPU may be halted)."""
+    ram_file = tmp_path / "ram.img"
+    ram_file.write_bytes(bytes(16 << 20))
+    with qmp.Qemu(machine(ram_file, "pc")) as vm:
+        vm.command("cont")
+        time.sleep(1.0)
+        vm.save(str(tmp_path / "a.mig"))
+        vm.command("cont")
+        time.sleep(1.0)
+        vm.save(str(tmp_path / "b.mig"))
+    with snapfmt.open(tmp_path / "a.mig") as a, snapfmt.open(tmp_path / "b.mig") as b:
+        result = diff(a, b)
+    changed = {s.path for s in result.sections}
+    assert {"/timer/vmstate", "/pc.ram"} <= changed
+    assert all(s.status == "changed" for s in result.sections)

@@ -1,0 +1,285 @@
+"""diff: what changed between two snapshots, from sections down to fields and pages.
+
+Returns data (render.py prints it).  Sections are matched by path.  Device state is
+compared field by field through the field layout when both sides decode, else as
+differing byte ranges.  RAM blocks are compared page by page; when both sides are native
+snapshots with the same chunk size, chunks with equal hashes are skipped unread.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+from snapfmt.errors import LayoutError
+from snapfmt.formats.native import SectionKind
+from snapfmt.model import DeviceState, RamBlock, Snapshot
+from snapfmt.paths import Path
+from snapfmt.ramblock import NativeRamBlock
+from snapfmt.vmstate import Field
+
+Progress = Callable[[int], None] | None
+MAX_RANGES = 10_000  # differing ranges kept per section; the counts stay exact
+
+
+@dataclass(frozen=True)
+class Change:
+    """One differing value: a configuration item, a field, or a byte range."""
+
+    name: str
+    old: object
+    new: object
+    offset: int | None = None  # byte offset within the state, for byte ranges
+
+
+@dataclass
+class SectionDiff:
+    path: str
+    kind: str  # device, ram-block
+    status: str  # added, removed, changed
+    summary: str = ""
+    changes: list[Change] = field(default_factory=list)
+    # RAM blocks
+    ranges: list[tuple[int, int]] = field(default_factory=list)  # inclusive byte ranges
+    pages: int = 0
+    bytes_changed: int = 0
+    ranges_truncated: bool = False
+
+
+@dataclass
+class Diff:
+    a: str
+    b: str
+    configuration: list[Change] = field(default_factory=list)
+    sections: list[SectionDiff] = field(default_factory=list)
+    same_sections: int = 0
+
+    @property
+    def identical(self) -> bool:
+        return not self.configuration and not self.sections
+
+
+def diff(a: Snapshot, b: Snapshot, *, fields: bool = True, progress: Progress = None) -> Diff:
+    result = Diff(a.origin, b.origin)
+    ca, cb = a.configuration, b.configuration
+    for name, old, new in (
+        ("machine", ca.machine, cb.machine),
+        ("page size", ca.page_size, cb.page_size),
+        ("capabilities", ", ".join(ca.capabilities) or "-", ", ".join(cb.capabilities) or "-"),
+    ):
+        if old != new:
+            result.configuration.append(Change(name, old, new))
+    kinds_a = {s.key: s.kind for s in a.sections if s.path is not None}
+    kinds_b = {s.key: s.kind for s in b.sections if s.path is not None}
+    for key in list(kinds_a) + [k for k in kinds_b if k not in kinds_a]:
+        kind = kinds_a.get(key, kinds_b.get(key))
+        kind_name = "device" if kind == SectionKind.DEVICE else "ram-block"
+        path = Path.parse(key)
+        if key not in kinds_b:
+            result.sections.append(SectionDiff(key, kind_name, "removed", _describe(a, path, kind)))
+        elif key not in kinds_a:
+            result.sections.append(SectionDiff(key, kind_name, "added", _describe(b, path, kind)))
+        elif kinds_a[key] != kinds_b[key]:
+            result.sections.append(
+                SectionDiff(
+                    key, kind_name, "changed", "device state in one, RAM block in the other"
+                )
+            )
+        else:
+            found = (_device(a.device(path), b.device(path), fields) if kind == SectionKind.DEVICE
+                     else _ram(a.ram_block(path), b.ram_block(path), progress))  # fmt: skip
+            if found is None:
+                result.same_sections += 1
+            else:
+                result.sections.append(found)
+    return result
+
+
+def _describe(snap: Snapshot, path: Path, kind: object) -> str:
+    if kind == SectionKind.DEVICE:
+        d = snap.device(path)
+        return f"{d.driver}, vmstate {d.vmstate_name} version {d.version_id}, {len(d.data)} bytes"
+    return f"{snap.ram_block(path).length:#x} bytes"
+
+
+# -- device state ------------------------------------------------------------------------
+
+
+def _device(a: DeviceState, b: DeviceState, fields: bool) -> SectionDiff | None:
+    if a.data == b.data and a.version_id == b.version_id:
+        return None
+    section = SectionDiff(str(a.path), "device", "changed")
+    notes = []
+    if a.version_id != b.version_id:
+        section.changes.append(Change("version", a.version_id, b.version_id))
+        notes.append(f"version {a.version_id} -> {b.version_id}")
+    if len(a.data) != len(b.data):
+        notes.append(f"{len(a.data)} -> {len(b.data)} bytes")
+    decoded = _fields(a), _fields(b)
+    if decoded[0] is not None and decoded[1] is not None:
+        changed = _field_changes(decoded[0], decoded[1])
+        notes.append(f"{len(changed)} field{'s' if len(changed) != 1 else ''} changed")
+        if fields:
+            section.changes.extend(changed)
+    else:
+        ranges = list(_byte_ranges(a.data, b.data))
+        notes.append(
+            f"{sum(hi - lo + 1 for lo, hi in ranges)} bytes differ in {len(ranges)} ranges"
+        )
+        if fields:
+            section.changes.extend(Change(f"bytes {lo:#x}-{hi:#x}", a.data[lo : hi + 1], b.data[lo : hi + 1], lo)
+                                   for lo, hi in ranges[:MAX_RANGES])  # fmt: skip
+    section.summary = ", ".join(notes)
+    return section
+
+
+def _fields(device: DeviceState) -> list[Field] | None:
+    try:
+        return device.fields() if device.layout is not None else None
+    except LayoutError:
+        return None
+
+
+def _subsection(name: str) -> str | None:
+    """The subsection a decoded field belongs to (``virtio-net/rss:enabled``), if any."""
+    return name.split(":", 1)[0] if ":" in name else None
+
+
+def _field_changes(a: list[Field], b: list[Field]) -> list[Change]:
+    """Fields matched by name; a field only on one side shows as added or removed, and a
+    subsection present on one side only shows as one change."""
+    old = {f.name: f for f in a}
+    new = {f.name: f for f in b}
+    changes: list[Change] = []
+    subs_a = {_subsection(n) for n in old} - {None}
+    subs_b = {_subsection(n) for n in new} - {None}
+    for sub in sorted(s for s in subs_a ^ subs_b if s):
+        changes.append(Change(f"subsection {sub}", "present" if sub in subs_a else "absent",
+                              "present" if sub in subs_b else "absent"))  # fmt: skip
+    gone = subs_a ^ subs_b
+    for name, f in old.items():
+        if _subsection(name) in gone and _subsection(name) is not None:
+            continue
+        other = new.get(name)
+        if other is None:
+            changes.append(Change(name, f.value, None))
+        elif other.value != f.value:
+            changes.append(Change(name, f.value, other.value))
+    for name, f in new.items():
+        if name not in old and not (_subsection(name) in gone and _subsection(name) is not None):
+            changes.append(Change(name, None, f.value))
+    return changes
+
+
+def _byte_ranges(a: bytes, b: bytes) -> Iterator[tuple[int, int]]:
+    """Inclusive ranges of differing bytes (a length change counts as differing)."""
+    start = None
+    for i in range(max(len(a), len(b))):
+        same = i < len(a) and i < len(b) and a[i] == b[i]
+        if not same and start is None:
+            start = i
+        elif same and start is not None:
+            yield start, i - 1
+            start = None
+    if start is not None:
+        yield start, max(len(a), len(b)) - 1
+
+
+# -- RAM -----------------------------------------------------------------------------------
+
+
+def _ram(a: RamBlock, b: RamBlock, progress: Progress) -> SectionDiff | None:
+    section = SectionDiff(str(a.path), "ram-block", "changed")
+    page = a.page_size
+    common = min(a.length, b.length)
+    skip = _equal_chunks(a, b)
+    run: list[int] = []  # the open range [start, end]
+
+    def note(lo: int, hi: int, nbytes: int) -> None:
+        section.pages += 1
+        section.bytes_changed += nbytes
+        if run and run[1] + 1 == lo:
+            run[1] = hi
+            return
+        if run:
+            _close(section, run)
+        run[:] = [lo, hi]
+
+    for offset, span_a, span_b in _spans(a, b, common, skip):
+        if span_a == span_b:
+            if progress:
+                progress(len(span_a))
+            continue
+        for at in range(0, len(span_a), page):
+            pa, pb = span_a[at : at + page], span_b[at : at + page]
+            if pa != pb:
+                # count differing bytes in C: the zero bytes of a XOR b are the equal ones
+                xor = (int.from_bytes(pa, "big") ^ int.from_bytes(pb, "big")).to_bytes(
+                    len(pa), "big"
+                )
+                note(offset + at, offset + at + len(pa) - 1, len(pa) - xor.count(0))
+        if progress:
+            progress(len(span_a))
+    if run:
+        _close(section, run)
+    notes = []
+    if a.length != b.length:
+        notes.append(f"size {a.length:#x} -> {b.length:#x}")
+        section.changes.append(Change("size", a.length, b.length))
+    if section.pages:
+        notes.append(
+            f"{section.pages} page{'s' if section.pages != 1 else ''} differ ({section.bytes_changed} bytes changed)"
+        )
+    if not notes:
+        return None
+    section.summary = ", ".join(notes)
+    return section
+
+
+def _close(section: SectionDiff, run: list[int]) -> None:
+    if len(section.ranges) < MAX_RANGES:
+        section.ranges.append((run[0], run[1]))
+    else:
+        section.ranges_truncated = True
+
+
+def _equal_chunks(a: RamBlock, b: RamBlock) -> set[int]:
+    """Chunk indexes whose hashes match, for two native blocks with one chunk size."""
+    if not (
+        isinstance(a, NativeRamBlock)
+        and isinstance(b, NativeRamBlock)
+        and a.chunk_size == b.chunk_size
+    ):
+        return set()
+    return {
+        ca.index
+        for ca, cb in zip(a.chunks(), b.chunks(), strict=False)
+        if ca.hash == cb.hash and ca.length == cb.length
+    }
+
+
+def _spans(
+    a: RamBlock, b: RamBlock, common: int, skip: set[int]
+) -> Iterator[tuple[int, memoryview, memoryview]]:
+    """Both blocks over [0, common) in equal pieces; chunks known equal are not read."""
+    if skip:
+        size = a.chunk_size
+        for index in range(0, -(-common // size)):
+            if index in skip:
+                continue
+            lo = index * size
+            n = min(size, common - lo)
+            yield lo, memoryview(a.read(lo, n)), memoryview(b.read(lo, n))
+        return
+    step = 1 << 22
+    if max(a.chunk_size, b.chunk_size) > step:  # spans would not line up: read both alike
+        for lo in range(0, common, step):
+            n = min(step, common - lo)
+            yield lo, memoryview(a.read(lo, n)), memoryview(b.read(lo, n))
+        return
+    # Both yield 4 MiB spans from offset 0 (chunks and pages divide 4 MiB), so they pair up.
+    for (offset, span_a), (_, span_b) in zip(a.iter_spans(step), b.iter_spans(step), strict=False):
+        if offset >= common:
+            break
+        n = min(len(span_a), len(span_b), common - offset)
+        yield offset, span_a[:n], span_b[:n]

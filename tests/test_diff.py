@@ -1,0 +1,109 @@
+"""diff on samples (no QEMU needed); real-QEMU diffs are in test_real_qemu.py."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import snapfmt
+from snapfmt.diff import diff
+from tests.helpers import SAMPLES, Run
+
+
+def test_identical_files_and_mixed_formats(tmp_path: Path, run: Run) -> None:
+    result = run("diff", SAMPLES / "basic.snap", SAMPLES / "basic.snap")
+    assert (result.code, result.out.splitlines()[-1]) == (0, "identical")
+    native = tmp_path / "pc.snap"
+    assert run("convert", SAMPLES / "qemu" / "pc.mig", native).code == 0
+    result = run("diff", SAMPLES / "qemu" / "pc.mig", native)  # a QEMU stream against native
+    assert result.code == 0 and result.out.endswith("identical\n")
+
+
+def _edited_basic(tmp_path: Path) -> Path:
+    folder = tmp_path / "m"
+    shutil.copytree(SAMPLES / "manifests", folder)
+    text = (folder / "basic.toml").read_text()
+    text = text.replace("value = 2048 }", "value = 4096 }", 1)  # rxbuf_size
+    text = text.replace(
+        '{ offset = 0x7ff000, length = 0x1000, pattern = "55aa" },',
+        '{ offset = 0x7fe000, length = 0x2000, pattern = "55ab" },',
+    )
+    text = text.replace('state = "00010203 04050607', 'state = "00010203 04ff0607')
+    (folder / "basic.toml").write_text(text)
+    return folder / "basic.toml"
+
+
+def test_fields_bytes_and_pages(tmp_path: Path, run: Run) -> None:
+    edited = tmp_path / "edited.snap"
+    assert run("write", _edited_basic(tmp_path), "-o", edited).code == 0
+    result = run("diff", SAMPLES / "basic.snap", edited, "--pages")
+    assert result.code == 1
+    lines = result.out.splitlines()
+    assert lines[:2] == [f"--- {SAMPLES / 'basic.snap'}", f"+++ {edited}"]
+    assert lines[-1] == "3 differences, 3 sections identical"
+    assert "~ /i440FX-pcihost/pci.0/e1000@05.0/vmstate: 1 field changed" in lines
+    assert "    rxbuf_size  0x800 (2048) -> 0x1000 (4096)" in lines
+    assert "~ /i440FX-pcihost/pci.0/lsi53c895a@07.0/vmstate: 1 bytes differ in 1 ranges" in lines
+    assert "    bytes 0x5-0x5  05 -> ff" in lines
+    assert "~ /pc.ram: 2 pages differ (6144 bytes changed)" in lines
+    assert "    0x7fe000-0x7fffff" in lines
+    data = json.loads(run("diff", SAMPLES / "basic.snap", edited, "--json").out)
+    ram = next(s for s in data["sections"] if s["path"] == "/pc.ram")
+    assert (ram["pages"], ram["ranges"]) == (2, [[0x7FE000, 0x7FFFFF]])
+    assert ram["bytes_changed"] == 4096 + 2048  # the new page, and every other byte of the old
+    assert {s["path"] for s in data["sections"]} == {
+        "/i440FX-pcihost/pci.0/e1000@05.0/vmstate",
+        "/i440FX-pcihost/pci.0/lsi53c895a@07.0/vmstate",
+        "/pc.ram",
+    }
+
+
+def test_native_diff_reads_only_differing_chunks(tmp_path: Path) -> None:
+    edited = tmp_path / "edited.snap"
+    from snapfmt import manifest
+
+    manifest.build(manifest.load(str(_edited_basic(tmp_path))), str(edited))
+    with snapfmt.open(SAMPLES / "basic.snap") as a, snapfmt.open(edited) as b:
+        block_a = a.ram_block(a.select_one("/pc.ram"))
+        reads: list[int] = []
+        original = type(block_a).read
+
+        def counting(self: object, offset: int, length: int) -> bytes:
+            reads.append(offset)
+            return original(self, offset, length)  # type: ignore[arg-type]
+
+        type(block_a).read = counting  # type: ignore[method-assign]
+        try:
+            result = diff(a, b)
+        finally:
+            type(block_a).read = original  # type: ignore[method-assign]
+    assert not result.identical
+    assert sorted(set(reads)) == [0x7F0000]  # the one 64 KiB chunk that differs, from each side
+
+
+def test_configuration_and_sections_only_on_one_side(run: Run) -> None:
+    result = run("diff", SAMPLES / "qemu" / "pc.mig", SAMPLES / "qemu" / "q35.mig", "--no-fields")
+    assert result.code == 1
+    lines = result.out.splitlines()
+    assert "~ configuration: machine pc-i440fx-7.2 -> pc-q35-7.2" in lines
+    assert any(
+        line.startswith("- /i440FX-pcihost/pci.0/e1000@05.0/vmstate: e1000") for line in lines
+    )
+    assert any(line.startswith("+ /q35-pcihost/pcie.0/e1000@05.0/vmstate: e1000") for line in lines)
+    stat = run("diff", SAMPLES / "qemu" / "pc.mig", SAMPLES / "qemu" / "q35.mig", "--stat")
+    assert stat.code == 1 and stat.out.splitlines()[0].split() == [
+        "SECTION",
+        "STATUS",
+        "FIELDS/PAGES",
+        "BYTES",
+    ]
+
+
+def test_bad_input_is_exit_2(tmp_path: Path, run: Run) -> None:
+    missing = tmp_path / "nope.snap"
+    result = run("diff", SAMPLES / "basic.snap", missing)
+    assert (result.code, result.err) == (
+        2,
+        f"snapfmt: error: {missing}: cannot open: No such file or directory\n",
+    )
