@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
+from snapfmt._parallel import ordered_map
 from snapfmt.errors import LayoutError
 from snapfmt.formats.native import SectionKind
 from snapfmt.model import DeviceState, RamBlock, Snapshot
@@ -20,6 +21,7 @@ from snapfmt.vmstate import Field
 
 Progress = Callable[[int], None] | None
 MAX_RANGES = 10_000  # differing ranges kept per section; the counts stay exact
+_BLOCK = 1 << 16  # compare in blocks first, then pages within differing blocks
 
 
 @dataclass(frozen=True)
@@ -206,18 +208,22 @@ def _ram(a: RamBlock, b: RamBlock, progress: Progress) -> SectionDiff | None:
         run[:] = [lo, hi]
 
     for offset, span_a, span_b in _spans(a, b, common, skip):
-        if span_a == span_b:
-            if progress:
-                progress(len(span_a))
-            continue
-        for at in range(0, len(span_a), page):
-            pa, pb = span_a[at : at + page], span_b[at : at + page]
-            if pa != pb:
-                # count differing bytes in C: the zero bytes of a XOR b are the equal ones
-                xor = (int.from_bytes(pa, "big") ^ int.from_bytes(pb, "big")).to_bytes(
-                    len(pa), "big"
-                )
-                note(offset + at, offset + at + len(pa) - 1, len(pa) - xor.count(0))
+        # bytes, not memoryviews: comparing two memoryviews goes item by item
+        if span_a != span_b:
+            for lo in range(0, len(span_a), _BLOCK):
+                block_a, block_b = span_a[lo : lo + _BLOCK], span_b[lo : lo + _BLOCK]
+                if block_a == block_b:
+                    continue
+                for at in range(0, len(block_a), page):
+                    pa, pb = block_a[at : at + page], block_b[at : at + page]
+                    if pa != pb:
+                        # count differing bytes in C: the zero bytes of a XOR b are the equal ones
+                        xor = (int.from_bytes(pa, "big") ^ int.from_bytes(pb, "big")).to_bytes(
+                            len(pa), "big"
+                        )
+                        note(
+                            offset + lo + at, offset + lo + at + len(pa) - 1, len(pa) - xor.count(0)
+                        )
         if progress:
             progress(len(span_a))
     if run:
@@ -251,35 +257,35 @@ def _equal_chunks(a: RamBlock, b: RamBlock) -> set[int]:
         and a.chunk_size == b.chunk_size
     ):
         return set()
-    return {
-        ca.index
-        for ca, cb in zip(a.chunks(), b.chunks(), strict=False)
-        if ca.hash == cb.hash and ca.length == cb.length
-    }
+    return {i for i, (x, y) in enumerate(zip(a.hashes(), b.hashes(), strict=False)) if x == y}
 
 
 def _spans(
     a: RamBlock, b: RamBlock, common: int, skip: set[int]
-) -> Iterator[tuple[int, memoryview, memoryview]]:
-    """Both blocks over [0, common) in equal pieces; chunks known equal are not read."""
+) -> Iterator[tuple[int, bytes, bytes]]:
+    """Both blocks over [0, common) in equal pieces; chunks known equal are not read, the
+    others are read (and decompressed) on the thread pool."""
     if skip:
         size = a.chunk_size
-        for index in range(0, -(-common // size)):
-            if index in skip:
-                continue
+        wanted = [i for i in range(-(-common // size)) if i not in skip]
+
+        def both(index: int) -> tuple[bytes, bytes]:
             lo = index * size
             n = min(size, common - lo)
-            yield lo, memoryview(a.read(lo, n)), memoryview(b.read(lo, n))
+            return a.read(lo, n), b.read(lo, n)
+
+        for index, (data_a, data_b) in ordered_map(both, wanted):
+            yield index * size, data_a, data_b
         return
     step = 1 << 22
     if max(a.chunk_size, b.chunk_size) > step:  # spans would not line up: read both alike
         for lo in range(0, common, step):
             n = min(step, common - lo)
-            yield lo, memoryview(a.read(lo, n)), memoryview(b.read(lo, n))
+            yield lo, a.read(lo, n), b.read(lo, n)
         return
     # Both yield 4 MiB spans from offset 0 (chunks and pages divide 4 MiB), so they pair up.
     for (offset, span_a), (_, span_b) in zip(a.iter_spans(step), b.iter_spans(step), strict=False):
         if offset >= common:
             break
         n = min(len(span_a), len(span_b), common - offset)
-        yield offset, span_a[:n], span_b[:n]
+        yield offset, bytes(span_a[:n]), bytes(span_b[:n])

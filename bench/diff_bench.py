@@ -1,0 +1,122 @@
+#!/usr/bin/env python3
+"""Benchmark `snapfmt diff` with baselines measured in the same run.
+
+    python bench/diff_bench.py [--gib 4] [--qemu-gib 1] [--runs 3] [--dir DIR]
+
+1. Two native snapshots of --gib GiB of mixed pages (as bench/native_bench.py makes
+   them) that differ in 1% of their pages, chosen at random over the whole block (the
+   hardest case for chunk hashes: about 15% of 64 KiB chunks differ).  Target: < 1 s.
+2. Two QEMU streams (real QEMU, paused, RAM from files of random bytes) of --qemu-gib GiB
+   that differ in 1% of their pages, against `cat A B > /dev/null`.  Target: within 2x.
+Peak RSS of every diff: target < 150 MB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+from native_bench import PAGE, make_image  # noqa: E402
+
+import snapfmt  # noqa: E402
+from snapfmt.qmp import Qemu  # noqa: E402
+
+
+def changed_copy(source: Path, target: Path, fraction: float, run: int = 1, seed: int = 7) -> int:
+    """Copy *source* with *fraction* of its pages altered, in runs of *run* pages
+    (aligned); returns how many pages."""
+    pages = source.stat().st_size // PAGE
+    starts = random.Random(seed).sample(range(pages // run), int(pages * fraction) // run)
+    chosen = sorted(start * run + i for start in starts for i in range(run))
+    with open(source, "rb") as f, open(target, "wb") as out:
+        while data := f.read(1 << 24):
+            out.write(data)
+    with open(target, "r+b") as out:
+        for index in chosen:
+            out.seek(index * PAGE + 100)
+            out.write(b"\xa5\x5a changed page \x5a\xa5")
+    return len(chosen)
+
+
+def timed(argv: list[str]) -> tuple[float, float, int]:
+    start = time.perf_counter()
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL)
+    _, status, usage = os.wait4(proc.pid, 0)
+    return time.perf_counter() - start, usage.ru_maxrss / 1024, os.waitstatus_to_exitcode(status)
+
+
+def median_of(argv: list[str], runs: int) -> tuple[float, float]:
+    results = [timed(argv) for _ in range(runs)]
+    if any(code not in (0, 1) for _, _, code in results):
+        raise SystemExit(f"{argv} failed")
+    return statistics.median(s for s, _, _ in results), max(r for _, r, _ in results)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--gib", type=int, default=4)
+    parser.add_argument("--qemu-gib", type=int, default=1)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--dir", default=None)
+    args = parser.parse_args()
+    diff = [sys.executable, "-m", "snapfmt", "diff", "--stat"]
+    with tempfile.TemporaryDirectory(dir=args.dir, prefix="snapfmt-dbench-") as tmp:
+        work = Path(tmp)
+        a_img, b_img, c_img = work / "a.img", work / "b.img", work / "c.img"
+        make_image(a_img, args.gib << 30)
+        n = changed_copy(a_img, b_img, 0.01)  # scattered pages
+        changed_copy(a_img, c_img, 0.01, run=16)  # the same share in aligned 64 KiB runs
+        for img in (a_img, b_img, c_img):
+            with snapfmt.Writer(img.with_suffix(".snap"), machine="pc-i440fx-7.2") as w:
+                w.add_ram_block("/pc.ram", str(img), qemu_idstr="pc.ram")
+            img.unlink()
+        print(f"native: {args.gib} GiB, {n} pages changed", file=sys.stderr)
+        native = median_of([*diff, str(work / "a.snap"), str(work / "b.snap")], args.runs)
+        clustered = median_of([*diff, str(work / "a.snap"), str(work / "c.snap")], args.runs)
+
+        qa, qb = work / "qa.img", work / "qb.img"
+        with open(qa, "wb") as f:
+            for _ in range(args.qemu_gib * 256):
+                f.write(os.urandom(4 << 20))
+        changed_copy(qa, qb, 0.01)
+        for img, out in ((qa, work / "a.mig"), (qb, work / "b.mig")):
+            machine = ["-M", "pc-i440fx-7.2", "-m", f"{args.qemu_gib}G", "-nodefaults",
+                       "-object", f"memory-backend-file,id=pc.ram,size={args.qemu_gib}G,mem-path={img},share=off",
+                       "-machine", "memory-backend=pc.ram", "-rtc", "base=2020-01-01T00:00:00,clock=vm"]  # fmt: skip
+            with Qemu(machine, timeout=600) as vm:
+                vm.save(str(out))
+            img.unlink()
+        cat = median_of(["cat", str(work / "a.mig"), str(work / "b.mig")], args.runs)
+        qemu = median_of([*diff, str(work / "a.mig"), str(work / "b.mig")], args.runs)
+    print(f"\nmedian of {args.runs} runs\n")
+    print(f"{'comparison':<40}{'seconds':>9}{'peak RSS':>10}  target")
+    print(
+        f"{f'native {args.gib} GiB, 1% of pages differ':<40}{native[0]:>9.3f}{native[1]:>8.0f}MB  < 1 s: {'PASS' if native[0] < 1 else 'FAIL'}"
+    )
+    print(
+        f"{'  the same, changes in 64 KiB runs':<40}{clustered[0]:>9.3f}{clustered[1]:>8.0f}MB  < 1 s: {'PASS' if clustered[0] < 1 else 'FAIL'}"
+    )
+    print(f"{'cat A B (baseline)':<40}{cat[0]:>9.3f}{cat[1]:>8.0f}MB")
+    ratio = qemu[0] / cat[0]
+    print(
+        f"{f'QEMU streams {args.qemu_gib} GiB, 1% differ':<40}{qemu[0]:>9.3f}{qemu[1]:>8.0f}MB  {ratio:.1f}x cat, <= 2x: {'PASS' if ratio <= 2 else 'FAIL'}"
+    )
+    peak = max(native[1], clustered[1], qemu[1])
+    print(f"\npeak RSS: {peak:.0f} MB (< 150 MB: {'PASS' if peak < 150 else 'FAIL'})")
+
+
+if __name__ == "__main__":
+    main()
