@@ -124,6 +124,7 @@ class QemuStream(Snapshot):
         self._order: list[_Section] = []
         self._blocks: dict[str, _Block] = {}
         self._last_block: _Block | None = None
+        self._packaged_depth = 0
         self._window = bytearray(_WINDOW)
         self._base = start
         self._cur = _Cursor(reader, start)
@@ -148,6 +149,12 @@ class QemuStream(Snapshot):
                 found=version,
                 expected=qf.VERSION,
             )
+        self._walk_sections()
+        self._after_eof()
+
+    def _walk_sections(self) -> None:
+        """Sections up to and including EOF (of the stream, or of a packaged stream)."""
+        cur = self._cur
         while True:
             at = cur.pos
             kind = cur.u8()
@@ -160,7 +167,6 @@ class QemuStream(Snapshot):
             elif kind == qf.SectionType.COMMAND:
                 self._command(at)
             elif kind == qf.SectionType.EOF:
-                self._after_eof()
                 return
             else:
                 cur.pos = at
@@ -314,10 +320,28 @@ class QemuStream(Snapshot):
         if command not in qf.Command.__members__.values():
             cur.pos = at
             raise cur.error("unknown command", found=command)
-        cur.take(length)
+        data = cur.take(length)
         self.commands.append((at, command))
         if command == qf.Command.PACKAGED:
-            raise cur.error("packaged (postcopy) streams are not supported yet", UnsupportedError)
+            # postcopy: a be32 length, then that many bytes holding sections up to an EOF
+            if length != 4:
+                raise cur.error("packaged command with a bad length", found=length, expected=4)
+            end = cur.pos + int.from_bytes(data, "big")
+            if end > self._io.size:
+                raise cur.error(
+                    "packaged stream runs past the end of the file", found=f"end {end:#x}"
+                )
+            self._packaged_depth += 1
+            if self._packaged_depth > 1:
+                raise cur.error("packaged stream inside a packaged stream", UnsupportedError)
+            self._walk_sections()
+            self._packaged_depth -= 1
+            if cur.pos != end:
+                raise cur.error(
+                    "packaged stream does not end at its EOF",
+                    found=f"{cur.pos:#x}",
+                    expected=f"{end:#x}",
+                )
 
     def _after_eof(self) -> None:
         cur = self._cur

@@ -277,3 +277,24 @@ def test_mutated_streams_raise_only_snapfmt_errors(
                 block.read(0, min(block.length, 1 << 16))
     except SnapfmtError:
         pass
+
+
+def test_packaged_stream(tmp_path: Path) -> None:
+    """Postcopy sends device state as a PACKAGED command holding sections up to an EOF;
+    built here from the q35 sample (QEMU writes this only to a live destination)."""
+    data = (QEMU / "q35.mig").read_bytes()
+    with snapfmt.open(QEMU / "q35.mig") as stream:
+        records = stream._order  # type: ignore[attr-defined]
+        first_device = next(r for r in records if r.idstr != "ram").header_offset
+    eof = data.rindex(b'{"page_size"') - 6  # EOF, then 0x06 and the vmdesc length
+    assert data[eof] == 0 and data[eof + 1] == 6
+    package = data[first_device : eof + 1]  # device sections and the EOF
+    command = (
+        b"\x08" + (7).to_bytes(2, "big") + (4).to_bytes(2, "big") + len(package).to_bytes(4, "big")
+    )
+    target = tmp_path / "packaged.mig"
+    target.write_bytes(data[:first_device] + command + package + b"\x00")
+    with snapfmt.open(target) as packaged, snapfmt.open(QEMU / "q35.mig") as plain:
+        assert [s.key for s in packaged.sections] == [s.key for s in plain.sections]
+        path = DevPath.parse("/q35-pcihost/pcie.0/e1000@05.0/vmstate")
+        assert packaged.device(path).data == plain.device(path).data
