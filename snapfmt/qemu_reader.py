@@ -124,7 +124,7 @@ class QemuStream(Snapshot):
         self._order: list[_Section] = []
         self._blocks: dict[str, _Block] = {}
         self._last_block: _Block | None = None
-        self._packaged_depth = 0
+        self._package_end: int | None = None
         self._window = bytearray(_WINDOW)
         self._base = start
         self._cur = _Cursor(reader, start)
@@ -295,6 +295,8 @@ class QemuStream(Snapshot):
         head = self._io.pread(at, min(300, size - at), "stream")
         kind = head[0]
         if kind == qf.SectionType.EOF:
+            if at + 1 == self._package_end:  # the EOF that ends a packaged stream
+                return True
             rest = head[1:6]
             return not rest or (rest[0] == qf.SectionType.VMDESCRIPTION and head[6:7] == b"{")
         if kind in (qf.SectionType.START, qf.SectionType.FULL):
@@ -331,11 +333,11 @@ class QemuStream(Snapshot):
                 raise cur.error(
                     "packaged stream runs past the end of the file", found=f"end {end:#x}"
                 )
-            self._packaged_depth += 1
-            if self._packaged_depth > 1:
+            if self._package_end is not None:
                 raise cur.error("packaged stream inside a packaged stream", UnsupportedError)
+            self._package_end = end
             self._walk_sections()
-            self._packaged_depth -= 1
+            self._package_end = None
             if cur.pos != end:
                 raise cur.error(
                     "packaged stream does not end at its EOF",
