@@ -6,8 +6,10 @@ Errors are one line on stderr: ``snapfmt: error: FILE: offset 0x…: what``.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
+import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -17,6 +19,8 @@ import click
 from snapfmt import __version__, extract, inspect, manifest, render
 from snapfmt import convert as convert_mod
 from snapfmt import diff as diff_mod
+from snapfmt import machine as machine_mod
+from snapfmt import validate as validate_mod
 from snapfmt.errors import SnapfmtError
 from snapfmt.reader import open_snapshot
 from snapfmt.verify import verify as verify_snapshot
@@ -242,6 +246,104 @@ def diff_cmd(
             render.diff_text(result, fields=not no_fields, pages=pages, colour=sys.stdout.isatty())
         )
     return EXIT_OK if result.identical else EXIT_DIFFERENT
+
+
+@cli.command(name="validate")
+@click.argument("snapshot", type=existing_file)
+@click.option(
+    "--target",
+    "target",
+    required=True,
+    type=existing_file,
+    help="Machine description or -dump-vmstate JSON.",
+)
+@json_option
+def validate_cmd(snapshot: str, target: str, as_json: bool) -> int:
+    """Will the target machine accept the snapshot?  Checked before a restore is tried.
+
+    Findings come in the order QEMU loads, each with what QEMU would say; exit 0 with no
+    errors, 1 with any, 2 on bad input.  Reads no RAM contents.
+
+    \b
+    Example:
+      snapfmt machine capture -o target.json -- qemu-system-x86_64 -M pc -m 1G
+      snapfmt validate vm.mig --target target.json
+    """
+    description = machine_mod.load(target)
+    with open_snapshot(snapshot) as snap:
+        result = validate_mod.validate(snap, description, target)
+    emit(
+        render.to_json(render.validation_json(result))
+        if as_json
+        else render.validation_text(result)
+    )
+    return EXIT_OK if result.compatible else EXIT_DIFFERENT
+
+
+@cli.group(name="machine")
+def machine_group() -> None:
+    """Target machine descriptions (spec/machine.md).
+
+    \b
+    Example:
+      snapfmt machine capture -o target.json -- qemu-system-x86_64 -M q35 -m 2G
+    """
+
+
+@machine_group.command(name="capture", context_settings={"ignore_unknown_options": True})
+@click.option("-o", "--output", required=True, help="The description file to write.")
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+def machine_capture(output: str, command: tuple[str, ...]) -> int:
+    """Describe the machine a QEMU command line makes, from that QEMU itself.
+
+    QEMU starts paused (-S, QMP on a private socket; no guest code runs); a probe
+    migration gives its devices, versions and RAM blocks, and -dump-vmstate of the same
+    binary its minimum versions.  No process or temporary file is left behind.
+
+    \b
+    Example:
+      snapfmt machine capture -o target.json -- qemu-system-x86_64 -M pc -m 1G -device e1000
+    """
+    binary, *args = command
+    description = machine_mod.capture(args, binary=binary)
+    _write_json(output, description.to_json())
+    emit(
+        f"wrote {output}: {description.machine}, {len(description.devices)} device sections, {len(description.ram_blocks)} RAM blocks"
+    )
+    return EXIT_OK
+
+
+@machine_group.command(name="from-snapshot")
+@click.argument("snapshot", type=existing_file)
+@click.option("-o", "--output", required=True, help="The description file to write.")
+def machine_from_snapshot(snapshot: str, output: str) -> int:
+    """Describe the machine a snapshot was taken on.
+
+    \b
+    Example:
+      snapfmt machine from-snapshot samples/qemu/pc.mig -o pc.json
+    """
+    with open_snapshot(snapshot) as snap:
+        description = machine_mod.from_snapshot(snap)
+    _write_json(output, description.to_json())
+    emit(
+        f"wrote {output}: {description.machine}, {len(description.devices)} device sections, {len(description.ram_blocks)} RAM blocks"
+    )
+    return EXIT_OK
+
+
+def _write_json(path: str, data: object) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=1)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
 
 
 def main(argv: list[str] | None = None) -> None:

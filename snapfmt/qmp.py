@@ -83,9 +83,21 @@ class Qemu:
             if time.monotonic() > deadline:
                 raise QemuError("QEMU did not open its QMP socket in time")
             time.sleep(0.01)
-        self._conn = socket.socket(socket.AF_UNIX)
-        self._conn.settimeout(self.timeout)
-        self._conn.connect(self._socket)
+        while True:  # the socket file can exist before QEMU listens, or after it died
+            self._conn = socket.socket(socket.AF_UNIX)
+            self._conn.settimeout(self.timeout)
+            try:
+                self._conn.connect(self._socket)
+                break
+            except OSError:
+                self._conn.close()
+                if self._proc.poll() is not None:
+                    raise QemuError(
+                        f"QEMU exited at start: {self.stderr() or 'no message'}"
+                    ) from None
+                if time.monotonic() > deadline:
+                    raise QemuError("QEMU did not accept QMP connections in time") from None
+                time.sleep(0.01)
         self._file = self._conn.makefile("rw", encoding="utf-8")
         self._read()  # greeting
         self.command("qmp_capabilities")
@@ -94,7 +106,7 @@ class Qemu:
     def stderr(self) -> str:
         try:
             with open(self._log, encoding="utf-8", errors="replace") as f:
-                return " ".join(f.read().split())[:400]
+                return " ".join(f.read().split())[-1500:]  # the end says why it stopped
         except OSError:
             return ""
 

@@ -13,6 +13,7 @@ from snapfmt.diff import Diff
 from snapfmt.extract import Extracted
 from snapfmt.inspect import Container, DeviceDump, Dump, Info, MetadataDump, RamDump
 from snapfmt.model import Configuration
+from snapfmt.validate import Validation
 from snapfmt.verify import Report
 from snapfmt.vmstate import Field
 
@@ -394,4 +395,44 @@ def diff_json(d: Diff) -> dict[str, Any]:
             for s in d.sections
         ],
         "same_sections": d.same_sections,
+    }
+
+
+# -- validate -----------------------------------------------------------------------------------
+
+
+def _short_value(value: object) -> str:
+    return "-" if value is None else str(value)
+
+
+def validation_text(v: Validation) -> Iterator[str]:
+    for f in v.findings:
+        where = f"{f.path}: " if f.path else ""
+        yield f"{f.severity.upper():<8}{f.code:<20}{where}{f.message}"
+        if f.severity == "error" and f.qemu:
+            yield f"{'':<28}QEMU: {f.qemu}"
+    errors = len(v.errors)
+    warnings = sum(f.severity == "warning" for f in v.findings)
+    verdict = "compatible" if v.compatible else "incompatible"
+    yield f"{verdict}: {errors} error{'s' if errors != 1 else ''}, {warnings} warning{'s' if warnings != 1 else ''}"
+
+
+def validation_json(v: Validation) -> dict[str, Any]:
+    return {
+        "snapshot": v.snapshot,
+        "target": v.target,
+        "schema_only": v.schema_only,
+        "compatible": v.compatible,
+        "findings": [
+            {
+                "code": f.code,
+                "severity": f.severity,
+                "path": f.path,
+                "snapshot": f.snapshot,
+                "target": f.target,
+                "message": f.message,
+                "qemu": f.qemu,
+            }
+            for f in v.findings
+        ],
     }

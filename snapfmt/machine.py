@@ -1,0 +1,289 @@
+"""Target machine descriptions (spec/machine.md): what a restore target offers.
+
+A description is JSON.  It comes from `snapfmt machine capture` (a real QEMU, paused,
+probed with a migration to a temporary file, plus its -dump-vmstate), from a snapshot
+(`snapfmt machine from-snapshot`), or is QEMU's own -dump-vmstate JSON (schema only:
+versions and subsections, no topology).
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import subprocess
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from snapfmt.errors import SnapfmtError
+from snapfmt.formats.native import SectionKind
+from snapfmt.model import Snapshot
+from snapfmt.qmp import BINARY, Qemu, QemuError
+
+FORMAT = "snapfmt-machine"
+VERSION = 1
+PCI_IDENTITY = {  # offset, size in PCI config space
+    "vendor": (0x00, 2), "device": (0x02, 2), "revision": (0x08, 1), "class": (0x09, 3),
+    "subsystem_vendor": (0x2C, 2), "subsystem": (0x2E, 2),
+}  # fmt: skip
+
+
+class DescriptionError(SnapfmtError):
+    """A machine description is malformed; the message names the JSON path."""
+
+
+@dataclass
+class TargetDevice:
+    qemu_id: str
+    instance_id: int
+    vmstate: str
+    version: int
+    path: str | None = None
+    driver: str | None = None
+    minimum_version: int | None = None
+    fields: list[Any] | None = None
+    subsections: list[str] | None = None  # names the target knows; None: unknown
+    pci: dict[str, int] | None = None
+
+
+@dataclass
+class TargetRam:
+    qemu_id: str
+    size: int
+    path: str | None = None
+    max_size: int | None = None  # resizeable blocks accept up to this
+
+
+@dataclass
+class Machine:
+    source: str  # capture, snapshot, dump-vmstate
+    machine: str | None
+    page_size: int | None
+    capabilities: list[str] | None
+    cpus: int | None
+    topology: bool  # False: schema only (no instances, no RAM)
+    devices: list[TargetDevice] = field(default_factory=list)
+    ram_blocks: list[TargetRam] = field(default_factory=list)
+    schemas: dict[str, dict[str, Any]] = field(
+        default_factory=dict
+    )  # vmstate name -> min/subsections
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT, "version": VERSION, "source": self.source, "machine": self.machine,
+            "page_size": self.page_size, "capabilities": self.capabilities, "cpus": self.cpus,
+            "topology": self.topology,
+            "devices": [{k: v for k, v in vars(d).items() if v is not None} for d in self.devices],
+            "ram_blocks": [{k: v for k, v in vars(r).items() if v is not None} for r in self.ram_blocks],
+            "schemas": self.schemas,
+        }  # fmt: skip
+
+
+def pci_identity(config: bytes) -> dict[str, int]:
+    return {
+        name: int.from_bytes(config[at : at + n], "little")
+        for name, (at, n) in PCI_IDENTITY.items()
+        if len(config) >= at + n
+    }
+
+
+def _pci_config(fields: Sequence[Any]) -> bytes | None:
+    """The 256-byte PCI config space in a device's decoded fields: PCIDevice's `config`,
+    or for virtio-pci devices the start of the opaque `virtio` field, which begins with
+    the proxy's PCIDevice state (be32 version, then the config space)."""
+    for f in fields:
+        if f.name.endswith("parent_obj.config") and isinstance(f.value, bytes):
+            return bytes(f.value)
+        if f.type == "virtio" and isinstance(f.value, bytes) and len(f.value) >= 260:
+            return bytes(f.value[4:260])
+    return None
+
+
+def _is_pci(qemu_id: str) -> bool:
+    prefix = qemu_id.partition("/")[0]
+    return len(prefix) >= 12 and prefix[4] == ":" and prefix[7] == ":"
+
+
+def from_snapshot(snap: Snapshot, source: str = "snapshot") -> Machine:
+    """A description of the machine a snapshot came from (or a probe of a target)."""
+    config = snap.configuration
+    machine = Machine(
+        source, config.machine, config.page_size, list(config.capabilities), None, True
+    )
+    cpus = set()
+    for section in snap.sections:
+        path = section.path
+        if path is None:
+            continue
+        if section.kind == SectionKind.DEVICE:
+            d = snap.device(path)
+            if not d.qemu_idstr:
+                continue
+            subsections = [s.get("vmsd_name") for s in (d.layout or {}).get("subsections", [])]
+            device = TargetDevice(d.qemu_idstr, d.instance_id, d.vmstate_name, d.version_id, str(path), d.driver,
+                                  fields=list((d.layout or {}).get("fields", [])) or None,
+                                  subsections=subsections if d.layout is not None else None)  # fmt: skip
+            try:
+                config_space = _pci_config(d.fields()) if _is_pci(d.qemu_idstr) else None
+            except SnapfmtError:
+                config_space = None
+            if config_space:
+                device.pci = pci_identity(config_space)
+            if d.qemu_idstr == "cpu":
+                cpus.add(d.instance_id)
+            machine.devices.append(device)
+        elif section.kind == SectionKind.RAM_BLOCK:
+            block = snap.ram_block(path)
+            if block.qemu_idstr:
+                machine.ram_blocks.append(TargetRam(block.qemu_idstr, block.length, str(path)))
+    machine.cpus = len(cpus) or None
+    return machine
+
+
+def _dump_schemas(dump: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """vmstate name -> {version, minimum_version, subsections} from -dump-vmstate JSON."""
+    schemas: dict[str, dict[str, Any]] = {}
+    for key, entry in dump.items():
+        if key == "vmschkmachine" or not isinstance(entry, dict):
+            continue
+        desc = entry.get("Description", {})
+        name = desc.get("name") or entry.get("Name")
+        if not isinstance(name, str):
+            continue
+        subs = [s.get("name") for s in desc.get("Subsections", []) if isinstance(s, dict)]
+        schemas[name] = {"version": desc.get("version_id"), "minimum_version": desc.get("minimum_version_id"),
+                         "subsections": sorted(set(subs) | set(_nested_subsections(desc)))}  # fmt: skip
+    return schemas
+
+
+def _nested_subsections(desc: dict[str, Any]) -> list[str]:
+    found = []
+    for sub in desc.get("Subsections", []) or []:
+        if isinstance(sub, dict):
+            found.append(sub.get("name"))
+            found.extend(_nested_subsections(sub))
+    return [f for f in found if isinstance(f, str)]
+
+
+def from_dump_vmstate(dump: dict[str, Any]) -> Machine:
+    """QEMU's -dump-vmstate JSON as a (topology-free) target."""
+    name = (
+        dump.get("vmschkmachine", {}).get("Name")
+        if isinstance(dump.get("vmschkmachine"), dict)
+        else None
+    )
+    return Machine("dump-vmstate", name, None, None, None, False, schemas=_dump_schemas(dump))
+
+
+def capture(argv: Sequence[str], binary: str = BINARY) -> Machine:
+    """Start *argv* paused, probe it with a migration to a temporary file, and add the
+    minimum versions and subsections from -dump-vmstate of the same binary and machine."""
+    from snapfmt.reader import open_snapshot
+
+    with tempfile.TemporaryDirectory(prefix="snapfmt-capture-") as tmp:
+        probe = os.path.join(tmp, "probe.mig")
+        try:
+            with Qemu(list(argv), binary=binary) as vm:
+                vm.save(probe)
+        except QemuError as e:
+            raise SnapfmtError(f"capture: {e}") from None
+        with open_snapshot(probe) as snap:
+            machine = from_snapshot(snap, "capture")
+        dump = os.path.join(tmp, "dump.json")
+        machine_args = _machine_option(argv)
+        done = subprocess.run([binary, *machine_args, "-nodefaults", "-display", "none", "-dump-vmstate", dump],
+                              capture_output=True, timeout=60, check=False)  # fmt: skip
+        if done.returncode == 0 and os.path.exists(dump):
+            with open(dump, encoding="utf-8") as f:
+                machine.schemas = _dump_schemas(json.load(f))
+    for device in machine.devices:
+        schema = machine.schemas.get(device.vmstate)
+        if schema:
+            device.minimum_version = schema.get("minimum_version")
+    return machine
+
+
+def _machine_option(argv: Sequence[str]) -> list[str]:
+    for i, arg in enumerate(argv):
+        if arg in ("-M", "-machine") and i + 1 < len(argv):
+            return [arg, argv[i + 1].split(",")[0]]
+    return []
+
+
+# -- loading ----------------------------------------------------------------------------------
+
+
+def load(path: str) -> Machine:
+    """A description file, or QEMU -dump-vmstate JSON (gzipped or not)."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(1 << 28)
+        if raw[:2] == b"\x1f\x8b":
+            raw = gzip.decompress(raw)
+        data = json.loads(raw)
+    except OSError as e:
+        raise DescriptionError(f"{path}: cannot read: {e.strerror}") from None
+    except (ValueError, RecursionError) as e:
+        raise DescriptionError(f"{path}: not valid JSON: {e}") from None
+    if isinstance(data, dict) and "vmschkmachine" in data:
+        return from_dump_vmstate(data)
+    return _parse(path, data)
+
+
+def _need(
+    path: str, where: str, value: Any, kind: type | tuple[type, ...], optional: bool = False
+) -> Any:
+    if value is None and optional:
+        return None
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is int):
+        names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+        raise DescriptionError(f"{path}: {where}: expected {names}, found {json.dumps(value)[:60]}")
+    return value
+
+
+def _parse(path: str, data: Any) -> Machine:
+    _need(path, "$", data, dict)
+    if data.get("format") != FORMAT:
+        raise DescriptionError(
+            f"{path}: $.format: expected {FORMAT!r}, found {data.get('format')!r}"
+        )
+    if data.get("version") != VERSION:
+        raise DescriptionError(
+            f"{path}: $.version: expected {VERSION}, found {data.get('version')!r}"
+        )
+    machine = Machine(
+        _need(path, "$.source", data.get("source", "hand"), str),
+        _need(path, "$.machine", data.get("machine"), str, True),
+        _need(path, "$.page_size", data.get("page_size"), int, True),
+        _need(path, "$.capabilities", data.get("capabilities"), list, True),
+        _need(path, "$.cpus", data.get("cpus"), int, True),
+        bool(_need(path, "$.topology", data.get("topology", True), bool)),
+        schemas=_need(path, "$.schemas", data.get("schemas", {}), dict),
+    )
+    for i, d in enumerate(_need(path, "$.devices", data.get("devices", []), list)):
+        where = f"$.devices[{i}]"
+        _need(path, where, d, dict)
+        machine.devices.append(TargetDevice(
+            _need(path, f"{where}.qemu_id", d.get("qemu_id"), str),
+            _need(path, f"{where}.instance_id", d.get("instance_id", 0), int),
+            _need(path, f"{where}.vmstate", d.get("vmstate"), str),
+            _need(path, f"{where}.version", d.get("version"), int),
+            _need(path, f"{where}.path", d.get("path"), str, True),
+            _need(path, f"{where}.driver", d.get("driver"), str, True),
+            _need(path, f"{where}.minimum_version", d.get("minimum_version"), int, True),
+            _need(path, f"{where}.fields", d.get("fields"), list, True),
+            _need(path, f"{where}.subsections", d.get("subsections"), list, True),
+            _need(path, f"{where}.pci", d.get("pci"), dict, True),
+        ))  # fmt: skip
+    for i, r in enumerate(_need(path, "$.ram_blocks", data.get("ram_blocks", []), list)):
+        where = f"$.ram_blocks[{i}]"
+        _need(path, where, r, dict)
+        machine.ram_blocks.append(TargetRam(
+            _need(path, f"{where}.qemu_id", r.get("qemu_id"), str),
+            _need(path, f"{where}.size", r.get("size"), int),
+            _need(path, f"{where}.path", r.get("path"), str, True),
+            _need(path, f"{where}.max_size", r.get("max_size"), int, True),
+        ))  # fmt: skip
+    return machine

@@ -1,0 +1,186 @@
+"""validate: will a target machine accept a snapshot?  Findings, in the order QEMU loads.
+
+QEMU reads the configuration first, then the RAM block list, then each device section in
+stream order; it stops at the first thing it cannot accept.  Findings follow that order,
+so the first error is the one QEMU would report, named as QEMU names it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from snapfmt.machine import Machine, TargetDevice, from_snapshot
+from snapfmt.model import Snapshot
+
+
+@dataclass(frozen=True)
+class Finding:
+    code: str
+    severity: str  # error, warning, info
+    path: str | None
+    snapshot: object
+    target: object
+    message: str
+    qemu: str | None = None  # for errors: what QEMU would do
+
+
+@dataclass
+class Validation:
+    snapshot: str
+    target: str
+    schema_only: bool
+    findings: list[Finding] = field(default_factory=list)
+
+    @property
+    def errors(self) -> list[Finding]:
+        return [f for f in self.findings if f.severity == "error"]
+
+    @property
+    def compatible(self) -> bool:
+        return not self.errors
+
+
+def validate(snap: Snapshot, target: Machine, target_name: str = "") -> Validation:
+    source = from_snapshot(snap)
+    result = Validation(snap.origin, target_name, not target.topology)
+    add = result.findings.append
+    if not target.topology:
+        add(Finding("schema-only", "info", None, None, target.machine,
+                    "the target is a -dump-vmstate schema: versions and subsections are checked, topology is not"))  # fmt: skip
+    _configuration(source, target, add)
+    if target.topology:
+        _ram(source, target, add)
+    _devices(source, target, add)
+    return result
+
+
+def _configuration(source: Machine, target: Machine, add: Any) -> None:
+    if target.machine and source.machine != target.machine:
+        family = _family(source.machine) == _family(target.machine)
+        add(Finding("machine-type" if family else "machine-family", "error" if target.topology else "warning", None,
+                    source.machine, target.machine,
+                    f"machine type {source.machine} differs from the target's {target.machine}"
+                    + ("" if family else " (another machine family)"),
+                    f"Machine type received is '{source.machine}' and local is '{target.machine}'"))  # fmt: skip
+    if target.page_size and source.page_size != target.page_size:
+        add(Finding("page-size", "error", None, source.page_size, target.page_size,
+                    f"page size {source.page_size} differs from the target's {target.page_size}",
+                    "Received TARGET_PAGE_BITS differs: the load fails"))  # fmt: skip
+    if target.capabilities is not None and sorted(source.capabilities or []) != sorted(
+        target.capabilities
+    ):
+        add(Finding("capabilities", "error", None, source.capabilities, target.capabilities,
+                    "migration capabilities differ", "Capability … is …, but received capability is …"))  # fmt: skip
+
+
+def _family(machine: str | None) -> str:
+    name = machine or ""
+    return "q35" if "q35" in name else "i440fx" if name.startswith("pc") else name.split("-")[0]
+
+
+def _ram(source: Machine, target: Machine, add: Any) -> None:
+    offered = {r.qemu_id: r for r in target.ram_blocks}
+    for block in source.ram_blocks:
+        there = offered.get(block.qemu_id)
+        if there is None:
+            add(Finding("ram-missing", "error", block.path, block.size, None,
+                        f"RAM block {block.qemu_id} does not exist on the target",
+                        f'Unknown ramblock "{block.qemu_id}", cannot accept migration'))  # fmt: skip
+        elif there.size != block.size and not (there.max_size and block.size <= there.max_size):
+            add(Finding("ram-size", "error", block.path, block.size, there.size,
+                        f"RAM block {block.qemu_id} is {block.size:#x} bytes, the target's {there.size:#x}",
+                        f"Size mismatch: {block.qemu_id}: {block.size:#x} != {there.size:#x}"))  # fmt: skip
+
+
+def _devices(source: Machine, target: Machine, add: Any) -> None:
+    offered = {(d.qemu_id, d.instance_id): d for d in target.devices}
+    by_address = {d.qemu_id.rpartition("/")[0]: d for d in target.devices if "/" in d.qemu_id}
+    target_cpus = {d.instance_id for d in target.devices if d.qemu_id == "cpu"}
+    for device in source.devices:
+        key = (device.qemu_id, device.instance_id)
+        there = offered.get(key) if target.topology else None
+        if target.topology and there is None:
+            add(_missing(device, by_address, target_cpus))
+            continue
+        _version(device, there, target.schemas.get(device.vmstate), add)
+        if there is not None:
+            _pci(device, there, add)
+            _layout(device, there, add)
+    if target.topology:
+        present = {(d.qemu_id, d.instance_id) for d in source.devices}
+        for d in target.devices:
+            if (d.qemu_id, d.instance_id) not in present:
+                add(Finding("target-extra", "warning", d.path, None, d.qemu_id,
+                            f"the target's {d.qemu_id} (instance {d.instance_id}) has no state in the snapshot: it keeps its reset state"))  # fmt: skip
+        source_cpus = {d.instance_id for d in source.devices if d.qemu_id == "cpu"}
+        if target_cpus and source_cpus and len(target_cpus) > len(source_cpus):
+            add(Finding("cpu-count", "warning", None, len(source_cpus), len(target_cpus),
+                        f"the target has {len(target_cpus)} CPUs, the snapshot {len(source_cpus)}: the others keep their reset state"))  # fmt: skip
+
+
+def _missing(
+    device: TargetDevice, by_address: dict[str, TargetDevice], target_cpus: set[int]
+) -> Finding:
+    qemu = f"Unknown savevm section or instance '{device.qemu_id}' {device.instance_id}"
+    prefix = device.qemu_id.rpartition("/")[0]
+    other = by_address.get(prefix) if prefix else None
+    if other is not None:
+        return Finding("driver-mismatch", "error", device.path, device.driver or device.vmstate,
+                       other.driver or other.vmstate,
+                       f"{device.qemu_id}: the target has {other.driver or other.vmstate} at {prefix}, not {device.driver or device.vmstate}",
+                       qemu)  # fmt: skip
+    if device.qemu_id in ("cpu", "cpu_common", "apic", "kvm-tpr-opt") and target_cpus:
+        return Finding("cpu-count", "error", device.path, device.instance_id, len(target_cpus),
+                       f"CPU {device.instance_id} does not exist on the target (it has {len(target_cpus)})", qemu)  # fmt: skip
+    return Finding("section-missing", "error", device.path, device.qemu_id, None,
+                   f"{device.qemu_id} (instance {device.instance_id}) has no device on the target", qemu)  # fmt: skip
+
+
+def _version(
+    device: TargetDevice, there: TargetDevice | None, schema: dict[str, Any] | None, add: Any
+) -> None:
+    version = there.version if there is not None else (schema or {}).get("version")
+    minimum = (there.minimum_version if there is not None else None) or (schema or {}).get(
+        "minimum_version"
+    )
+    qemu = f"savevm: unsupported version {device.version} for '{device.qemu_id}' v{version}"
+    if isinstance(version, int) and device.version > version:
+        add(Finding("version-too-new", "error", device.path, device.version, version,
+                    f"{device.qemu_id}: version {device.version} is above the target's {version}", qemu))  # fmt: skip
+    elif isinstance(minimum, int) and device.version < minimum:
+        add(Finding("version-too-old", "error", device.path, device.version, minimum,
+                    f"{device.qemu_id}: version {device.version} is below the target's minimum {minimum}", qemu))  # fmt: skip
+    known = there.subsections if there is not None and there.subsections is not None else None
+    if schema and schema.get("subsections") is not None:
+        known = sorted(set(known or []) | set(schema["subsections"]))
+    for name in device.subsections or []:
+        if known is not None and name not in known and schema is not None:
+            add(Finding("subsection-unknown", "error", device.path, name, None,
+                        f"{device.qemu_id}: subsection {name} is unknown to the target",
+                        f"VM subsection '{name}' in '{device.vmstate}' does not exist"))  # fmt: skip
+
+
+def _pci(device: TargetDevice, there: TargetDevice, add: Any) -> None:
+    if device.pci and there.pci and device.pci != there.pci:
+        differ = sorted(k for k in device.pci if device.pci.get(k) != there.pci.get(k))
+        add(Finding("pci-identity", "error", device.path, {k: device.pci[k] for k in differ},
+                    {k: there.pci.get(k) for k in differ},
+                    f"{device.qemu_id}: PCI {', '.join(differ)} differ from the target's",
+                    "get_pci_config_device: Bad config data"))  # fmt: skip
+
+
+def _layout(device: TargetDevice, there: TargetDevice, add: Any) -> None:
+    if device.version != there.version or device.fields is None or there.fields is None:
+        return
+    if _shape(device.fields) != _shape(there.fields):
+        add(Finding("layout-changed", "warning", device.path, None, None,
+                    f"{device.qemu_id}: field layout differs within version {device.version}"))  # fmt: skip
+
+
+def _shape(fields: list[Any]) -> list[tuple[object, ...]]:
+    return [
+        (f.get("name"), f.get("type"), f.get("size"), f.get("array_len"))
+        for f in fields
+        if isinstance(f, dict)
+    ]

@@ -1,0 +1,129 @@
+"""validate against real QEMU 7.2: for each source/target pair, save on the source,
+capture the target, validate, then really restore into the target.  validate's verdict
+must be QEMU's, and for a refusal its first error must name what QEMU names."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+from snapfmt import qmp
+from tests.helpers import Run
+
+E1000 = "e1000,addr=05.0,mac=52:54:00:00:00:05"
+VIRTIO = "virtio-net-pci,addr=06.0,mac=52:54:00:00:00:06"
+LSI = "lsi53c895a,addr=07.0"
+
+
+def machine(
+    kind: str = "pc-i440fx-7.2",
+    mem: str = "16M",
+    cpus: str = "2",
+    devices: tuple[str, ...] = (E1000, VIRTIO, LSI),
+) -> list[str]:
+    args = [
+        "-M",
+        kind,
+        "-m",
+        mem,
+        "-smp",
+        cpus,
+        "-nodefaults",
+        "-rtc",
+        "base=2020-01-01T00:00:00,clock=vm",
+    ]
+    for device in devices:
+        args += ["-device", device]
+    return args
+
+
+def replace(devices: tuple[str, ...], old: str, new: str | None) -> tuple[str, ...]:
+    return tuple(d for d in (new if d == old else d for d in devices) if d is not None)
+
+
+BASE = (E1000, VIRTIO, LSI)
+PAIRS = {
+    "identical pc": (machine(), machine()),
+    "identical q35": (machine("pc-q35-7.2"), machine("pc-q35-7.2")),
+    "e1000 swapped for e1000e": (
+        machine(),
+        machine(devices=replace(BASE, E1000, "e1000e,addr=05.0,mac=52:54:00:00:00:05")),
+    ),
+    "e1000 moved to slot 9": (
+        machine(),
+        machine(devices=replace(BASE, E1000, "e1000,addr=09.0,mac=52:54:00:00:00:05")),
+    ),
+    "lsi missing on target": (machine(), machine(devices=replace(BASE, LSI, None))),
+    "lsi swapped for virtio-scsi": (
+        machine(),
+        machine(devices=replace(BASE, LSI, "virtio-scsi-pci,addr=07.0,romfile=")),
+    ),
+    "device added on target": (
+        machine(),
+        machine(devices=(*BASE, "e1000,addr=09.0,mac=52:54:00:00:00:09")),
+    ),
+    "RAM 16M to 32M": (machine(), machine(mem="32M")),
+    "machine type 7.2 to 7.1": (machine(), machine("pc-i440fx-7.1")),
+    "machine family pc to q35": (machine(), machine("pc-q35-7.2")),
+    "option ROM absent": (machine(), machine(devices=replace(BASE, E1000, f"{E1000},romfile="))),
+    "option ROM of another size": (
+        machine(),
+        machine(devices=replace(BASE, E1000, f"{E1000},romsize=524288")),
+    ),
+    "virtio-net PCI identity (modern only)": (
+        machine(),
+        machine(devices=replace(BASE, VIRTIO, f"{VIRTIO},disable-legacy=on")),
+    ),
+    "CPUs 2 to 4": (machine(), machine(cpus="4")),
+    "CPUs 2 to 1": (machine(), machine(cpus="1")),
+    "MAC address changed": (
+        machine(),
+        machine(devices=replace(BASE, E1000, "e1000,addr=05.0,mac=52:54:00:00:00:55")),
+    ),
+}
+
+NAMES = [  # what QEMU names when it refuses, most specific first
+    re.compile(r"Machine type received is '([^']+)'"),
+    re.compile(r'Unknown ramblock "([^"]+)"'),
+    re.compile(r"Size mismatch: ([^:]+):"),
+    re.compile(r"Unknown savevm section or instance '([^']+)'"),
+    re.compile(r"of device '([^']+)'"),
+]
+
+
+@pytest.fixture(scope="module")
+def qemu() -> None:
+    if not qmp.available():
+        if os.environ.get("CI") == "true":
+            pytest.fail("qemu-system-x86_64 is missing; .ci/run installs it")
+        pytest.skip("qemu-system-x86_64 is not installed")
+
+
+@pytest.mark.parametrize("name", sorted(PAIRS))
+def test_validate_agrees_with_qemu(qemu: None, tmp_path: Path, run: Run, name: str) -> None:
+    source, target = PAIRS[name]
+    stream, description = tmp_path / "vm.mig", tmp_path / "target.json"
+    with qmp.Qemu(source) as vm:
+        vm.save(str(stream))
+    assert run("machine", "capture", "-o", description, "--", qmp.BINARY, *target).code == 0
+    verdict = run("validate", stream, "--target", description, "--json")
+    assert verdict.code in (0, 1), verdict.err
+    try:
+        with qmp.Qemu(target, incoming=f"exec:cat {stream}") as vm:
+            qemu_says, refusal = vm.wait_incoming(), ""
+    except qmp.QemuError as e:
+        qemu_says, refusal = "refused", str(e)
+    assert (verdict.code == 0) == (qemu_says == "loaded"), (name, verdict.out, refusal)
+    if qemu_says == "refused":
+        import json
+
+        first = next(f for f in json.loads(verdict.out)["findings"] if f["severity"] == "error")
+        named = next(m.group(1) for pattern in NAMES if (m := pattern.search(refusal)))
+        assert named in f"{first['message']} {first['qemu']} {first['snapshot']}", (
+            name,
+            named,
+            first,
+        )
