@@ -90,11 +90,10 @@ def pci_identity(config: bytes) -> dict[str, int]:
 
 
 def _pci_config(fields: Sequence[Any]) -> bytes | None:
-    """The 256-byte PCI config space in a device's decoded fields: PCIDevice's `config`,
-    or for virtio-pci devices the start of the opaque `virtio` field, which begins with
+    """The PCI config space in a device's decoded fields: the `pci config` field, or for virtio-pci devices the start of the opaque `virtio` field, which begins with
     the proxy's PCIDevice state (be32 version, then the config space)."""
     for f in fields:
-        if f.name.endswith("parent_obj.config") and isinstance(f.value, bytes):
+        if f.type == "pci config" and isinstance(f.value, bytes):  # PCIDevice's config
             return bytes(f.value)
         if f.type == "virtio" and isinstance(f.value, bytes) and len(f.value) >= 260:
             return bytes(f.value[4:260])

@@ -1,0 +1,85 @@
+"""validate and machine descriptions on samples (real-QEMU agreement: test_validate_qemu)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import SAMPLES, Run
+
+PC = SAMPLES / "qemu" / "pc.mig"
+
+
+def test_a_snapshot_fits_its_own_description(tmp_path: Path, run: Run) -> None:
+    description = tmp_path / "pc.json"
+    assert run("machine", "from-snapshot", PC, "-o", description).code == 0
+    data = json.loads(description.read_text())
+    assert (data["machine"], data["cpus"], data["topology"]) == ("pc-i440fx-7.2", 2, True)
+    e1000 = next(d for d in data["devices"] if d["qemu_id"] == "0000:00:05.0/e1000")
+    assert e1000["pci"]["vendor"] == 0x8086 and e1000["pci"]["device"] == 0x100E
+    virtio = next(d for d in data["devices"] if d["qemu_id"] == "0000:00:06.0/virtio-net")
+    assert virtio["pci"]["vendor"] == 0x1AF4 and virtio["pci"]["device"] == 0x1000
+    result = run("validate", PC, "--target", description)
+    assert (result.code, result.out) == (0, "compatible: 0 errors, 0 warnings\n")
+
+
+def test_the_q35_sample_does_not_fit_the_pc_machine(tmp_path: Path, run: Run) -> None:
+    description = tmp_path / "pc.json"
+    run("machine", "from-snapshot", PC, "-o", description)
+    result = run("validate", SAMPLES / "qemu" / "q35.mig", "--target", description, "--json")
+    assert result.code == 1
+    findings = json.loads(result.out)["findings"]
+    assert findings[0]["code"] == "machine-family"
+    assert (
+        findings[0]["qemu"] == "Machine type received is 'pc-q35-7.2' and local is 'pc-i440fx-7.2'"
+    )
+
+
+def test_dump_vmstate_is_a_schema_only_target(run: Run) -> None:
+    result = run("validate", PC, "--target", SAMPLES / "qemu" / "pc.vmstate.json.gz")
+    assert result.code == 0
+    assert result.out.splitlines()[0].startswith("INFO    schema-only")
+
+
+def test_version_above_the_schema(tmp_path: Path, run: Run) -> None:
+    description = tmp_path / "pc.json"
+    run("machine", "from-snapshot", PC, "-o", description)
+    data = json.loads(description.read_text())
+    next(d for d in data["devices"] if d["qemu_id"] == "0000:00:05.0/e1000")["version"] = 1
+    description.write_text(json.dumps(data))
+    result = run("validate", PC, "--target", description)
+    assert result.code == 1
+    assert (
+        "ERROR   version-too-new     /i440FX-pcihost/pci.0/e1000@05.0/vmstate: 0000:00:05.0/e1000: version 2 is above the target's 1"
+        in result.out
+    )
+    assert "QEMU: savevm: unsupported version 2 for '0000:00:05.0/e1000' v1" in result.out
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda d: d.update(format="other"), "$.format: expected 'snapfmt-machine', found 'other'"),
+        (
+            lambda d: d["devices"][3].update(version="2"),
+            '$.devices[3].version: expected int, found "2"',
+        ),
+        (
+            lambda d: d["ram_blocks"][0].pop("size"),
+            "$.ram_blocks[0].size: expected int, found null",
+        ),
+        (lambda d: d.update(devices={}), "$.devices: expected list, found {}"),
+    ],
+)
+def test_bad_descriptions_name_the_json_path(
+    tmp_path: Path, run: Run, edit: object, message: str
+) -> None:
+    description = tmp_path / "pc.json"
+    run("machine", "from-snapshot", PC, "-o", description)
+    data = json.loads(description.read_text())
+    edit(data)  # type: ignore[operator]
+    description.write_text(json.dumps(data))
+    result = run("validate", PC, "--target", description)
+    assert (result.code, result.err) == (2, f"snapfmt: error: {description}: {message}\n")
