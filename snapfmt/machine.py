@@ -13,7 +13,7 @@ import json
 import os
 import subprocess
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -89,7 +89,7 @@ def pci_identity(config: bytes) -> dict[str, int]:
     }
 
 
-def _pci_config(fields: Sequence[Any]) -> bytes | None:
+def _pci_config(fields: Iterable[Any]) -> bytes | None:
     """The PCI config space in a device's decoded fields: the `pci config` field, or for virtio-pci devices the start of the opaque `virtio` field, which begins with
     the proxy's PCIDevice state (be32 version, then the config space)."""
     for f in fields:
@@ -125,7 +125,8 @@ def from_snapshot(snap: Snapshot, source: str = "snapshot") -> Machine:
                                   fields=list((d.layout or {}).get("fields", [])) or None,
                                   subsections=subsections if d.layout is not None else None)  # fmt: skip
             try:
-                config_space = _pci_config(d.fields()) if _is_pci(d.qemu_idstr) else None
+                # lazily: the config space comes first; e1000 alone has 33,000 fields
+                config_space = _pci_config(d.iter_fields()) if _is_pci(d.qemu_idstr) else None
             except SnapfmtError:
                 config_space = None
             if config_space:

@@ -9,7 +9,7 @@ from typing import Any
 
 from snapfmt.formats.native import SectionKind
 from snapfmt.paths import Path, resolve, resolve_one
-from snapfmt.vmstate import Field, decode
+from snapfmt.vmstate import Field, decode, iter_decode
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +68,14 @@ class DeviceState:
         if self.layout is None:
             return []
         return decode(self.layout, self.data, self.data_offset)
+
+    def iter_fields(self) -> Iterator[Field]:
+        """The decoded fields one at a time (for reading the first few cheaply)."""
+        return (
+            iter_decode(self.layout, self.data, self.data_offset)
+            if self.layout is not None
+            else iter(())
+        )
 
 
 @dataclass(frozen=True, slots=True)

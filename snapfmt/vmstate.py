@@ -140,6 +140,17 @@ def _subsections(node: Layout, cur: _Cursor, prefix: str, where: str) -> Iterato
         yield from _subsections(sub, cur, prefix, f"{where}/{name}")
 
 
+def iter_decode(layout: Layout, data: bytes, base_offset: int = 0) -> Iterator[Field]:
+    """Decode *data* field by field, lazily: stop early to read just the first fields.
+    Unlike decode(), it does not check that the layout accounts for every byte."""
+    cur = _Cursor(data, base_offset)
+    try:
+        yield from _fields(layout, cur, "", "fields")
+        yield from _subsections(layout, cur, "", "subsections")
+    except RecursionError:
+        raise LayoutError("layout nests too deeply") from None
+
+
 def decode(layout: Layout, data: bytes, base_offset: int = 0) -> list[Field]:
     """Decode *data* through *layout*; every byte must be accounted for."""
     cur = _Cursor(data, base_offset)
