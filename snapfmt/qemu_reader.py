@@ -9,6 +9,7 @@ header.  The vmdesc, once found, describes the device payloads for decoding.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -125,6 +126,7 @@ class QemuStream(Snapshot):
         self._blocks: dict[str, _Block] = {}
         self._last_block: _Block | None = None
         self._package_end: int | None = None
+        self._page_budget = reader.size // 9 + (1 << 20)
         self._window = bytearray(_WINDOW)
         self._base = start
         self._cur = _Cursor(reader, start)
@@ -452,6 +454,7 @@ class QemuStream(Snapshot):
                 raise cur.error(f"RAM record for unknown block {idstr!r}", section="ram")
         elif block is None:
             raise cur.error("RAM record continues no block", section="ram")
+        self._materialize(block)
         index = offset // page
         if index >= len(block.pages):
             cur.pos = at
@@ -483,16 +486,6 @@ class QemuStream(Snapshot):
         the total (not at a zero name length)."""
         cur = self._cur
         mapped = "mapped-ram" in self.capabilities
-        # The page map costs 8 bytes a page. QEMU sends every page (or, with mapped-ram,
-        # stores them in a file at least as large as RAM), so RAM far beyond what the
-        # file could hold is a hostile declaration, refused before any allocation.
-        if total // self.page_size > self._io.size // 9 + (1 << 20):
-            raise cur.error(
-                "RAM block list declares more RAM than the stream could hold",
-                section="ram",
-                found=f"{total:#x} bytes",
-                expected=f"about {self._io.size // 9 * self.page_size:#x} at most",
-            )
         seen = 0
         while seen < total:
             at = cur.pos
@@ -510,11 +503,27 @@ class QemuStream(Snapshot):
                 )
             if "x-ignore-shared" in self.capabilities:
                 cur.be64()  # the block's guest address (read before a mapped-ram header)
-            block = _Block(idstr, length, array("q", bytes(8 * (length // self.page_size))))
+            block = _Block(idstr, length, array("q"))  # page map made when a page arrives
             self._blocks[idstr] = block
             if mapped:
                 self._mapped_ram(block)
             seen += length
+
+    def _materialize(self, block: _Block) -> None:
+        """Make a block's page map (8 bytes a page) when its first page arrives.
+
+        QEMU sends every page of a block it sends at all (or, with mapped-ram, stores
+        them in a file as large as the block), so maps beyond what the file could hold
+        come from a hostile declaration: refused before allocating.  Blocks that never
+        get a page (x-ignore-shared) cost nothing."""
+        if len(block.pages) or not block.length:
+            return
+        count = block.length // self.page_size
+        self._page_budget -= count
+        if self._page_budget < 0:
+            raise self._cur.error(f"RAM block {block.idstr} declares more RAM than the stream could hold", section="ram",
+                                  found=f"{block.length:#x} bytes")  # fmt: skip
+        block.pages = array("q", bytes(8 * count))
 
     def _mapped_ram(self, block: _Block) -> None:
         """mapped-ram: a header, a bitmap of the pages present (host unsigned longs,
@@ -537,7 +546,7 @@ class QemuStream(Snapshot):
             )
         if bitmap_offset == 0 and pages_offset == 0:  # a block skipped by x-ignore-shared
             return
-        pages = len(block.pages)
+        pages = block.length // self.page_size
         bitmap_length = -(-pages // 64) * 8
         size = self._io.size
         if (
@@ -551,12 +560,14 @@ class QemuStream(Snapshot):
                 section="ram",
                 found=f"page size {page_size}, bitmap at {bitmap_offset:#x}, pages at {pages_offset:#x}",
             )
-        bits = int.from_bytes(
-            self._io.pread(bitmap_offset, bitmap_length, "mapped-ram bitmap"), "little"
-        )
-        for index in range(pages):
-            if bits >> index & 1:
-                block.pages[index] = pages_offset + index * page_size
+        bitmap = self._io.pread(bitmap_offset, bitmap_length, "mapped-ram bitmap")
+        self._materialize(block)
+        for byte_index, byte in enumerate(bitmap):  # host longs, little-endian: bit i = page i
+            if byte:
+                for bit in range(8):
+                    index = byte_index * 8 + bit
+                    if byte >> bit & 1 and index < pages:
+                        block.pages[index] = pages_offset + index * page_size
         cur.pos = pages_offset + block.length
 
     # -- model -------------------------------------------------------------------------------
@@ -595,6 +606,8 @@ class QemuStream(Snapshot):
             self._block_paths[path] = b
             stored = (
                 len(b.pages) - b.pages.count(NOT_SENT) - b.pages.count(ZERO_PAGE)
+                if len(b.pages)
+                else 0
             ) * self.page_size
             infos.append(SectionInfo(SectionKind.RAM_BLOCK, path, 0, 0, b.length, stored))
         self._infos = infos
@@ -669,12 +682,35 @@ class QemuStream(Snapshot):
         self._io.close()
 
 
+class _Unsent:
+    """The page map of a block no page was sent for, without allocating one."""
+
+    def __init__(self, count: int) -> None:
+        self.count_ = count
+
+    def __len__(self) -> int:
+        return self.count_
+
+    def __getitem__(self, index: slice) -> array:  # type: ignore[type-arg]
+        return array("q", bytes(8 * len(range(*index.indices(self.count_)))))
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(itertools.repeat(NOT_SENT, self.count_))
+
+    def count(self, value: int) -> int:
+        return self.count_ if value == NOT_SENT else 0
+
+
 class QemuRamBlock(RamBlock):
     """A RAM block of a QEMU stream, read through its page map (pages sent last win)."""
 
     def __init__(self, stream: QemuStream, path: Path, block: _Block) -> None:
         self._stream = stream
         self._block = block
+        # a block no page was sent for (x-ignore-shared) has no map: all of it reads as zero
+        self._pages: Any = (
+            block.pages if len(block.pages) else _Unsent(block.length // stream.page_size)
+        )
         self.path = path
         self.qemu_idstr = block.idstr
         self.length = block.length
@@ -686,7 +722,7 @@ class QemuRamBlock(RamBlock):
             raise ValueError(f"range {offset:#x}+{length:#x} is outside {self.path}")
         page = self.page_size
         first, last = offset // page, (offset + length + page - 1) // page
-        where = self._block.pages[first:last]
+        where = self._pages[first:last]
         sent = [w for w in where if w > 0]
         zero = zeros(page)
         parts: list[bytes | memoryview] = []
@@ -702,7 +738,7 @@ class QemuRamBlock(RamBlock):
         return data[skip : skip + length] if skip or len(data) != length else data
 
     def summary(self) -> tuple[int, int, int]:
-        pages = self._block.pages
+        pages = self._pages
         unsent = pages.count(NOT_SENT) + pages.count(ZERO_PAGE)
         return len(pages), unsent, (len(pages) - unsent) * self.page_size
 
@@ -716,7 +752,7 @@ class QemuRamBlock(RamBlock):
         limit = 2 * per * (page + 512)
         raw = bytearray(limit)
         zero = zeros(page)
-        pages = self._block.pages
+        pages = self._pages
         for first in range(0, len(pages), per):
             where = pages[first : first + per]
             sent = [w for w in where if w > 0]
@@ -743,7 +779,7 @@ class QemuRamBlock(RamBlock):
 
     def chunks(self) -> Iterator[ChunkInfo]:
         page = self.page_size
-        for index, where in enumerate(self._block.pages):
+        for index, where in enumerate(self._pages):
             if where <= 0:
                 yield ChunkInfo(
                     index, index * page, page, ChunkEncoding.ZERO, 0, 0, zero_hash(page)
@@ -761,4 +797,4 @@ class QemuRamBlock(RamBlock):
 
     @property
     def pages_sent(self) -> int:
-        return sum(1 for p in self._block.pages if p > 0)
+        return sum(1 for p in self._pages if p > 0)

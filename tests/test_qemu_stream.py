@@ -239,11 +239,17 @@ def test_mapped_ram_layout(tmp_path: Path) -> None:
 
 def test_hostile_ram_declaration_is_refused(tmp_path: Path) -> None:
     data = bytearray((QEMU / "q35.mig").read_bytes())
-    at = data.index(b"\x03ram") + 4 + 8  # the MEM_SIZE word of the RAM section
-    data[at : at + 8] = ((1 << 50) | 0x04).to_bytes(8, "big")
+    total_at = data.index(b"\x03ram") + 4 + 8  # the MEM_SIZE word of the RAM section
+    length_at = data.index(b"\x06pc.ram", total_at) + 7  # pc.ram's length in the block list
+    grow = (1 << 50) - int.from_bytes(data[length_at : length_at + 8], "big")
+    total = (int.from_bytes(data[total_at : total_at + 8], "big") & ~0xFFF) + grow
+    data[total_at : total_at + 8] = (total | 0x04).to_bytes(8, "big")
+    data[length_at : length_at + 8] = (1 << 50).to_bytes(8, "big")
     target = tmp_path / "huge.mig"
     target.write_bytes(data)
-    with pytest.raises(SnapfmtError, match="declares more RAM than the stream could hold"):
+    with pytest.raises(
+        SnapfmtError, match=r"RAM block pc\.ram declares more RAM than the stream could hold"
+    ):
         snapfmt.open(target)
 
 
