@@ -73,7 +73,7 @@ class PathMapper:
         self.drivers: dict[str, str] = {}  # PCI device path -> driver
         for idstr, _ in self.sections:
             prefix, sep, name = idstr.partition("/")
-            if sep and _PCI.match(prefix):
+            if sep and "/" not in name and _PCI.match(prefix):  # the PCI device's own state
                 self.drivers.setdefault(prefix, DRIVERS.get(name, name))
         counts: dict[str, int] = {}
         for idstr, _ in self.sections:
@@ -99,9 +99,15 @@ class PathMapper:
         return Path(tuple(nodes))
 
     def section(self, idstr: str, instance_id: int) -> Path:
-        prefix, sep, name = idstr.partition("/")
+        prefix, sep, rest = idstr.partition("/")
         if sep and _PCI.match(prefix):
-            return self.device_node(prefix, DRIVERS.get(name, name)) / "vmstate"
+            *between, name = rest.split("/")
+            driver = DRIVERS.get(name, name)
+            if not between:
+                return self.device_node(prefix, driver) / "vmstate"
+            # a device on a bus below a PCI device: USB port "1", SCSI "0:0:0", ...
+            parent = self.device_node(prefix, self.drivers.get(prefix, "pci-device"))
+            return parent / Component(driver, "/".join(between)) / "vmstate"
         if idstr in CPU_SECTIONS:
             return Path((Component("cpu", str(instance_id)), Component(idstr)))
         node = Component(idstr, str(instance_id) if idstr in self.repeated else "")
@@ -114,3 +120,13 @@ class PathMapper:
             leaf = "rom" if kind == "rom" else name
             return self.device_node(prefix, DRIVERS.get(base, base)) / leaf
         return Path((Component(idstr),))
+
+    @staticmethod
+    def fallback_section(idstr: str, instance_id: int) -> Path:
+        """A path that cannot collide: the id string itself (used when two identities
+        would map to one path)."""
+        return Path((Component(idstr, str(instance_id)), Component("vmstate")))
+
+    @staticmethod
+    def fallback_ram_block(idstr: str) -> Path:
+        return Path((Component("ram"), Component(idstr)))

@@ -588,6 +588,8 @@ class QemuStream(Snapshot):
             if s.idstr == "ram":
                 continue
             path = str(mapper.section(s.idstr, s.instance_id))
+            if path in self._device_paths:  # two identities, one path: keep both apart
+                path = str(mapper.fallback_section(s.idstr, s.instance_id))
             if path in self._device_paths:
                 raise FormatError(
                     f"two sections map to {path}",
@@ -603,6 +605,10 @@ class QemuStream(Snapshot):
             infos.append(SectionInfo(SectionKind.DEVICE, path, s.spans[0][0], size, size, size))
         for b in self._blocks.values():
             path = str(mapper.ram_block(b.idstr))
+            if path in self._device_paths or path in self._block_paths:
+                path = str(mapper.fallback_ram_block(b.idstr))
+            if path in self._device_paths or path in self._block_paths:
+                raise FormatError(f"two sections map to {path}", file=self.file, section=b.idstr)
             self._block_paths[path] = b
             stored = (
                 len(b.pages) - b.pages.count(NOT_SENT) - b.pages.count(ZERO_PAGE)

@@ -304,3 +304,42 @@ def test_packaged_stream(tmp_path: Path) -> None:
         assert [s.key for s in packaged.sections] == [s.key for s in plain.sections]
         path = DevPath.parse("/q35-pcihost/pcie.0/e1000@05.0/vmstate")
         assert packaged.device(path).data == plain.device(path).data
+
+
+def test_devices_on_buses_below_pci_devices() -> None:
+    mapper = PathMapper(
+        "pc-i440fx-7.2",
+        [
+            ("0000:00:0a.0/1/usb-ptr", 0),
+            ("0000:00:0a.0/uhci", 0),
+            ("0000:00:07.0/0:0:0/scsi-disk", 0),
+        ],
+    )
+    assert (
+        str(mapper.section("0000:00:0a.0/1/usb-ptr", 0))
+        == "/i440FX-pcihost/pci.0/uhci@0a.0/usb-ptr@1/vmstate"
+    )
+    assert str(mapper.section("0000:00:0a.0/uhci", 0)) == "/i440FX-pcihost/pci.0/uhci@0a.0/vmstate"
+    assert (
+        str(mapper.section("0000:00:07.0/0:0:0/scsi-disk", 0))
+        == "/i440FX-pcihost/pci.0/pci-device@07.0/scsi-disk@0:0:0/vmstate"
+    )
+
+
+def test_colliding_identities_are_kept_apart(tmp_path: Path) -> None:
+    """A second ROM block on the e1000 would map to its `rom` path too: it gets the
+    fallback path, and both stay readable."""
+    data = (QEMU / "q35.mig").read_bytes()
+    assert data.count(b"\x07pc.bios") == 2  # in the block list, and naming its first page
+    target = tmp_path / "two.mig"
+    target.write_bytes(data.replace(b"\x07pc.bios", b"\x120000:00:05.0/x.rom"))
+    with snapfmt.open(target) as stream, snapfmt.open(QEMU / "q35.mig") as plain:
+        paths = {str(p) for p in stream.section_paths()}
+        assert "/q35-pcihost/pcie.0/e1000@05.0/rom" in paths  # the first block in the list
+        assert "/ram/0000:00:05.0%2Fe1000.rom" in paths  # the other: its QEMU name, unmapped
+        rom = stream.ram_block(stream.select_one("0000:00:05.0/e1000.rom"))
+        original = plain.ram_block(plain.select_one("0000:00:05.0/e1000.rom"))
+        assert rom.read(0, rom.length) == original.read(0, original.length)
+        moved = stream.ram_block(stream.select_one("0000:00:05.0/x.rom"))
+        bios = plain.ram_block(plain.select_one("pc.bios"))
+        assert moved.read(0, moved.length) == bios.read(0, bios.length)
