@@ -16,6 +16,11 @@ Progress = Callable[[int], None] | None
 
 def to_native(snap: Snapshot, target: str, progress: Progress = None) -> None:
     """Every section, in order, with QEMU identities and field layouts kept."""
+    iterative: list[str] = getattr(snap, "iterative_devices", list)()
+    if iterative:
+        raise SnapfmtError(
+            f"iterative sections other than RAM cannot be converted yet: {', '.join(iterative)}"
+        )
     config = snap.configuration
     with Writer(
         target,

@@ -8,6 +8,7 @@ snapshots with the same chunk size, chunks with equal hashes are skipped unread.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -71,6 +72,22 @@ def diff(a: Snapshot, b: Snapshot, *, fields: bool = True, progress: Progress = 
     ):
         if old != new:
             result.configuration.append(Change(name, old, new))
+    for key in sorted(set(ca.metadata) | set(cb.metadata)):
+        if ca.metadata.get(key) != cb.metadata.get(key):
+            result.configuration.append(
+                Change(f"metadata {key}", ca.metadata.get(key), cb.metadata.get(key))
+            )
+    docs_a = {s.key for s in a.sections if s.kind == SectionKind.METADATA}
+    docs_b = {s.key for s in b.sections if s.kind == SectionKind.METADATA}
+    for name in sorted(docs_a | docs_b):
+        old_doc = a.metadata(name) if name in docs_a else None
+        new_doc = b.metadata(name) if name in docs_b else None
+        if old_doc != new_doc or (name in docs_a) != (name in docs_b):
+            result.configuration.append(
+                Change(
+                    f"document {name}", _doc(old_doc, name in docs_a), _doc(new_doc, name in docs_b)
+                )
+            )
     kinds_a = {s.key: s.kind for s in a.sections if s.path is not None}
     kinds_b = {s.key: s.kind for s in b.sections if s.path is not None}
     for key in list(kinds_a) + [k for k in kinds_b if k not in kinds_a]:
@@ -95,6 +112,10 @@ def diff(a: Snapshot, b: Snapshot, *, fields: bool = True, progress: Progress = 
             else:
                 result.sections.append(found)
     return result
+
+
+def _doc(document: object, present: bool) -> object:
+    return json.dumps(document, sort_keys=True) if present else None
 
 
 def _describe(snap: Snapshot, path: Path, kind: object) -> str:
@@ -210,8 +231,9 @@ def _ram(a: RamBlock, b: RamBlock, progress: Progress) -> SectionDiff | None:
     for offset, span_a, span_b in _spans(a, b, common, skip):
         # bytes, not memoryviews: comparing two memoryviews goes item by item
         if span_a != span_b:
-            for lo in range(0, len(span_a), _BLOCK):
-                block_a, block_b = span_a[lo : lo + _BLOCK], span_b[lo : lo + _BLOCK]
+            block = max(_BLOCK, page)  # whole pages per block, also for pages over 64 KiB
+            for lo in range(0, len(span_a), block):
+                block_a, block_b = span_a[lo : lo + block], span_b[lo : lo + block]
                 if block_a == block_b:
                     continue
                 for at in range(0, len(block_a), page):

@@ -155,10 +155,12 @@ class QemuStream(Snapshot):
         self._after_eof()
 
     def _walk_sections(self) -> None:
-        """Sections up to and including EOF (of the stream, or of a packaged stream)."""
+        """Sections up to and including EOF, or up to the end of a packaged stream."""
         cur = self._cur
         while True:
             at = cur.pos
+            if at == self._package_end:  # QEMU's postcopy packages end without an EOF
+                return
             kind = cur.u8()
             if kind == qf.SectionType.CONFIGURATION and at == self._base + 8:
                 self._configuration()
@@ -292,6 +294,8 @@ class QemuStream(Snapshot):
 
     def _plausible_next(self, at: int) -> bool:
         size = self._io.size
+        if at == self._package_end:  # the end of a packaged stream: the outer one goes on
+            return True
         if at >= size:
             return False
         head = self._io.pread(at, min(300, size - at), "stream")
@@ -580,8 +584,12 @@ class QemuStream(Snapshot):
         self._block_paths: dict[str, _Block] = {}
         described = {}
         for d in (self.vmdesc or {}).get("devices", []):
-            if isinstance(d, dict):
-                described[(d.get("name"), d.get("instance_id"))] = d
+            if (
+                isinstance(d, dict)
+                and isinstance(d.get("name"), str)
+                and isinstance(d.get("instance_id"), int)
+            ):
+                described[(d["name"], d["instance_id"])] = d
         self._layouts: dict[int, dict[str, Any]] = {}
         infos = []
         for s in self._order:
@@ -631,6 +639,11 @@ class QemuStream(Snapshot):
 
     def section_record(self, path: Path) -> _Section:
         return self._device_paths[str(path)]
+
+    def iterative_devices(self) -> list[str]:
+        """Id strings of iterative sections other than RAM (block migration, dirty
+        bitmaps): their parts are merged when read, and cannot be written back as one."""
+        return [s.idstr for s in self._order if s.iterative and s.idstr != "ram"]
 
     def layout_entry(self, path: Path) -> dict[str, Any] | None:
         """The vmdesc entry describing the device section at *path*, if any."""

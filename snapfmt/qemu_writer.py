@@ -29,7 +29,10 @@ _MEM_SIZE, _EOS = int(qf.RamFlag.MEM_SIZE), int(qf.RamFlag.EOS)
 
 
 def _counted(text: str, what: str) -> bytes:
-    raw = text.encode("latin-1")
+    try:
+        raw = text.encode("latin-1")
+    except UnicodeEncodeError:
+        raise SnapfmtError(f"{what} {text!r} has characters a QEMU stream cannot hold") from None
     if not 0 < len(raw) <= 255:
         raise SnapfmtError(f"{what} {text!r} does not fit a counted string (1-255 bytes)")
     return bytes([len(raw)]) + raw
@@ -153,7 +156,7 @@ def _configuration(
     out: _Out, machine: str, page: int, capabilities: tuple[str, ...], uuid: Any
 ) -> None:
     out.u8(qf.SectionType.CONFIGURATION)
-    name = machine.encode("latin-1")
+    name = _counted(machine, "machine type")[1:]  # a be32 length here, but QEMU reads at most 255
     out.be32(len(name))
     out.raw(name)
     if page != 4096:

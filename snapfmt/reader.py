@@ -134,6 +134,13 @@ class FileReader:
             raise FormatError(f"{what}, not a snapshot file", file=path)
         self.size = info.st_size
 
+    @classmethod
+    def from_fd(cls, fd: int, label: str) -> FileReader:
+        """A reader over an already open descriptor (which it then owns)."""
+        reader = cls.__new__(cls)
+        reader.name, reader.fd, reader.size = label, fd, os.fstat(fd).st_size
+        return reader
+
     def pread(self, offset: int, length: int, what: str) -> bytes:
         if offset < 0 or length < 0 or offset + length > self.size:
             raise TruncatedError(
@@ -226,16 +233,9 @@ def _decompressed(
     reader: FileReader, name: str, start: int, compression: str, wrapper: wrappers.Wrapper
 ) -> Snapshot:
     """A QEMU stream inside compressed data: decompressed to a temporary file first."""
-    tmp = wrappers.decompress_to_temp(name, start, compression)
+    fd = wrappers.decompress_to_temp(name, start, compression)
+    inner = FileReader.from_fd(fd, f"{name} ({compression}-decompressed)")
     try:
-        inner = FileReader(tmp, label=f"{name} ({compression}-decompressed)")
-    finally:
-        os.unlink(tmp)  # the open descriptor keeps the data until it is closed
-    try:
-        if inner.pread(0, min(4, inner.size), "QEMU stream") != b"QEVM":
-            raise FormatError(
-                "the decompressed data is not a QEMU stream", file=inner.name, offset=0
-            )
         stream = QemuStream(inner, 0, wrapper)
     except BaseException:
         inner.close()

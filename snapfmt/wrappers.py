@@ -10,8 +10,8 @@ import bz2
 import gzip
 import lzma
 import os
-import shutil
 import tempfile
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import IO, Any
@@ -20,6 +20,9 @@ import zstandard
 
 from snapfmt.errors import FormatError, UnsupportedError
 from snapfmt.formats import libvirt as lf
+
+MAX_RATIO = 1000  # zero-page-heavy streams compress a lot, but not more than this
+MAX_EXTRA = 1 << 30
 
 COMPRESSED = {
     b"\x1f\x8b": "gzip",
@@ -59,23 +62,38 @@ def _opener(name: str) -> Callable[[IO[bytes]], Any]:
     raise UnsupportedError(f"{name} compression is not supported")
 
 
-def decompress_to_temp(path: str, start: int, name: str) -> str:
-    """Decompress *path* from *start* into a temporary file; returns its name."""
-    fd, tmp = tempfile.mkstemp(prefix="snapfmt-", suffix=".qemu")
+def decompress_to_temp(path: str, start: int, name: str) -> int:
+    """Decompress *path* from *start* into an anonymous temporary file (unlinked at
+    once, so nothing is left behind whatever happens); returns its descriptor.
+
+    The data must start like a QEMU stream, and may grow at most MAX_RATIO times the
+    compressed size (plus 1 GiB): a decompression bomb stops there."""
+    limit = (os.path.getsize(path) - start) * MAX_RATIO + MAX_EXTRA
+    out = tempfile.TemporaryFile(prefix="snapfmt-")  # noqa: SIM115  (closed in finally)
     try:
-        with open(path, "rb") as raw, os.fdopen(fd, "wb") as out:
+        with open(path, "rb") as raw:
             raw.seek(start)
             with _opener(name)(raw) as source:
-                shutil.copyfileobj(source, out, 1 << 20)
-    except (OSError, EOFError, lzma.LZMAError, zstandard.ZstdError, ValueError) as e:
-        os.unlink(tmp)
+                first = source.read(4)
+                if first != b"QEVM":
+                    raise FormatError(f"the {name}-compressed data is not a QEMU stream", file=path, offset=start,
+                                      found=f"first bytes {first.hex()}", expected="5145564d")  # fmt: skip
+                out.write(first)
+                written = len(first)
+                while piece := source.read(1 << 20):
+                    written += len(piece)
+                    if written > limit:
+                        raise FormatError(f"{name} data decompresses to more than {limit} bytes (a decompression bomb?)",
+                                          file=path, offset=start)  # fmt: skip
+                    out.write(piece)
+        out.flush()
+        return os.dup(out.fileno())
+    except (OSError, EOFError, lzma.LZMAError, zstandard.ZstdError, zlib.error, ValueError) as e:
         raise FormatError(
             f"{name} data does not decompress: {e}", file=path, offset=start
         ) from None
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return tmp
+    finally:
+        out.close()
 
 
 def libvirt_header(head: bytes, path: str) -> tuple[Wrapper, int]:

@@ -343,3 +343,25 @@ def test_colliding_identities_are_kept_apart(tmp_path: Path) -> None:
         moved = stream.ram_block(stream.select_one("0000:00:05.0/x.rom"))
         bios = plain.ram_block(plain.select_one("pc.bios"))
         assert moved.read(0, moved.length) == bios.read(0, bios.length)
+
+
+def test_packaged_stream_as_postcopy_writes_it(tmp_path: Path) -> None:
+    """QEMU's postcopy_start packages LISTEN, the device sections, PING and RUN, with no
+    EOF inside; the outer stream then ends with its own EOF."""
+    data = (QEMU / "q35.mig").read_bytes()
+    with snapfmt.open(QEMU / "q35.mig") as stream:
+        first_device = next(r for r in stream._order if r.idstr != "ram").header_offset  # type: ignore[attr-defined]
+    eof = data.rindex(b'{"page_size"') - 6
+
+    def command(number: int, payload: bytes = b"") -> bytes:
+        return b"\x08" + number.to_bytes(2, "big") + len(payload).to_bytes(2, "big") + payload
+
+    package = command(4) + data[first_device:eof] + command(2, (3).to_bytes(4, "big")) + command(5)
+    target = tmp_path / "postcopy.mig"
+    target.write_bytes(
+        data[:first_device] + command(7, len(package).to_bytes(4, "big")) + package + b"\x00"
+    )
+    with snapfmt.open(target) as packaged, snapfmt.open(QEMU / "q35.mig") as plain:
+        assert [s.key for s in packaged.sections] == [s.key for s in plain.sections]
+        commands = [c for _, c in packaged.commands]  # type: ignore[attr-defined]
+        assert commands == [7, 4, 2, 5]

@@ -100,3 +100,46 @@ def test_corrupt_compressed_stream(tmp_path: Path, run: Run) -> None:
     assert result.code == 2 and result.err.startswith(
         f"snapfmt: error: {path}: offset 0x0: gzip data does not decompress"
     )
+
+
+def test_compressed_data_that_is_not_a_stream(tmp_path: Path, run: Run) -> None:
+    path = tmp_path / "notes.gz"
+    path.write_bytes(gzip.compress(b"hello, world"))
+    result = run("info", path)
+    assert (
+        result.err
+        == f"snapfmt: error: {path}: offset 0x0: the gzip-compressed data is not a QEMU stream: found first bytes 68656c6c, expected 5145564d\n"
+    )
+
+
+def test_decompression_bomb_stops(
+    tmp_path: Path, run: Run, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from snapfmt import wrappers
+
+    monkeypatch.setattr(wrappers, "MAX_RATIO", 10)
+    monkeypatch.setattr(wrappers, "MAX_EXTRA", 0)
+    path = tmp_path / "bomb.gz"
+    path.write_bytes(
+        gzip.compress(STREAM[:8] + bytes(64 << 20))
+    )  # 64 MiB of zeros behind a QEVM header
+    result = run("info", path)
+    assert result.code == 2 and "decompresses to more than" in result.err
+
+
+def test_no_temporary_file_survives(
+    tmp_path: Path, run: Run, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    data = bytearray(gzip.compress(STREAM))
+    data[len(data) // 2] ^= 0xFF
+    path = tmp_path / "vm.mig.gz"
+    path.write_bytes(data)
+    assert run("info", path).code == 2
+    good = tmp_path / "good.mig.gz"
+    good.write_bytes(gzip.compress(STREAM))
+    assert run("info", good).code == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["good.mig.gz", "vm.mig.gz"]
