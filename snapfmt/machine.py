@@ -20,6 +20,7 @@ from typing import Any
 from snapfmt.errors import SnapfmtError
 from snapfmt.formats.native import SectionKind
 from snapfmt.model import Snapshot
+from snapfmt.paths import escape
 from snapfmt.qmp import BINARY, Qemu, QemuError
 
 FORMAT = "snapfmt-machine"
@@ -45,7 +46,8 @@ class TargetDevice:
     minimum_version: int | None = None
     fields: list[Any] | None = None
     subsections: list[str] | None = None  # names the target knows; None: unknown
-    pci: dict[str, int] | None = None
+    pci: dict[str, Any] | None = None
+    bus: str | None = None
 
 
 @dataclass
@@ -81,12 +83,59 @@ class Machine:
         }  # fmt: skip
 
 
-def pci_identity(config: bytes) -> dict[str, int]:
-    return {
+def pci_identity(config: bytes) -> dict[str, Any]:
+    """Identity fields and the capability list ([offset, id] pairs) of a config space."""
+    identity: dict[str, Any] = {
         name: int.from_bytes(config[at : at + n], "little")
         for name, (at, n) in PCI_IDENTITY.items()
         if len(config) >= at + n
     }
+    capabilities = []
+    if len(config) >= 0x40 and config[0x06] & 0x10:  # status: capabilities list present
+        at, seen = config[0x34] & 0xFC, set[int]()
+        while at >= 0x40 and at + 1 < len(config) and at not in seen and len(seen) < 48:
+            seen.add(at)
+            capabilities.append([at, config[at]])
+            at = config[at + 1] & 0xFC
+    identity["capabilities"] = capabilities
+    return identity
+
+
+def qtree_devices(qtree: str) -> dict[str, tuple[str, str]]:
+    """PCI device path (``0000:00:08.0:03.0``) -> (QOM type, bus name), from HMP
+    `info qtree`: the real driver names, which a migration stream does not carry."""
+    found: dict[str, tuple[str, str]] = {}
+    stack: list[tuple[int, str, str]] = []  # (indent, "dev" or "bus", dev path or bus name)
+    devices: dict[int, dict[str, str]] = {}
+    for line in qtree.splitlines():
+        indent = len(line) - len(line.lstrip())
+        text = line.strip()
+        while stack and stack[-1][0] >= indent:
+            stack.pop()
+        if text.startswith("dev: "):
+            bus = next((name for _, kind, name in reversed(stack) if kind == "bus"), "")
+            parent = next((name for _, kind, name in reversed(stack) if kind == "dev" and name), "")
+            devices[indent] = {"type": text[5:].split(",")[0], "bus": bus, "parent": parent}
+            stack.append((indent, "dev", ""))
+        elif text.startswith("bus: "):
+            stack.append((indent, "bus", text[5:]))
+        elif text.startswith("addr = ") and stack and stack[-1][1] == "dev":
+            dev = devices[stack[-1][0]]
+            address = text[7:].strip().strip('"')
+            path = f"{dev['parent']}:{address}" if dev["parent"] else f"0000:00:{address}"
+            stack[-1] = (stack[-1][0], "dev", path)
+            found[path] = (dev["type"], dev["bus"])
+    return found
+
+
+def ramblock_maxima(table: str) -> dict[str, int]:
+    """Block name -> maximum length, from HMP `info ramblock` (its Total column)."""
+    maxima = {}
+    for line in table.splitlines()[1:]:
+        parts = line.split()
+        if len(parts) >= 6 and parts[-1].startswith("0x") and parts[-2].startswith("0x"):
+            maxima[" ".join(parts[:-5])] = int(parts[-1], 16)
+    return maxima
 
 
 def _pci_config(fields: Iterable[Any]) -> bytes | None:
@@ -186,11 +235,18 @@ def capture(argv: Sequence[str], binary: str = BINARY) -> Machine:
         probe = os.path.join(tmp, "probe.mig")
         try:
             with Qemu(list(argv), binary=binary) as vm:
+                qtree = vm.command("human-monitor-command", **{"command-line": "info qtree"})
+                ramblocks = vm.command("human-monitor-command", **{"command-line": "info ramblock"})
                 vm.save(probe)
         except QemuError as e:
             raise SnapfmtError(f"capture: {e}") from None
         with open_snapshot(probe) as snap:
             machine = from_snapshot(snap, "capture")
+        _real_names(machine, qtree_devices(qtree))
+        maxima = ramblock_maxima(ramblocks)
+        for block in machine.ram_blocks:
+            if maxima.get(block.qemu_id, block.size) > block.size:
+                block.max_size = maxima[block.qemu_id]  # resizeable: up to this
         dump = os.path.join(tmp, "dump.json")
         machine_args = _machine_option(argv)
         done = subprocess.run([binary, *machine_args, "-nodefaults", "-display", "none", "-dump-vmstate", dump],
@@ -203,6 +259,20 @@ def capture(argv: Sequence[str], binary: str = BINARY) -> Machine:
         if schema:
             device.minimum_version = schema.get("minimum_version")
     return machine
+
+
+def _real_names(machine: Machine, qtree: dict[str, tuple[str, str]]) -> None:
+    """Put the QOM type names from the qtree on PCI devices (paths and drivers)."""
+    for device in machine.devices:
+        prefix = device.qemu_id.partition("/")[0]
+        if prefix not in qtree or not device.path:
+            continue
+        qom_type, bus = qtree[prefix]
+        parts = device.path.split("/")
+        node = len(parts) - 2  # the device node is the component before the leaf
+        address = parts[node].partition("@")[2]
+        parts[node] = f"{escape(qom_type)}@{address}" if address else escape(qom_type)
+        device.path, device.driver, device.bus = "/".join(parts), qom_type, bus
 
 
 def _machine_option(argv: Sequence[str]) -> list[str]:

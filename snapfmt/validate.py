@@ -163,7 +163,12 @@ def _version(
 
 def _pci(device: TargetDevice, there: TargetDevice, add: Any) -> None:
     if device.pci and there.pci and device.pci != there.pci:
-        differ = sorted(k for k in device.pci if device.pci.get(k) != there.pci.get(k))
+        # keys on both sides only: a hand-written target may give identity but no capabilities
+        differ = sorted(
+            k for k in device.pci if k in there.pci and device.pci.get(k) != there.pci.get(k)
+        )
+        if not differ:
+            return
         add(Finding("pci-identity", "error", device.path, {k: device.pci[k] for k in differ},
                     {k: there.pci.get(k) for k in differ},
                     f"{device.qemu_id}: PCI {', '.join(differ)} differ from the target's",

@@ -127,3 +127,36 @@ def test_validate_agrees_with_qemu(qemu: None, tmp_path: Path, run: Run, name: s
             named,
             first,
         )
+
+
+def test_capture_records_real_names_buses_and_resizeable_blocks(
+    qemu: None, tmp_path: Path, run: Run
+) -> None:
+    import json
+
+    description = tmp_path / "target.json"
+    target = [
+        *machine(),
+        "-device",
+        "pci-bridge,id=br1,chassis_nr=1,addr=08.0",
+        "-device",
+        "e1000,bus=br1,addr=03.0",
+    ]
+    assert run("machine", "capture", "-o", description, "--", qmp.BINARY, *target).code == 0
+    data = json.loads(description.read_text())
+    devices = {d["qemu_id"]: d for d in data["devices"]}
+    behind = devices["0000:00:08.0:03.0/e1000"]
+    assert (behind["driver"], behind["bus"]) == ("e1000", "br1")
+    assert devices["0000:00:07.0/lsiscsi"]["driver"] == "lsi53c895a"
+    assert devices["0000:00:06.0/virtio-net"]["pci"]["capabilities"][0] == [
+        0x98,
+        0x11,
+    ]  # MSI-X first
+    blocks = {b["qemu_id"]: b for b in data["ram_blocks"]}
+    assert blocks["/rom@etc/acpi/tables"]["max_size"] > blocks["/rom@etc/acpi/tables"]["size"]
+    assert "max_size" not in blocks["pc.ram"]
+    assert not [
+        p
+        for p in Path("/tmp").glob("snapfmt-q*")
+        if p.is_dir() and p.stat().st_mtime > description.stat().st_mtime - 60
+    ]
