@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -17,6 +16,7 @@ from typing import Any
 import click
 
 from snapfmt import __version__, extract, inspect, manifest, render
+from snapfmt import _atomic as atomic
 from snapfmt import convert as convert_mod
 from snapfmt import diff as diff_mod
 from snapfmt import machine as machine_mod
@@ -333,17 +333,9 @@ def machine_from_snapshot(snapshot: str, output: str) -> int:
 
 
 def _write_json(path: str, data: object) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=1)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic.replace(path, "w") as f:
+        json.dump(data, f, indent=1)
+        f.write("\n")
 
 
 def main(argv: list[str] | None = None) -> None:

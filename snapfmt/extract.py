@@ -12,19 +12,18 @@ import contextlib
 import json
 import os
 import sys
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import IO, Any
 
 import tomli_w
 
+from snapfmt._atomic import replace
 from snapfmt.chunks import zeros
 from snapfmt.errors import SnapfmtError
 from snapfmt.formats.native import DEFAULT_CHUNK_SIZE, SectionKind
 from snapfmt.model import Snapshot
 from snapfmt.paths import Path, escape
-from snapfmt.writer import _file_mode
 
 __all__ = ["Extracted", "extract_all", "extract_one"]
 
@@ -69,17 +68,8 @@ def extract_one(snap: Snapshot, selector: str, output: str, progress: Progress =
         size = _write_section(snap, path, sys.stdout.buffer, progress)
         sys.stdout.buffer.flush()
         return Extracted(str(path), kind, output, size)
-    folder = os.path.dirname(os.path.abspath(output))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(output)}.", suffix=".tmp")
-    os.fchmod(fd, _file_mode())
-    try:
-        with os.fdopen(fd, "wb") as f:
-            size = _write_section(snap, path, f, progress)
-        os.replace(tmp, output)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with replace(output) as f:
+        size = _write_section(snap, path, f, progress)
     return Extracted(str(path), kind, output, size)
 
 

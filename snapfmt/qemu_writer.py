@@ -10,15 +10,13 @@ footer.  Written atomically like native snapshots.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Callable
 from typing import IO, Any
 
+from snapfmt._atomic import replace
 from snapfmt.errors import SnapfmtError
 from snapfmt.formats import qemu as qf
 from snapfmt.model import DeviceState, RamBlock, Snapshot
-from snapfmt.writer import _file_mode, _fsync_folder
 
 Progress = Callable[[int], None] | None
 
@@ -71,25 +69,8 @@ def _vmdesc_entry(device: DeviceState) -> dict[str, Any]:
 
 def write_qemu(snap: Snapshot, target: str, progress: Progress = None) -> None:
     """Write *snap* as a QEMU stream to *target* (temp file beside it, fsync, rename)."""
-    folder = os.path.dirname(os.path.abspath(target))
-    try:
-        fd, tmp = tempfile.mkstemp(
-            dir=folder, prefix=f".{os.path.basename(target)}.", suffix=".tmp"
-        )
-    except OSError as e:
-        raise SnapfmtError(f"{target}: cannot write there: {e.strerror}") from None
-    os.fchmod(fd, _file_mode())
-    try:
-        with os.fdopen(fd, "wb", buffering=1 << 20) as f:
-            _write(snap, _Out(f), progress)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-        _fsync_folder(folder)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with replace(target, buffering=1 << 20) as f:
+        _write(snap, _Out(f), progress)
 
 
 def _write(snap: Snapshot, out: _Out, progress: Progress) -> None:

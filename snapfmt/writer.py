@@ -22,6 +22,7 @@ from typing import IO, Any
 
 import xxhash
 
+from snapfmt import _atomic as atomic
 from snapfmt._parallel import ordered_map
 from snapfmt.chunks import ChunkCodec, Encoded
 from snapfmt.errors import SnapfmtError
@@ -87,14 +88,7 @@ class Writer:
         self._threads = threads or max(1, os.cpu_count() or 1)
         self._entries: list[dict[str, Any]] = []
         self._keys: set[tuple[str, str]] = set()
-        folder = os.path.dirname(os.path.abspath(self.target))
-        try:
-            fd, self._tmp = tempfile.mkstemp(
-                dir=folder, prefix=f".{os.path.basename(self.target)}.", suffix=".tmp"
-            )
-        except OSError as e:
-            raise SnapfmtError(f"{self.target}: cannot write there: {e.strerror}") from None
-        os.fchmod(fd, _file_mode())
+        fd, self._tmp = atomic.temp_beside(self.target)
         self._file = os.fdopen(fd, "wb", buffering=1 << 20)
         self._pos = 0
         self._closed = False
@@ -322,11 +316,7 @@ class Writer:
                 }
             }
             self._write(nf.Footer.build(footer))
-            self._file.flush()
-            os.fsync(self._file.fileno())
-            self._file.close()
-            os.replace(self._tmp, self.target)
-            _fsync_folder(os.path.dirname(os.path.abspath(self.target)))
+            atomic.commit(self._file, self._tmp, self.target)
             self._closed = True
         except BaseException:
             self.abort()
@@ -336,8 +326,7 @@ class Writer:
         """Drop everything written; the target path is left as it was."""
         self._closed = True
         self._file.close()
-        if os.path.exists(self._tmp):
-            os.unlink(self._tmp)
+        atomic.discard(self._tmp)
 
     def __enter__(self) -> Writer:
         return self
@@ -354,13 +343,6 @@ class Writer:
             self.abort()
 
 
-def _file_mode() -> int:
-    """What a plain open() would give a new file: 0o666 less the umask."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
 def _check_chunk_size(chunk_size: int, page_size: int) -> None:
     if (
         chunk_size & (chunk_size - 1)
@@ -371,14 +353,6 @@ def _check_chunk_size(chunk_size: int, page_size: int) -> None:
             f"chunk size {chunk_size} is not a power of two, a multiple of the page size "
             f"{page_size}, from {nf.MIN_CHUNK_SIZE} to {nf.MAX_CHUNK_SIZE}"
         )
-
-
-def _fsync_folder(folder: str) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _batches(source: RamSource, size: int) -> Iterator[bytes]:
