@@ -5,17 +5,19 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from snapfmt.diff import Diff
-from snapfmt.extract import Extracted
 from snapfmt.inspect import Container, DeviceDump, Dump, Info, MetadataDump, RamDump
 from snapfmt.model import Configuration
-from snapfmt.validate import Validation
 from snapfmt.verify import Report
 from snapfmt.vmstate import Field
+
+if TYPE_CHECKING:  # annotations only: importing these costs every command start-up time
+    from snapfmt.diff import Diff
+    from snapfmt.extract import Extracted
+    from snapfmt.validate import Validation
 
 HEX_ROW = 16
 SHOWN_BYTES = 32

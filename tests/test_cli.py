@@ -17,13 +17,27 @@ from tests.helpers import ROOT, Run
 GOLDEN = Path(__file__).resolve().parent / "golden"
 
 
-@pytest.mark.parametrize("name", sorted(cli.commands))
-def test_every_command_has_help_with_an_example(run: Run, name: str) -> None:
-    command = cli.commands[name]
-    assert command.help, f"{name} has no help"
-    result = run(name, "--help")
+def _commands() -> list[tuple[str, ...]]:
+    found = []
+    for name, command in cli.commands.items():
+        found.append((name,))
+        if isinstance(command, click.Group):
+            found.extend((name, sub) for sub in command.commands)
+    return sorted(found)
+
+
+@pytest.mark.parametrize("words", _commands())
+def test_every_command_has_help_with_an_example(run: Run, words: tuple[str, ...]) -> None:
+    result = run(*words, "--help")
     assert result.code == 0
-    assert "Example" in result.out and f"snapfmt {name}" in result.out
+    assert "Example" in result.out and f"snapfmt {' '.join(words)}" in result.out
+
+
+def test_convert_choices_match_the_library() -> None:
+    from snapfmt.convert import FORMATS
+
+    choice = next(p for p in cli.commands["convert"].params if p.name == "to")
+    assert tuple(choice.type.choices) == FORMATS  # type: ignore[attr-defined]
 
 
 def test_group_help_lists_commands(run: Run) -> None:
