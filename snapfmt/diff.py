@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from snapfmt._parallel import ordered_map
 from snapfmt.errors import LayoutError
 from snapfmt.formats.native import SectionKind
-from snapfmt.model import DeviceState, RamBlock, Snapshot
+from snapfmt.model import ChunkInfo, DeviceState, RamBlock, Snapshot
 from snapfmt.paths import Path
 from snapfmt.ramblock import NativeRamBlock
 from snapfmt.vmstate import Field
@@ -23,6 +23,8 @@ from snapfmt.vmstate import Field
 Progress = Callable[[int], None] | None
 MAX_RANGES = 10_000  # differing ranges kept per section; the counts stay exact
 _BLOCK = 1 << 16  # compare in blocks first, then pages within differing blocks
+_TABLE_STEP = 8192  # chunk table entries compared at a time
+_PAIRS = 32  # differing chunk pairs decoded per job on the thread pool
 
 
 @dataclass(frozen=True)
@@ -215,7 +217,11 @@ def _ram(a: RamBlock, b: RamBlock, progress: Progress) -> SectionDiff | None:
     section = SectionDiff(str(a.path), "ram-block", "changed")
     page = a.page_size
     common = min(a.length, b.length)
-    skip = _equal_chunks(a, b)
+    native = (
+        isinstance(a, NativeRamBlock)
+        and isinstance(b, NativeRamBlock)
+        and a.chunk_size == b.chunk_size
+    )
     run: list[int] = []  # the open range [start, end]
 
     def note(lo: int, hi: int, nbytes: int) -> None:
@@ -228,7 +234,7 @@ def _ram(a: RamBlock, b: RamBlock, progress: Progress) -> SectionDiff | None:
             _close(section, run)
         run[:] = [lo, hi]
 
-    for offset, span_a, span_b in _spans(a, b, common, skip):
+    for offset, span_a, span_b in _spans(a, b, common, native):
         # bytes, not memoryviews: comparing two memoryviews goes item by item
         if span_a != span_b:
             block = max(_BLOCK, page)  # whole pages per block, also for pages over 64 KiB
@@ -271,33 +277,49 @@ def _close(section: SectionDiff, run: list[int]) -> None:
         section.ranges_truncated = True
 
 
-def _equal_chunks(a: RamBlock, b: RamBlock) -> set[int]:
-    """Chunk indexes whose hashes match, for two native blocks with one chunk size."""
-    if not (
-        isinstance(a, NativeRamBlock)
-        and isinstance(b, NativeRamBlock)
-        and a.chunk_size == b.chunk_size
-    ):
-        return set()
-    return {i for i, (x, y) in enumerate(zip(a.hashes(), b.hashes(), strict=False)) if x == y}
+def _chunk_pairs(
+    a: RamBlock, b: RamBlock, common: int
+) -> Iterator[list[tuple[ChunkInfo, ChunkInfo]]]:
+    """Batches of chunk pairs whose hashes differ, table piece by table piece (bounded
+    memory); chunks with equal hashes are never read.  Hashes are compared from the raw
+    tables; only differing entries become (checked) ChunkInfo objects."""
+    assert isinstance(a, NativeRamBlock) and isinstance(b, NativeRamBlock)
+    count = -(-common // a.chunk_size)
+    batch: list[tuple[ChunkInfo, ChunkInfo]] = []
+    for first in range(0, count, _TABLE_STEP):
+        n = min(_TABLE_STEP, count - first)
+        hashes_a, hashes_b = a.table_hashes(first, n), b.table_hashes(first, n)
+        if hashes_a == hashes_b:
+            continue
+        for i, (x, y) in enumerate(zip(hashes_a, hashes_b, strict=True)):
+            if x != y:
+                batch.append((a._entries(first + i, 1)[0], b._entries(first + i, 1)[0]))
+                if len(batch) == _PAIRS:
+                    yield batch
+                    batch = []
+    if batch:
+        yield batch
 
 
 def _spans(
-    a: RamBlock, b: RamBlock, common: int, skip: set[int]
+    a: RamBlock, b: RamBlock, common: int, native: bool
 ) -> Iterator[tuple[int, bytes, bytes]]:
     """Both blocks over [0, common) in equal pieces; chunks known equal are not read, the
     others are read (and decompressed) on the thread pool."""
-    if skip:
-        size = a.chunk_size
-        wanted = [i for i in range(-(-common // size)) if i not in skip]
+    if native:
 
-        def both(index: int) -> tuple[bytes, bytes]:
-            lo = index * size
-            n = min(size, common - lo)
-            return a.read(lo, n), b.read(lo, n)
+        def both(
+            pairs: list[tuple[ChunkInfo, ChunkInfo]],
+        ) -> list[tuple[int, bytearray, bytearray]]:
+            assert isinstance(a, NativeRamBlock) and isinstance(b, NativeRamBlock)
+            left = a.decode([ca for ca, _ in pairs])
+            right = b.decode([cb for _, cb in pairs])
+            return [(ca.offset, x, y) for (ca, _), x, y in zip(pairs, left, right, strict=True)]
 
-        for index, (data_a, data_b) in ordered_map(both, wanted):
-            yield index * size, data_a, data_b
+        for _pairs, decoded in ordered_map(both, _chunk_pairs(a, b, common)):
+            for offset, data_a, data_b in decoded:
+                n = min(len(data_a), len(data_b), common - offset)
+                yield offset, bytes(data_a[:n]), bytes(data_b[:n])
         return
     step = 1 << 22
     if max(a.chunk_size, b.chunk_size) > step:  # spans would not line up: read both alike

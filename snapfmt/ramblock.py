@@ -157,19 +157,15 @@ class NativeRamBlock(RamBlock):
         for first in range(0, self.chunk_count, _TABLE_STEP):
             yield from self._entries(first, min(_TABLE_STEP, self.chunk_count - first))
 
-    def hashes(self) -> list[int]:
-        """Every chunk's hash, straight from the table (its checksum was checked on open);
-        the entries themselves are checked when their chunks are read."""
-        out: list[int] = []
-        for first in range(0, self.chunk_count, _TABLE_STEP):
-            count = min(_TABLE_STEP, self.chunk_count - first)
-            raw = self._snap.pread(
-                self._table_offset + first * nf.CHUNK_ENTRY.size,
-                count * nf.CHUNK_ENTRY.size,
-                "chunk table",
-            )
-            out.extend(entry[3] for entry in nf.CHUNK_ENTRY.iter_unpack(raw))
-        return out
+    def table_hashes(self, first: int, count: int) -> list[int]:
+        """The hashes of chunks [first, first+count), straight from the table (its
+        checksum was checked on open; entries are checked when their chunks are read)."""
+        raw = self._snap.pread(
+            self._table_offset + first * nf.CHUNK_ENTRY.size,
+            count * nf.CHUNK_ENTRY.size,
+            "chunk table",
+        )
+        return [entry[3] for entry in nf.CHUNK_ENTRY.iter_unpack(raw)]
 
     @property
     def stored_size(self) -> int:
@@ -245,6 +241,16 @@ class NativeRamBlock(RamBlock):
             return
         for c in batch:
             yield c, stored[c.file_offset - base : c.file_offset - base + c.stored_length]
+
+    def decode(self, chunks: list[ChunkInfo]) -> list[bytearray]:
+        """The plain bytes of *chunks* (any, in any order), each checked against its hash."""
+        codec = self._codec()
+        out = []
+        for c, src in self._sources(chunks):
+            dest = bytearray(c.length)
+            self._decode(codec, c, src, memoryview(dest))
+            out.append(dest)
+        return out
 
     def _fill(self, batch: list[ChunkInfo], out: memoryview) -> None:
         """Decode consecutive chunks into *out*, checking each against its hash."""
