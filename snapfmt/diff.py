@@ -116,6 +116,11 @@ def diff(a: Snapshot, b: Snapshot, *, fields: bool = True, progress: Progress = 
     return result
 
 
+def _count(n: int, noun: str, plural: str | None = None, singular: str | None = None) -> str:
+    """'1 page differs', '2 pages differ'; without the verb forms, '1 byte', '2 bytes'."""
+    return f"{n} {(singular or noun) if n == 1 else (plural or noun + 's')}"
+
+
 def _doc(document: object, present: bool) -> object:
     return json.dumps(document, sort_keys=True) if present else None
 
@@ -149,7 +154,8 @@ def _device(a: DeviceState, b: DeviceState, fields: bool) -> SectionDiff | None:
     else:
         ranges = list(_byte_ranges(a.data, b.data))
         notes.append(
-            f"{sum(hi - lo + 1 for lo, hi in ranges)} bytes differ in {len(ranges)} ranges"
+            f"{_count(sum(hi - lo + 1 for lo, hi in ranges), 'byte', 'bytes differ', 'byte differs')} "
+            f"in {_count(len(ranges), 'range')}"
         )
         if fields:
             section.changes.extend(Change(f"bytes {lo:#x}-{hi:#x}", a.data[lo : hi + 1], b.data[lo : hi + 1], lo)
@@ -262,7 +268,7 @@ def _ram(a: RamBlock, b: RamBlock, progress: Progress) -> SectionDiff | None:
         section.changes.append(Change("size", a.length, b.length))
     if section.pages:
         notes.append(
-            f"{section.pages} page{'s' if section.pages != 1 else ''} differ ({section.bytes_changed} bytes changed)"
+            f"{_count(section.pages, 'page', 'pages differ', 'page differs')} ({_count(section.bytes_changed, 'byte')} changed)"
         )
     if not notes:
         return None

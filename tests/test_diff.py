@@ -44,7 +44,7 @@ def test_fields_bytes_and_pages(tmp_path: Path, run: Run) -> None:
     assert lines[-1] == "3 differences, 3 sections identical"
     assert "~ /i440FX-pcihost/pci.0/e1000@05.0/vmstate: 1 field changed" in lines
     assert "    rxbuf_size  0x800 (2048) -> 0x1000 (4096)" in lines
-    assert "~ /i440FX-pcihost/pci.0/lsi53c895a@07.0/vmstate: 1 bytes differ in 1 ranges" in lines
+    assert "~ /i440FX-pcihost/pci.0/lsi53c895a@07.0/vmstate: 1 byte differs in 1 range" in lines
     assert "    bytes 0x5-0x5  05 -> ff" in lines
     assert "~ /pc.ram: 2 pages differ (6144 bytes changed)" in lines
     assert "    0x7fe000-0x7fffff" in lines
