@@ -101,7 +101,7 @@ def _devices(source: Machine, target: Machine, add: Any) -> None:
         key = (device.qemu_id, device.instance_id)
         there = offered.get(key) if target.topology else None
         if target.topology and there is None:
-            add(_missing(device, by_address, target_cpus))
+            add(_missing(device, by_address, target_cpus, _unclaimed(source, target)))
             continue
         _version(device, there, target.schemas.get(device.vmstate), add)
         if there is not None:
@@ -119,8 +119,17 @@ def _devices(source: Machine, target: Machine, add: Any) -> None:
                         f"the target has {len(target_cpus)} CPUs, the snapshot {len(source_cpus)}: the others keep their reset state"))  # fmt: skip
 
 
+def _unclaimed(source: Machine, target: Machine) -> list[TargetDevice]:
+    """Target devices no snapshot section is for: where a missing device may have moved."""
+    wanted = {(d.qemu_id, d.instance_id) for d in source.devices}
+    return [d for d in target.devices if (d.qemu_id, d.instance_id) not in wanted]
+
+
 def _missing(
-    device: TargetDevice, by_address: dict[str, TargetDevice], target_cpus: set[int]
+    device: TargetDevice,
+    by_address: dict[str, TargetDevice],
+    target_cpus: set[int],
+    unclaimed: list[TargetDevice],
 ) -> Finding:
     qemu = f"Unknown savevm section or instance '{device.qemu_id}' {device.instance_id}"
     prefix = device.qemu_id.rpartition("/")[0]
@@ -133,8 +142,18 @@ def _missing(
     if device.qemu_id in ("cpu", "cpu_common", "apic", "kvm-tpr-opt") and target_cpus:
         return Finding("cpu-count", "error", device.path, device.instance_id, len(target_cpus),
                        f"CPU {device.instance_id} does not exist on the target (it has {len(target_cpus)})", qemu)  # fmt: skip
+    moved = [
+        d.qemu_id.rpartition("/")[0]
+        for d in unclaimed
+        if d.vmstate == device.vmstate and "/" in d.qemu_id
+    ]
+    hint = (
+        f"; the target has {device.vmstate} at {', '.join(moved)} (moved?)"
+        if moved and prefix
+        else ""
+    )
     return Finding("section-missing", "error", device.path, device.qemu_id, None,
-                   f"{device.qemu_id} (instance {device.instance_id}) has no device on the target", qemu)  # fmt: skip
+                   f"{device.qemu_id} (instance {device.instance_id}) has no device on the target{hint}", qemu)  # fmt: skip
 
 
 def _version(

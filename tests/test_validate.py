@@ -83,3 +83,18 @@ def test_bad_descriptions_name_the_json_path(
     description.write_text(json.dumps(data))
     result = run("validate", PC, "--target", description)
     assert (result.code, result.err) == (2, f"snapfmt: error: {description}: {message}\n")
+
+
+def test_a_moved_device_is_pointed_out(tmp_path: Path, run: Run) -> None:
+    description = tmp_path / "pc.json"
+    run("machine", "from-snapshot", PC, "-o", description)
+    data = json.loads(description.read_text())
+    e1000 = next(d for d in data["devices"] if d["qemu_id"] == "0000:00:05.0/e1000")
+    e1000["qemu_id"] = "0000:00:09.0/e1000"
+    description.write_text(json.dumps(data))
+    result = run("validate", PC, "--target", description, "--json")
+    finding = next(f for f in json.loads(result.out)["findings"] if f["code"] == "section-missing")
+    assert (
+        finding["message"]
+        == "0000:00:05.0/e1000 (instance 0) has no device on the target; the target has e1000 at 0000:00:09.0 (moved?)"
+    )
