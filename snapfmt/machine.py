@@ -9,10 +9,13 @@ versions and subsections, no topology).
 from __future__ import annotations
 
 import gzip
+import io
 import json
 import os
+import stat
 import subprocess
 import tempfile
+import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,8 +30,11 @@ FORMAT = "snapfmt-machine"
 VERSION = 1
 PCI_IDENTITY = {  # offset, size in PCI config space
     "vendor": (0x00, 2), "device": (0x02, 2), "revision": (0x08, 1), "class": (0x09, 3),
-    "subsystem_vendor": (0x2C, 2), "subsystem": (0x2E, 2),
+    "header_type": (0x0E, 1), "subsystem_vendor": (0x2C, 2), "subsystem": (0x2E, 2),
 }  # fmt: skip
+# What QEMU's pci_init_cmask (plus each capability's bytes) makes it compare on load; the
+# subsystem ids are recorded but not compared by QEMU.
+PCI_COMPARED = frozenset({"vendor", "device", "revision", "class", "header_type", "capabilities"})
 
 
 class DescriptionError(SnapfmtError):
@@ -198,10 +204,21 @@ def _dump_schemas(dump: dict[str, Any]) -> dict[str, dict[str, Any]]:
         if key == "vmschkmachine" or not isinstance(entry, dict):
             continue
         desc = entry.get("Description", {})
+        if not isinstance(desc, dict):
+            continue
         name = desc.get("name") or entry.get("Name")
         if not isinstance(name, str):
             continue
-        subs = [s.get("name") for s in desc.get("Subsections", []) if isinstance(s, dict)]
+        subsections = desc.get("Subsections", [])
+        subs = (
+            [s.get("name") for s in subsections if isinstance(s, dict)]
+            if isinstance(subsections, list)
+            else []
+        )
+        subs = [s for s in subs if isinstance(s, str)]
+        versions = (desc.get("version_id"), desc.get("minimum_version_id"))
+        if not all(v is None or (isinstance(v, int) and not isinstance(v, bool)) for v in versions):
+            continue
         schemas[name] = {"version": desc.get("version_id"), "minimum_version": desc.get("minimum_version_id"),
                          "subsections": sorted(set(subs) | set(_nested_subsections(desc)))}  # fmt: skip
     return schemas
@@ -209,7 +226,8 @@ def _dump_schemas(dump: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 def _nested_subsections(desc: dict[str, Any]) -> list[str]:
     found = []
-    for sub in desc.get("Subsections", []) or []:
+    subsections = desc.get("Subsections", []) or []
+    for sub in subsections if isinstance(subsections, list) else []:
         if isinstance(sub, dict):
             found.append(sub.get("name"))
             found.extend(_nested_subsections(sub))
@@ -218,9 +236,10 @@ def _nested_subsections(desc: dict[str, Any]) -> list[str]:
 
 def from_dump_vmstate(dump: dict[str, Any]) -> Machine:
     """QEMU's -dump-vmstate JSON as a (topology-free) target."""
+    header = dump.get("vmschkmachine")
     name = (
-        dump.get("vmschkmachine", {}).get("Name")
-        if isinstance(dump.get("vmschkmachine"), dict)
+        header.get("Name")
+        if isinstance(header, dict) and isinstance(header.get("Name"), str)
         else None
     )
     return Machine("dump-vmstate", name, None, None, None, False, schemas=_dump_schemas(dump))
@@ -288,13 +307,17 @@ def _machine_option(argv: Sequence[str]) -> list[str]:
 def load(path: str) -> Machine:
     """A description file, or QEMU -dump-vmstate JSON (gzipped or not)."""
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block the read
+            raise DescriptionError(f"{path}: not a regular file")
         with open(path, "rb") as f:
             raw = f.read(1 << 28)
         if raw[:2] == b"\x1f\x8b":
-            raw = gzip.decompress(raw)
+            raw = gzip.GzipFile(fileobj=io.BytesIO(raw)).read(1 << 28)
         data = json.loads(raw)
+    except (EOFError, zlib.error, gzip.BadGzipFile) as e:
+        raise DescriptionError(f"{path}: not valid gzip: {e}") from None
     except OSError as e:
-        raise DescriptionError(f"{path}: cannot read: {e.strerror}") from None
+        raise DescriptionError(f"{path}: cannot read: {e.strerror or e}") from None
     except (ValueError, RecursionError) as e:
         raise DescriptionError(f"{path}: not valid JSON: {e}") from None
     if isinstance(data, dict) and "vmschkmachine" in data:
@@ -319,7 +342,7 @@ def _parse(path: str, data: Any) -> Machine:
         raise DescriptionError(
             f"{path}: $.format: expected {FORMAT!r}, found {data.get('format')!r}"
         )
-    if data.get("version") != VERSION:
+    if type(data.get("version")) is not int or data.get("version") != VERSION:
         raise DescriptionError(
             f"{path}: $.version: expected {VERSION}, found {data.get('version')!r}"
         )
@@ -332,12 +355,23 @@ def _parse(path: str, data: Any) -> Machine:
         bool(_need(path, "$.topology", data.get("topology", True), bool)),
         schemas=_need(path, "$.schemas", data.get("schemas", {}), dict),
     )
+    for i, capability in enumerate(machine.capabilities or []):
+        _need(path, f"$.capabilities[{i}]", capability, str)
+    for name, schema in machine.schemas.items():
+        where = f"$.schemas.{name}"
+        _need(path, where, schema, dict)
+        _need(path, f"{where}.version", schema.get("version"), int, True)
+        _need(path, f"{where}.minimum_version", schema.get("minimum_version"), int, True)
+        for j, sub in enumerate(
+            _need(path, f"{where}.subsections", schema.get("subsections", []), list)
+        ):
+            _need(path, f"{where}.subsections[{j}]", sub, str)
     for i, d in enumerate(_need(path, "$.devices", data.get("devices", []), list)):
         where = f"$.devices[{i}]"
         _need(path, where, d, dict)
         machine.devices.append(TargetDevice(
             _need(path, f"{where}.qemu_id", d.get("qemu_id"), str),
-            _need(path, f"{where}.instance_id", d.get("instance_id", 0), int),
+            _need(path, f"{where}.instance_id", d.get("instance_id"), int),
             _need(path, f"{where}.vmstate", d.get("vmstate"), str),
             _need(path, f"{where}.version", d.get("version"), int),
             _need(path, f"{where}.path", d.get("path"), str, True),

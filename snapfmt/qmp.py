@@ -58,6 +58,10 @@ class Qemu:
     # -- life cycle ---------------------------------------------------------------------------
 
     def start(self) -> Qemu:
+        if "-daemonize" in self.args:
+            raise QemuError(
+                "-daemonize is not supported: the QEMU snapfmt starts must stay its child"
+            )
         argv = [
             self.binary,
             *self.args,

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from snapfmt.machine import Machine, TargetDevice, from_snapshot
+from snapfmt.machine import PCI_COMPARED, Machine, TargetDevice, from_snapshot
 from snapfmt.model import Snapshot
 
 
@@ -181,17 +181,22 @@ def _version(
 
 
 def _pci(device: TargetDevice, there: TargetDevice, add: Any) -> None:
-    if device.pci and there.pci and device.pci != there.pci:
-        # keys on both sides only: a hand-written target may give identity but no capabilities
-        differ = sorted(
-            k for k in device.pci if k in there.pci and device.pci.get(k) != there.pci.get(k)
-        )
-        if not differ:
-            return
-        add(Finding("pci-identity", "error", device.path, {k: device.pci[k] for k in differ},
-                    {k: there.pci.get(k) for k in differ},
-                    f"{device.qemu_id}: PCI {', '.join(differ)} differ from the target's",
+    if not device.pci or not there.pci or device.pci == there.pci:
+        return
+    # keys on both sides only: a hand-written target may give identity but no capabilities
+    differ = sorted(
+        k for k in device.pci if k in there.pci and device.pci.get(k) != there.pci.get(k)
+    )
+    compared = [k for k in differ if k in PCI_COMPARED]
+    if compared:
+        add(Finding("pci-identity", "error", device.path, {k: device.pci[k] for k in compared},
+                    {k: there.pci.get(k) for k in compared},
+                    f"{device.qemu_id}: PCI {', '.join(compared)} differ from the target's",
                     "get_pci_config_device: Bad config data"))  # fmt: skip
+    elif differ:
+        add(Finding("pci-subsystem", "warning", device.path, {k: device.pci[k] for k in differ},
+                    {k: there.pci.get(k) for k in differ},
+                    f"{device.qemu_id}: PCI {', '.join(differ)} differ (QEMU does not compare them on load)"))  # fmt: skip
 
 
 def _layout(device: TargetDevice, there: TargetDevice, add: Any) -> None:

@@ -71,6 +71,13 @@ def test_version_above_the_schema(tmp_path: Path, run: Run) -> None:
             "$.ram_blocks[0].size: expected int, found null",
         ),
         (lambda d: d.update(devices={}), "$.devices: expected list, found {}"),
+        (lambda d: d.update(version=True), "$.version: expected 1, found True"),
+        (
+            lambda d: d["devices"][0].pop("instance_id"),
+            "$.devices[0].instance_id: expected int, found null",
+        ),
+        (lambda d: d.update(capabilities=[1]), "$.capabilities[0]: expected str, found 1"),
+        (lambda d: d.update(schemas={"e1000": [1]}), "$.schemas.e1000: expected dict, found [1]"),
     ],
 )
 def test_bad_descriptions_name_the_json_path(
@@ -97,4 +104,22 @@ def test_a_moved_device_is_pointed_out(tmp_path: Path, run: Run) -> None:
     assert (
         finding["message"]
         == "0000:00:05.0/e1000 (instance 0) has no device on the target; the target has e1000 at 0000:00:09.0 (moved?)"
+    )
+
+
+@pytest.mark.parametrize("content", [b"\x1f\x8bgarbage", b"\x1f\x8b\x08\x00"])
+def test_bad_gzip_targets(tmp_path: Path, run: Run, content: bytes) -> None:
+    target = tmp_path / "t.json"
+    target.write_bytes(content)
+    result = run("validate", PC, "--target", target)
+    assert result.code == 2 and result.err.startswith(f"snapfmt: error: {target}: not valid gzip")
+
+
+def test_fifo_target_does_not_hang(tmp_path: Path, run: Run) -> None:
+    import os
+
+    fifo = tmp_path / "fifo.json"
+    os.mkfifo(fifo)
+    assert (
+        run("validate", PC, "--target", fifo).err == f"snapfmt: error: {fifo}: not a regular file\n"
     )

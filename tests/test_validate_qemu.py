@@ -83,6 +83,10 @@ PAIRS = {
         machine(),
         machine(devices=replace(BASE, E1000, "e1000,addr=05.0,mac=52:54:00:00:00:55")),
     ),
+    "e1000 made multifunction (header type)": (
+        machine(),
+        machine(devices=replace(BASE, E1000, f"{E1000},multifunction=on")),
+    ),
 }
 
 NAMES = [  # what QEMU names when it refuses, most specific first
