@@ -147,6 +147,8 @@ def _verify_qemu(stream: QemuStream) -> Report:
         report.sections += 1
         report.bytes += section.size
         path = section.path
+        if path is not None and section.kind == nf.SectionKind.RAM_BLOCK:
+            report.chunks += section.size // stream.page_size  # pages, the stream's unit
         if path is None or section.kind != nf.SectionKind.DEVICE:
             continue
         device = stream.device(path)
