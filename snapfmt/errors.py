@@ -53,17 +53,6 @@ class FormatError(SnapfmtError):
         parts.append(detail)
         return ": ".join(parts)
 
-    def located(self, *, file: str | None = None, offset_base: int = 0) -> FormatError:
-        """Return this error with the file filled in and the offset made absolute."""
-        new = type(self).__new__(type(self))
-        new.__dict__.update(self.__dict__)
-        if file is not None and new.file is None:
-            new.file = file
-        if new.offset is not None:
-            new.offset += offset_base
-        Exception.__init__(new, new._compose())
-        return new
-
 
 class TruncatedError(FormatError):
     """The file ends before a structure it promises."""

@@ -112,10 +112,6 @@ class RamBlock(abc.ABC):
     def chunks(self) -> Iterator[ChunkInfo]:
         """The chunk table, in block order."""
 
-    @property
-    def chunk_hashes(self) -> Iterator[int]:
-        return (c.hash for c in self.chunks())
-
     def summary(self) -> tuple[int, int, int]:
         """(chunks, all-zero chunks, bytes stored) without reading the contents."""
         chunks = zeros = stored = 0

@@ -128,9 +128,6 @@ class Path:
     def leaf(self) -> Component:
         return self.components[-1]
 
-    def is_prefix_of(self, other: Path) -> bool:
-        return other.components[: len(self.components)] == self.components
-
 
 # -- selectors -------------------------------------------------------------------------
 

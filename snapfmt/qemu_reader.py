@@ -238,14 +238,14 @@ class QemuStream(Snapshot):
                 )
             self._ram(section)
             section.spans.append((start, cur.pos - start))
-            self._footer(section, after_ram=True)
+            self._footer(section)
             return
         end = self._find_footer(section, start)
         section.spans.append((start, end - start))
         cur.pos = end
         self._footer(section)
 
-    def _footer(self, section: _Section, after_ram: bool = False) -> None:
+    def _footer(self, section: _Section) -> None:
         cur = self._cur
         if self.footers is None:
             self.footers = cur.peek() == bytes([qf.SectionType.FOOTER])
@@ -813,7 +813,3 @@ class QemuRamBlock(RamBlock):
                     where,
                     xxh3_64(self._stream.pread(where, page, "RAM page")),
                 )
-
-    @property
-    def pages_sent(self) -> int:
-        return sum(1 for p in self._pages if p > 0)

@@ -167,10 +167,6 @@ class NativeRamBlock(RamBlock):
         )
         return [entry[3] for entry in nf.CHUNK_ENTRY.iter_unpack(raw)]
 
-    @property
-    def stored_size(self) -> int:
-        return self.section.data_length
-
     # -- contents --------------------------------------------------------------------------
 
     def _codec(self) -> ChunkCodec:

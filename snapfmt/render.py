@@ -403,10 +403,6 @@ def diff_json(d: Diff) -> dict[str, Any]:
 # -- validate -----------------------------------------------------------------------------------
 
 
-def _short_value(value: object) -> str:
-    return "-" if value is None else str(value)
-
-
 def validation_text(v: Validation) -> Iterator[str]:
     for f in v.findings:
         where = f"{f.path}: " if f.path else ""

@@ -164,12 +164,6 @@ def decode(layout: Layout, data: bytes, base_offset: int = 0) -> list[Field]:
     return fields
 
 
-def type_size(type_name: str) -> int | None:
-    """The wire size of a fixed-size scalar type, or None for byte-string types."""
-    spec = _INTEGERS.get(type_name)
-    return spec[0] if spec else None
-
-
 def encode_value(type_name: str, value: object, size: int | None = None) -> bytes:
     """Encode one scalar as QEMU writes it; byte-string types take bytes or hex."""
     spec = _INTEGERS.get(type_name)
