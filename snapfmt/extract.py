@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import stat
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -19,7 +20,6 @@ from typing import IO, Any
 import tomli_w
 
 from snapfmt._atomic import replace
-from snapfmt.chunks import zeros
 from snapfmt.errors import SnapfmtError
 from snapfmt.formats.native import DEFAULT_CHUNK_SIZE, SectionKind
 from snapfmt.model import Snapshot
@@ -38,26 +38,33 @@ class Extracted:
     size: int
 
 
-def _write_section(snap: Snapshot, path: Path, out: IO[bytes], progress: Progress) -> int:
-    """Write one section's raw contents to *out*; zero spans become holes where possible."""
+def _write_section(
+    snap: Snapshot, path: Path, out: IO[bytes], progress: Progress, ours: bool = True
+) -> int:
+    """Write one section's raw contents to *out*; in a new regular file of ours, zero
+    spans become holes."""
     section = snap.section_for(path)
     if section.kind == SectionKind.DEVICE:
         data = snap.device(path).data
         out.write(data)
         return len(data)
     block = snap.ram_block(path)
-    seekable = out.seekable()
-    for _offset, view in block.iter_spans():
-        # startswith on a same-length zero string is one memcmp (memoryview == is per item)
-        if seekable and zeros(len(view)).startswith(view):
-            out.seek(len(view), os.SEEK_CUR)
-        else:
-            out.write(view)
+    if ours and _regular(out):  # a file opened here, empty, at offset 0, not O_APPEND
+        out.flush()
+        block.write_into(out.fileno(), progress)
+        return block.length
+    for _offset, view in block.iter_spans():  # standard output: zeros are written out
+        out.write(view)
         if progress:
             progress(len(view))
-    if seekable:
-        out.truncate(block.length)
     return block.length
+
+
+def _regular(out: IO[bytes]) -> bool:
+    try:
+        return stat.S_ISREG(os.fstat(out.fileno()).st_mode)
+    except (OSError, ValueError, AttributeError):  # no descriptor (a test's BytesIO)
+        return False
 
 
 def extract_one(snap: Snapshot, selector: str, output: str, progress: Progress = None) -> Extracted:
@@ -65,7 +72,7 @@ def extract_one(snap: Snapshot, selector: str, output: str, progress: Progress =
     path = snap.select_one(selector)
     kind = snap.section_for(path).kind_name
     if output == "-":
-        size = _write_section(snap, path, sys.stdout.buffer, progress)
+        size = _write_section(snap, path, sys.stdout.buffer, progress, ours=False)
         sys.stdout.buffer.flush()
         return Extracted(str(path), kind, output, size)
     with replace(output) as f:

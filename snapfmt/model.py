@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterator, Mapping
+import os
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -89,6 +90,23 @@ class ChunkInfo:
     hash: int
 
 
+def pwrite_all(fd: int, buffers: list[Any], offset: int) -> None:
+    """pwritev *buffers* (at most IOV_MAX of them) at *offset*, going on after a short
+    write."""
+    first = 0
+    while first < len(buffers):
+        done = os.pwritev(fd, buffers[first:], offset)
+        if done <= 0:
+            raise OSError("pwritev wrote nothing")
+        offset += done
+        while first < len(buffers) and done >= len(buffers[first]):
+            done -= len(buffers[first])
+            first += 1
+        if done:
+            buffers = [memoryview(buffers[first])[done:], *buffers[first + 1 :]]
+            first = 0
+
+
 class RamBlock(abc.ABC):
     """A RAM block's contents, read on demand."""
 
@@ -111,6 +129,18 @@ class RamBlock(abc.ABC):
     @abc.abstractmethod
     def chunks(self) -> Iterator[ChunkInfo]:
         """The chunk table, in block order."""
+
+    def write_into(self, fd: int, progress: Callable[[int], None] | None = None) -> None:
+        """Write the whole block into the regular file *fd* from its offset 0, leaving
+        all-zero spans as holes, and size the file to the block's length."""
+        for offset, view in self.iter_spans():
+            # startswith on a same-length zero string is one memcmp (memoryview == is
+            # per item), and stops at the first non-zero byte
+            if not bytes(len(view)).startswith(view):
+                pwrite_all(fd, [view], offset)
+            if progress:
+                progress(len(view))
+        os.ftruncate(fd, self.length)
 
     def summary(self) -> tuple[int, int, int]:
         """(chunks, all-zero chunks, bytes stored) without reading the contents."""

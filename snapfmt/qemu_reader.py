@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import itertools
 import json
+import mmap
 import os
 import re
+import sys
 from array import array
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,14 +24,100 @@ from snapfmt.chunks import zero_hash, zeros
 from snapfmt.errors import FormatError, UnsupportedError
 from snapfmt.formats import qemu as qf
 from snapfmt.formats.native import ChunkEncoding, SectionKind, xxh3_64
-from snapfmt.model import ChunkInfo, Configuration, DeviceState, RamBlock, SectionInfo, Snapshot
+from snapfmt.model import (
+    ChunkInfo,
+    Configuration,
+    DeviceState,
+    RamBlock,
+    SectionInfo,
+    Snapshot,
+    pwrite_all,
+)
 from snapfmt.paths import Path
 from snapfmt.qemu_paths import PathMapper
 
-_WINDOW = 1 << 23  # RAM records and footer searches
+_WINDOW = 1 << 23  # footer searches
+_MAP_WINDOW = 1 << 25  # RAM walk: every page of it is touched, so this much is resident
 _CURSOR_WINDOW = 1 << 16  # headers and small structures
 _IDSTR = re.compile(rb"^[\x21-\x7e]+$")
 NOT_SENT, ZERO_PAGE = 0, -1
+_STREAK = 8  # records in a row that follow one another before a run is checked at once
+_RUN_MIN, _RUN_MAX = 64, 4096  # records checked at once: first, and at most
+_IOV_MAX = 1024  # iovecs per preadv/pwritev (Linux's IOV_MAX)
+_ZERO_RUN = array("q", [ZERO_PAGE]) * _RUN_MAX
+
+
+class _Windows:
+    """Read-only windows on a file for the RAM walk.  Mapped where the file allows it, so
+    that only the bytes looked at (record headers, 8 in every 4104) are read from the page
+    cache; otherwise filled by preadv."""
+
+    def __init__(self, fd: int, size: int) -> None:
+        self.fd, self.size, self.length = fd, size, _MAP_WINDOW
+        self._map: mmap.mmap | None = None
+        self._buf: bytearray | None = None
+
+    def cover(self, pos: int, need: int) -> tuple[Any, int]:
+        """(buffer, file offset of its first byte) holding at least [pos, pos + need), or
+        up to the end of the file."""
+        self.release()
+        if self._buf is None:
+            base = pos - pos % mmap.ALLOCATIONGRANULARITY
+            length = min(self.length, self.size - base)
+            try:
+                self._map = mmap.mmap(self.fd, length, offset=base, access=mmap.ACCESS_READ)
+                return self._map, base
+            except (OSError, ValueError):
+                self._buf = bytearray(max(self.length, need))
+        got = os.preadv(self.fd, [self._buf], pos)
+        return memoryview(self._buf)[:got], pos
+
+    def release(self) -> None:
+        if self._map is not None:
+            self._map.close()
+            self._map = None
+
+
+def _run(buf: Any, rel: int, word: int, page: int, step: int, limit: int) -> int:
+    """How many records from ``buf[rel]`` on continue the one there: headers word,
+    word + page, word + 2 * page... (the next pages of one block, one kind), each *step*
+    bytes long, a zero record's fill byte 0.  At least 1, at most *limit*.
+
+    Checked a byte plane at a time with strided slices: plane k holds byte k of every
+    header.  Where a plane differs from what the run would have, the first differing
+    byte is found from the XOR of the two as big integers -- all of it in C."""
+    heads = array("Q", range(word, word + limit * page, page))
+    if sys.byteorder == "little":
+        heads.byteswap()
+    expected = heads.tobytes()
+    stop = rel + limit * step
+    planes = [(buf[rel + k : stop + k : step], expected[k::8]) for k in range(8)]
+    if step == 9:
+        planes.append((buf[rel + 8 : stop + 8 : step], bytes(limit)))
+    count = limit
+    for found, wanted in planes:
+        if found != wanted:
+            diff = int.from_bytes(found, "big") ^ int.from_bytes(wanted, "big")
+            count = min(count, limit - (diff.bit_length() + 7) // 8)
+    return max(count, 1)
+
+
+def _sent(pages: array) -> int:  # type: ignore[type-arg]
+    """How many entries of a page map are file offsets (not NOT_SENT or ZERO_PAGE),
+    counted over its bytes in C rather than entry by entry.
+
+    An entry is NOT_SENT when all 8 of its bytes are 0: the OR of the 8 byte planes (as
+    big integers) has a 0 byte exactly there.  ZERO_PAGE (-1) is 8 bytes of 0xff, and as
+    offsets are positive no other entry has a 0xff top byte, so every run of 0xff bytes
+    starts on an entry and counting b"\\xff" * 8 counts exactly the -1 entries."""
+    if not len(pages):
+        return 0
+    raw = pages.tobytes()
+    merged = 0
+    for k in range(8):
+        merged |= int.from_bytes(raw[k::8], "big")
+    unsent = merged.to_bytes(len(pages), "big").count(0)
+    return len(pages) - unsent - raw.count(b"\xff" * 8)
 
 
 class _Cursor:
@@ -128,6 +216,7 @@ class QemuStream(Snapshot):
         self._package_end: int | None = None
         self._page_budget = reader.size // 9 + (1 << 20)
         self._window = bytearray(_WINDOW)
+        self._windows = _Windows(reader.fd, reader.size)
         self._base = start
         self._cur = _Cursor(reader, start)
         self._walk()
@@ -382,47 +471,65 @@ class QemuStream(Snapshot):
         """RAM records up to EOS; pages are recorded by file offset, not read.
 
         The hot path -- CONTINUE records of a whole or zero page, nearly every record of
-        a stream -- reads headers straight from a window with one struct call each; any
-        other record goes through _ram_record."""
+        a stream -- reads headers straight from a mapped window with one struct call
+        each, and once a few records in a row follow one another (the next page of the
+        same block, the same kind) checks a whole run of them at once (:func:`_run`).
+        Only the 8-byte headers are looked at, never the pages.  Any other record goes
+        through _ram_record."""
         io = self._io
         page = self.page_size
-        mask, shift, step = page - 1, page.bit_length() - 1, 8 + page
+        mask, shift = page - 1, page.bit_length() - 1
         whole = int(qf.RamFlag.CONTINUE | qf.RamFlag.PAGE)
         zero = int(qf.RamFlag.CONTINUE | qf.RamFlag.ZERO)
         unpack = qf.RAM_WORD.unpack_from
         block = self._last_block  # CONTINUE may refer to a block named in an earlier section
         pages = block.pages if block else array("q")
         pos = self._cur.pos
-        window = self._window  # reused: a fresh 8 MiB bytes per refill costs page faults
-        buf, base, end = memoryview(window)[:0], pos, 0
+        window = self._windows
+        buf, base = window.cover(pos, 9)
+        end = base + len(buf)
+        expect, streak, probe = -1, 0, _RUN_MIN
         while True:
-            rel = pos - base
-            if rel + 9 > end:
+            if pos + 9 > end:
                 if pos + 8 > io.size:
                     self._cur.pos = min(pos, io.size)
                     raise self._cur.error("stream ends inside the RAM section", section="ram")
-                end = os.preadv(io.fd, [window], pos)
-                buf, base, rel = memoryview(window)[:end], pos, 0
-            (word,) = unpack(buf, rel)
+                buf, base = window.cover(pos, 9)
+                end = base + len(buf)
+            (word,) = unpack(buf, pos - base)
             flags = word & mask
-            if flags == whole:
+            if flags == whole or (flags == zero and buf[pos - base + 8] == 0):
                 index = word >> shift
                 if index < len(pages):
-                    pages[index] = pos + 8
-                    pos += step
-                    continue
-            elif flags == zero and buf[rel + 8] == 0:
-                index = word >> shift
-                if index < len(pages):
-                    pages[index] = ZERO_PAGE
-                    pos += 9
+                    streak = streak + 1 if word == expect else 0
+                    if streak < _STREAK:
+                        pages[index] = pos + 8 if flags == whole else ZERO_PAGE
+                        pos += 8 + page if flags == whole else 9
+                        expect = word + page
+                        continue
+                    # a run: the next records are likely the next pages, same kind
+                    step = 8 + page if flags == whole else 9
+                    limit = min(probe, len(pages) - index, (end - pos - 9) // step + 1)
+                    count = _run(buf, pos - base, word, page, step, limit)
+                    if flags == whole:
+                        pages[index : index + count] = array(
+                            "q", range(pos + 8, pos + 8 + count * step, step)
+                        )
+                    else:
+                        pages[index : index + count] = _ZERO_RUN[:count]  # count <= _RUN_MAX
+                    pos += count * step
+                    expect = word + count * page
+                    probe = min(probe * 2, _RUN_MAX) if count == limit else _RUN_MIN
+                    streak = 0
                     continue
             self._cur.pos = pos
             block, done = self._ram_record(block)
             pages = block.pages if block else array("q")
             pos = self._cur.pos
+            expect, streak = -1, 0
             if done:
                 self._last_block = block
+                window.release()
                 return
 
     def _ram_record(self, block: _Block | None) -> tuple[_Block | None, bool]:
@@ -618,11 +725,7 @@ class QemuStream(Snapshot):
             if path in self._device_paths or path in self._block_paths:
                 raise FormatError(f"two sections map to {path}", file=self.file, section=b.idstr)
             self._block_paths[path] = b
-            stored = (
-                len(b.pages) - b.pages.count(NOT_SENT) - b.pages.count(ZERO_PAGE)
-                if len(b.pages)
-                else 0
-            ) * self.page_size
+            stored = _sent(b.pages) * self.page_size
             infos.append(SectionInfo(SectionKind.RAM_BLOCK, path, 0, 0, b.length, stored))
         self._infos = infos
 
@@ -697,6 +800,10 @@ class QemuStream(Snapshot):
     def fd(self) -> int:
         return int(self._io.fd)
 
+    @property
+    def size(self) -> int:
+        return int(self._io.size)
+
     def close(self) -> None:
         self._io.close()
 
@@ -718,6 +825,80 @@ class _Unsent:
 
     def count(self, value: int) -> int:
         return self.count_ if value == NOT_SENT else 0
+
+
+def _runs(where: array, step: int) -> Iterator[tuple[int, int, int]]:  # type: ignore[type-arg]
+    """Split a page map slice into runs (i, j, w): entries [i, j) are either records
+    one after another in the stream, the first at offset w > 0 (each *step* bytes on from
+    the one before), or all one of NOT_SENT or ZERO_PAGE (w is that value).
+
+    Short runs are followed entry by entry; once a run is 8 long it is extended by
+    comparing whole stretches of the map's bytes with what the run would hold, in C."""
+    n = len(where)
+    raw = b""
+    i = 0
+    while i < n:
+        w, j = where[i], i + 1
+        nxt = w + step if w > 0 else w
+        while j < n and j - i < 8 and where[j] == nxt:
+            j += 1
+            nxt = nxt + step if w > 0 else w
+        if j - i == 8 and j < n:
+            raw = raw or where.tobytes()
+            probe = 64
+            while j < n:
+                size = min(probe, n - j)
+                if w > 0:
+                    expected = array("q", range(nxt, nxt + size * step, step)).tobytes()
+                else:
+                    expected = (array("q", [w]) * size).tobytes()
+                found = raw[8 * j : 8 * (j + size)]
+                if found == expected:
+                    j += size
+                    nxt += size * step if w > 0 else 0
+                    probe *= 8
+                    continue
+                diff = int.from_bytes(found, "big") ^ int.from_bytes(expected, "big")
+                j += (len(found) - (diff.bit_length() + 7) // 8) // 8
+                break
+        yield i, j, w
+        i = j
+
+
+class _Gather:
+    """A reused buffer of *per* pages and the iovecs to scatter page records into it."""
+
+    def __init__(self, stream: QemuStream, page: int, per: int) -> None:
+        self.stream, self.page, self.step = stream, page, page + 8
+        self.view = memoryview(bytearray(per * page))
+        self.blank = memoryview(bytes(per * page))
+        sink = bytearray(8)  # the header between two pages of a run lands here
+        self.iov: list[Any] = []
+        for i in range(per):
+            self.iov += (self.view[i * page : (i + 1) * page], sink)
+
+    def fill(self, where: array) -> None:  # type: ignore[type-arg]
+        """Read the pages *where* names (file offsets, or <= 0 for zero) into the buffer."""
+        page, view = self.page, self.view
+        for i, j, w in _runs(where, self.step):
+            if w > 0:
+                self._scatter(i, j, w)
+            else:
+                view[i * page : j * page] = self.blank[: (j - i) * page]
+
+    def _scatter(self, first: int, stop: int, where: int) -> None:
+        """Read the run of page records for buffer pages [first, stop), the first page at
+        file offset *where*: one preadv per IOV_MAX iovecs (page, sink, page...)."""
+        step = self.step
+        for a in range(first, stop, _IOV_MAX // 2):
+            b = min(a + _IOV_MAX // 2, stop)
+            offset = where + (a - first) * step
+            want = (b - a) * step - 8
+            got = os.preadv(self.stream.fd, self.iov[2 * a : 2 * b - 1], offset)
+            if got != want:
+                raise FormatError(
+                    "stream ends inside a RAM page", file=self.stream.file, offset=offset + got
+                )
 
 
 class QemuRamBlock(RamBlock):
@@ -758,43 +939,41 @@ class QemuRamBlock(RamBlock):
 
     def summary(self) -> tuple[int, int, int]:
         pages = self._pages
-        unsent = pages.count(NOT_SENT) + pages.count(ZERO_PAGE)
-        return len(pages), unsent, (len(pages) - unsent) * self.page_size
+        sent = _sent(self._block.pages)
+        return len(pages), len(pages) - sent, sent * self.page_size
 
     def iter_spans(self, span: int = 1 << 22) -> Iterator[tuple[int, memoryview]]:
-        """The whole block in order, gathered page by page into one reused buffer: each
-        view is valid until the next step of the iteration."""
+        """The whole block in order, read into one reused buffer: each view is valid
+        until the next step of the iteration.
+
+        Pages sent one after another (the usual case) are one run of records, read by
+        one scattering preadv per 512 pages: each page lands in its place in the buffer,
+        each header between two pages in an 8-byte sink.  No page is copied by Python."""
         page = self.page_size
         per = max(1, span // page)
-        out = bytearray(per * page)
-        view = memoryview(out)
-        limit = 2 * per * (page + 512)
-        raw = bytearray(limit)
-        zero = zeros(page)
+        gather = _Gather(self._stream, page, per)
         pages = self._pages
         for first in range(0, len(pages), per):
             where = pages[first : first + per]
-            sent = [w for w in where if w > 0]
-            lo = min(sent) if sent else 0
-            hi = max(sent) + page if sent else 0
-            close = hi - lo <= limit
-            if sent and close:
-                got = os.preadv(self._stream.fd, [memoryview(raw)[: hi - lo]], lo)
-                if got != hi - lo:
-                    raise FormatError(
-                        "stream ends inside a RAM page", file=self._stream.file, offset=lo + got
-                    )
-            source = memoryview(raw)
-            at = 0
-            for w in where:
-                if w <= 0:
-                    view[at : at + page] = zero
-                elif close:
-                    view[at : at + page] = source[w - lo : w - lo + page]
-                else:
-                    view[at : at + page] = self._stream.pread(w, page, "RAM page")
-                at += page
-            yield first * page, view[:at].toreadonly()
+            gather.fill(where)
+            yield first * page, gather.view[: len(where) * page].toreadonly()
+
+    def write_into(self, fd: int, progress: Callable[[int], None] | None = None) -> None:
+        """As RamBlock.write_into, with zero and unsent pages known from the page map:
+        spans of them are holes without being looked at."""
+        page = self.page_size
+        per = (1 << 22) // page
+        gather = _Gather(self._stream, page, per)
+        pages = self._pages
+        for first in range(0, len(pages), per):
+            where = pages[first : first + per]
+            n = len(where)
+            if max(where) > 0:
+                gather.fill(where)
+                pwrite_all(fd, [gather.view[: n * page]], first * page)
+            if progress:
+                progress(n * page)
+        os.ftruncate(fd, self.length)
 
     def chunks(self) -> Iterator[ChunkInfo]:
         page = self.page_size

@@ -1,0 +1,215 @@
+"""The RAM walk of QEMU streams against a model of the records, for streams built here.
+
+The walk checks runs of records at once (``qemu_reader._run``), the page maps are split
+into runs (``_runs``) and counted over their bytes (``_sent``): every shortcut is held
+equal to the plain reading of the records, across window boundaries and without mmap."""
+
+from __future__ import annotations
+
+import mmap
+import os
+from array import array
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import snapfmt
+from snapfmt import qemu_reader
+from snapfmt.errors import SnapfmtError
+from snapfmt.paths import Path as DevPath
+
+PAGE = 4096
+CONTINUE, PAGE_FLAG, ZERO, MEM_SIZE, EOS = 0x20, 0x08, 0x02, 0x04, 0x10
+
+
+def _page(tag: int) -> bytes:
+    return tag.to_bytes(4, "big") * (PAGE // 4)
+
+
+def build(blocks: dict[str, int], sections: list[list[tuple[str, int, int | None]]]) -> bytes:
+    """A QEVM stream: one RAM section declaring *blocks* (name: pages), then one PART
+    per entry of *sections*, each a list of records (block, page index, tag or None for
+    a zero page), then END and EOF."""
+    out = bytearray(b"QEVM" + (3).to_bytes(4, "big"))
+    out += b"\x07" + (12).to_bytes(4, "big") + b"pc-i440fx-72"
+    out += b"\x01" + (1).to_bytes(4, "big") + b"\x03ram" + (0).to_bytes(4, "big")
+    out += (4).to_bytes(4, "big")
+    total = sum(blocks.values()) * PAGE
+    out += (total | MEM_SIZE).to_bytes(8, "big")
+    for name, pages in blocks.items():
+        out += bytes([len(name)]) + name.encode() + (pages * PAGE).to_bytes(8, "big")
+    out += EOS.to_bytes(8, "big") + b"\x7e" + (1).to_bytes(4, "big")
+    for records in sections:
+        out += b"\x02" + (1).to_bytes(4, "big")
+        last = None
+        for name, index, tag in records:
+            flags = ZERO if tag is None else PAGE_FLAG
+            if name == last:
+                out += (index * PAGE | flags | CONTINUE).to_bytes(8, "big")
+            else:
+                out += (index * PAGE | flags).to_bytes(8, "big")
+                out += bytes([len(name)]) + name.encode()
+            last = name
+            out += b"\x00" if tag is None else _page(tag)
+        out += EOS.to_bytes(8, "big") + b"\x7e" + (1).to_bytes(4, "big")
+    out += b"\x03" + (1).to_bytes(4, "big") + EOS.to_bytes(8, "big")
+    out += b"\x7e" + (1).to_bytes(4, "big") + b"\x00"
+    return bytes(out)
+
+
+def expected(
+    blocks: dict[str, int], sections: list[list[tuple[str, int, int | None]]]
+) -> dict[str, bytes]:
+    image = {name: [bytes(PAGE)] * pages for name, pages in blocks.items()}
+    for records in sections:
+        for name, index, tag in records:
+            image[name][index] = bytes(PAGE) if tag is None else _page(tag)
+    return {name: b"".join(pages) for name, pages in image.items()}
+
+
+@st.composite
+def streams(draw: st.DrawFn) -> tuple[dict[str, int], list[list[tuple[str, int, int | None]]]]:
+    blocks = {"pc.ram": draw(st.integers(1, 300)), "vga.vram": draw(st.integers(1, 40))}
+    tag = iter(range(1, 1 << 30))
+    sections = []
+    for _ in range(draw(st.integers(1, 4))):
+        records: list[tuple[str, int, int | None]] = []
+        for _ in range(draw(st.integers(0, 6))):
+            name = draw(st.sampled_from(sorted(blocks)))
+            start = draw(st.integers(0, blocks[name] - 1))
+            count = draw(st.integers(1, blocks[name] - start))
+            kind = draw(st.sampled_from(["page", "zero", "mixed"]))
+            for i in range(start, start + count):
+                zero = kind == "zero" or (kind == "mixed" and draw(st.booleans()))
+                records.append((name, i, None if zero else next(tag)))
+        sections.append(records)
+    return blocks, sections
+
+
+def check(path: Path, blocks: dict[str, int], sections: list) -> None:
+    want = expected(blocks, sections)
+    with snapfmt.open(path) as stream:
+        for name, data in want.items():
+            block = stream.ram_block(DevPath.of(name))
+            assert block.read(0, block.length) == data
+            got = b"".join(bytes(view) for _, view in block.iter_spans(span=5 * PAGE))
+            assert got == data
+            sent = sum(data[i : i + PAGE] != bytes(PAGE) for i in range(0, len(data), PAGE))
+            pages, unsent, stored = block.summary()
+            assert pages == blocks[name]
+            # a page sent with zero content still counts as sent data
+            assert stored >= sent * PAGE
+            assert pages - unsent == stored // PAGE
+            out = path.parent / f"{name}.bin"
+            fd = os.open(out, os.O_RDWR | os.O_CREAT | os.O_TRUNC)
+            try:
+                block.write_into(fd)
+            finally:
+                os.close(fd)
+            assert out.read_bytes() == data
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(streams())
+def test_walk_matches_the_records(tmp_path: Path, case: tuple) -> None:
+    blocks, sections = case
+    target = tmp_path / "s.mig"
+    target.write_bytes(build(blocks, sections))
+    check(target, blocks, sections)
+
+
+@pytest.mark.parametrize("window", [1 << 16, 3 << 12])
+def test_walk_across_small_windows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, window: int
+) -> None:
+    """Runs cut by window ends, records straddling them."""
+    monkeypatch.setattr(qemu_reader, "_MAP_WINDOW", window)
+    blocks = {"pc.ram": 200, "vga.vram": 9}
+    sections = [
+        [("pc.ram", i, i + 1) for i in range(200)],
+        [("pc.ram", i, None) for i in range(0, 200, 3)] + [("vga.vram", i, 7) for i in range(9)],
+        [("pc.ram", i, 900 + i) for i in range(50, 150)],
+    ]
+    target = tmp_path / "s.mig"
+    target.write_bytes(build(blocks, sections))
+    check(target, blocks, sections)
+
+
+def test_walk_without_mmap(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*args: object, **kwargs: object) -> mmap.mmap:
+        raise OSError("no mmap here")
+
+    monkeypatch.setattr(qemu_reader.mmap, "mmap", refuse)
+    blocks = {"pc.ram": 120, "vga.vram": 3}
+    sections = [[("pc.ram", i, i + 1) for i in range(120)], [("vga.vram", 1, None)]]
+    target = tmp_path / "s.mig"
+    target.write_bytes(build(blocks, sections))
+    check(target, blocks, sections)
+
+
+def test_stream_cut_inside_a_run_is_refused(tmp_path: Path) -> None:
+    data = build({"pc.ram": 100}, [[("pc.ram", i, i + 1) for i in range(100)]])
+    cut = data.index(_page(60)) + 100  # inside page 60 of a run
+    target = tmp_path / "cut.mig"
+    target.write_bytes(data[:cut])
+    with pytest.raises(SnapfmtError, match="stream ends"):
+        snapfmt.open(target)
+
+
+def test_a_record_breaking_a_run_is_read_as_itself(tmp_path: Path) -> None:
+    """A header inside a run that names another offset, or a zero page with a bad fill
+    byte, ends the run there."""
+    records = [("pc.ram", i, i + 1) for i in range(40)]
+    records[25] = ("pc.ram", 39, 500)  # out of order: page 39 first sent here
+    target = tmp_path / "s.mig"
+    target.write_bytes(build({"pc.ram": 40}, [records]))
+    check(target, {"pc.ram": 40}, [records])
+    zero = build({"pc.ram": 40}, [[("pc.ram", i, None) for i in range(40)]])
+    bad = bytearray(zero)
+    first = bad.index(b"\x06pc.ram", 60) + 7  # fill byte of the first zero record
+    bad[first + 30 * 9] = 1  # the 31st zero record's fill byte
+    target.write_bytes(bad)
+    with pytest.raises(SnapfmtError, match="non-zero fill byte"):
+        snapfmt.open(target)
+
+
+def naive_runs(where: array, step: int) -> list[tuple[int, int, int]]:
+    out, i = [], 0
+    while i < len(where):
+        w, j = where[i], i + 1
+        while j < len(where) and where[j] == (w + (j - i) * step if w > 0 else w):
+            j += 1
+        out.append((i, j, w))
+        i = j
+    return out
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["off", "zero", "unsent"]), st.integers(1, 300), st.integers(0, 3)
+        ),
+        max_size=12,
+    )
+)
+def test_runs_split_like_the_plain_loop(pieces: list[tuple[str, int, int]]) -> None:
+    values, pos = [], 5000
+    for kind, length, gap in pieces:
+        for _ in range(length):
+            if kind == "off":
+                values.append(pos)
+                pos += 4104
+            else:
+                values.append(-1 if kind == "zero" else 0)
+        pos += gap * 4101
+    where = array("q", values)
+    assert list(qemu_reader._runs(where, 4104)) == naive_runs(where, 4104)
+
+
+@given(st.lists(st.one_of(st.just(0), st.just(-1), st.integers(1, 1 << 62)), max_size=500))
+def test_sent_counts_offsets(values: list[int]) -> None:
+    assert qemu_reader._sent(array("q", values)) == sum(v > 0 for v in values)
