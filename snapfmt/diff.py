@@ -17,8 +17,11 @@ from snapfmt.errors import LayoutError
 from snapfmt.formats.native import SectionKind
 from snapfmt.model import ChunkInfo, DeviceState, RamBlock, Snapshot
 from snapfmt.paths import Path
+from snapfmt.qemu_reader import QemuRamBlock, differing_pages
 from snapfmt.ramblock import NativeRamBlock
 from snapfmt.vmstate import Field
+
+Buffer = bytes | bytearray | memoryview
 
 Progress = Callable[[int], None] | None
 MAX_RANGES = 10_000  # differing ranges kept per section; the counts stay exact
@@ -221,7 +224,6 @@ def _byte_ranges(a: bytes, b: bytes) -> Iterator[tuple[int, int]]:
 
 def _ram(a: RamBlock, b: RamBlock, progress: Progress) -> SectionDiff | None:
     section = SectionDiff(str(a.path), "ram-block", "changed")
-    page = a.page_size
     common = min(a.length, b.length)
     native = (
         isinstance(a, NativeRamBlock)
@@ -240,26 +242,11 @@ def _ram(a: RamBlock, b: RamBlock, progress: Progress) -> SectionDiff | None:
             _close(section, run)
         run[:] = [lo, hi]
 
-    for offset, span_a, span_b in _spans(a, b, common, native):
-        # bytes, not memoryviews: comparing two memoryviews goes item by item
-        if span_a != span_b:
-            block = max(_BLOCK, page)  # whole pages per block, also for pages over 64 KiB
-            for lo in range(0, len(span_a), block):
-                block_a, block_b = span_a[lo : lo + block], span_b[lo : lo + block]
-                if block_a == block_b:
-                    continue
-                for at in range(0, len(block_a), page):
-                    pa, pb = block_a[at : at + page], block_b[at : at + page]
-                    if pa != pb:
-                        # count differing bytes in C: the zero bytes of a XOR b are the equal ones
-                        xor = (int.from_bytes(pa, "big") ^ int.from_bytes(pb, "big")).to_bytes(
-                            len(pa), "big"
-                        )
-                        note(
-                            offset + lo + at, offset + lo + at + len(pa) - 1, len(pa) - xor.count(0)
-                        )
-        if progress:
-            progress(len(span_a))
+    for offset, pa, pb in _differing(a, b, common, native, progress):
+        # count differing bytes in C: the zero bytes of a XOR b are the equal ones
+        size = len(pa)
+        xor = int.from_bytes(pa, "big") ^ int.from_bytes(pb, "big")
+        note(offset, offset + size - 1, size - xor.to_bytes(size, "big").count(0))
     if run:
         _close(section, run)
     notes = []
@@ -274,6 +261,56 @@ def _ram(a: RamBlock, b: RamBlock, progress: Progress) -> SectionDiff | None:
         return None
     section.summary = ", ".join(notes)
     return section
+
+
+def _differing(
+    a: RamBlock, b: RamBlock, common: int, native: bool, progress: Progress
+) -> Iterator[tuple[int, Buffer, Buffer]]:
+    """(offset, page of a, page of b) for the pages of [0, common) that differ."""
+    page = a.page_size
+    if (
+        isinstance(a, QemuRamBlock)
+        and isinstance(b, QemuRamBlock)
+        and a.page_size == b.page_size
+        and common % page == 0
+    ):
+        yield from differing_pages(a, b, common, progress)
+        return
+    block = max(_BLOCK, page)  # whole pages per block, also for pages over 64 KiB
+    scratch = bytearray()
+    for offset, span_a, span_b in _spans(a, b, common, native):
+        n = len(span_a)
+        if len(scratch) != n:
+            scratch = bytearray(n)
+        held = _whole_bytearray(span_a, scratch)
+        # a bytearray compared with any buffer is one memcmp, no copy; held.startswith
+        # (piece of b, at) compares held[at:] with the piece the same way
+        if held != span_b:
+            for lo in range(0, n, block):
+                if held.startswith(span_b[lo : lo + block], lo):
+                    continue
+                for at in range(lo, min(lo + block, n), page):
+                    pb = span_b[at : at + page]
+                    if not held.startswith(pb, at):
+                        yield offset + at, held[at : at + len(pb)], pb
+        if progress:
+            progress(n)
+
+
+def _whole_bytearray(view: Buffer, scratch: bytearray) -> bytearray:
+    """A bytearray holding the bytes of *view*: the one the view covers whole (its
+    ``obj``), else *scratch* (of the same length) filled with a copy."""
+    if isinstance(view, bytearray):
+        return view
+    if (
+        isinstance(view, memoryview)
+        and isinstance(view.obj, bytearray)
+        and view.contiguous
+        and view.nbytes == len(view.obj)
+    ):
+        return view.obj
+    scratch[:] = view
+    return scratch
 
 
 def _close(section: SectionDiff, run: list[int]) -> None:
@@ -309,7 +346,7 @@ def _chunk_pairs(
 
 def _spans(
     a: RamBlock, b: RamBlock, common: int, native: bool
-) -> Iterator[tuple[int, bytes, bytes]]:
+) -> Iterator[tuple[int, Buffer, Buffer]]:
     """Both blocks over [0, common) in equal pieces; chunks known equal are not read, the
     others are read (and decompressed) on the thread pool."""
     if native:
@@ -325,7 +362,9 @@ def _spans(
         for _pairs, decoded in ordered_map(both, _chunk_pairs(a, b, common)):
             for offset, data_a, data_b in decoded:
                 n = min(len(data_a), len(data_b), common - offset)
-                yield offset, bytes(data_a[:n]), bytes(data_b[:n])
+                if n < len(data_a) or n < len(data_b):
+                    data_a, data_b = data_a[:n], data_b[:n]
+                yield offset, data_a, data_b
         return
     step = 1 << 22
     if max(a.chunk_size, b.chunk_size) > step:  # spans would not line up: read both alike
@@ -338,4 +377,4 @@ def _spans(
         if offset >= common:
             break
         n = min(len(span_a), len(span_b), common - offset)
-        yield offset, bytes(span_a[:n]), bytes(span_b[:n])
+        yield offset, span_a[:n], span_b[:n]

@@ -9,6 +9,7 @@ header.  The vmdesc, once found, describes the device payloads for decoding.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import mmap
@@ -20,6 +21,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from snapfmt import _memcmp
 from snapfmt.chunks import zero_hash, zeros
 from snapfmt.errors import FormatError, UnsupportedError
 from snapfmt.formats import qemu as qf
@@ -992,3 +994,122 @@ class QemuRamBlock(RamBlock):
                     where,
                     xxh3_64(self._stream.pread(where, page, "RAM page")),
                 )
+
+
+def differing_pages(
+    a: QemuRamBlock, b: QemuRamBlock, length: int, progress: Callable[[int], None] | None = None
+) -> Iterator[tuple[int, bytes, bytes]]:
+    """(offset, page of a, page of b) for each page of [0, *length*) that differs, in
+    order, for two blocks of one page size.
+
+    Both page maps are split into runs (:func:`_runs`).  Where both sides are runs of
+    records, the run is compared in the mapped streams with one memcmp, the headers
+    between its pages included (within a run they are alike on both sides: the next
+    page of the block, of one kind); page by page only where that finds a difference.
+    A zero page is compared with zeros.  A span whose pages lie far apart in either
+    stream is read into buffers instead."""
+    page = a.page_size
+    step = page + 8
+    per = (1 << 22) // page
+    count = length // page
+    for first in range(0, count, per):
+        n = min(per, count - first)
+        runs_a = list(_runs(a._pages[first : first + n], step))
+        runs_b = list(_runs(b._pages[first : first + n], step))
+        ext_a, ext_b = _extent(runs_a, step), _extent(runs_b, step)
+        if ext_a is None and ext_b is None:
+            pass  # zero on both sides
+        elif not _memcmp.AVAILABLE or not _compact(ext_a, n, step) or not _compact(ext_b, n, step):
+            yield from _differing_copies(a, b, first, n)
+        else:
+            yield from _differing_mapped(a, b, first, runs_a, runs_b, ext_a, ext_b)
+        if progress:
+            progress(n * page)
+
+
+def _extent(runs: list[tuple[int, int, int]], step: int) -> tuple[int, int] | None:
+    """The stream range [lo, hi) holding the pages of *runs*, None if none was sent."""
+    sent = [(w, w + (j - i) * step - 8) for i, j, w in runs if w > 0]
+    return (min(lo for lo, _ in sent), max(hi for _, hi in sent)) if sent else None
+
+
+def _compact(extent: tuple[int, int] | None, n: int, step: int) -> bool:
+    return extent is None or extent[1] - extent[0] <= 4 * n * step
+
+
+def _differing_mapped(
+    a: QemuRamBlock,
+    b: QemuRamBlock,
+    first: int,
+    runs_a: list[tuple[int, int, int]],
+    runs_b: list[tuple[int, int, int]],
+    ext_a: tuple[int, int] | None,
+    ext_b: tuple[int, int] | None,
+) -> Iterator[tuple[int, bytes, bytes]]:
+    page = a.page_size
+    step = page + 8
+    zero = bytes(page)
+    zero_at = _memcmp.zero_address(page)
+    with contextlib.ExitStack() as stack:
+        map_a = stack.enter_context(_memcmp.Mapped(a._stream.fd, *ext_a)) if ext_a else None
+        map_b = stack.enter_context(_memcmp.Mapped(b._stream.fd, *ext_b)) if ext_b else None
+        ia = ib = s = 0
+        n = runs_a[-1][1]
+        while s < n:
+            i0, j0, w0 = runs_a[ia]
+            i1, j1, w1 = runs_b[ib]
+            e = min(j0, j1)
+            at_a = map_a.address(w0 + (s - i0) * step) if map_a and w0 > 0 else None
+            at_b = map_b.address(w1 + (s - i1) * step) if map_b and w1 > 0 else None
+            if at_a is None and at_b is None:
+                pass
+            elif at_a is None or at_b is None:
+                sent = at_b if at_a is None else at_a
+                assert sent is not None
+                for k in range(e - s):  # data against zeros: page by page
+                    if not _memcmp.memcmp(sent + k * step, zero_at, page):
+                        data = _memcmp.string_at(sent + k * step, page)
+                        pair = (zero, data) if at_a is None else (data, zero)
+                        yield (first + s + k) * page, *pair
+            else:
+                for k in _bisect(at_a, at_b, 0, e - s, page, step):
+                    yield (
+                        (first + s + k) * page,
+                        _memcmp.string_at(at_a + k * step, page),
+                        _memcmp.string_at(at_b + k * step, page),
+                    )
+            s = e
+            ia += j0 == e
+            ib += j1 == e
+
+
+def _bisect(at_a: int, at_b: int, lo: int, hi: int, page: int, step: int) -> Iterator[int]:
+    """Indexes in [lo, hi) of the pages that differ between two runs of records mapped
+    at *at_a* and *at_b*: a stretch that compares equal (one memcmp, headers between
+    its pages included) is done with; one that differs is halved, down to 4 pages."""
+    if _memcmp.memcmp(at_a + lo * step, at_b + lo * step, (hi - lo) * step - 8):
+        return
+    if hi - lo <= 4:
+        for k in range(lo, hi):
+            if not _memcmp.memcmp(at_a + k * step, at_b + k * step, page):
+                yield k
+        return
+    mid = (lo + hi) // 2
+    yield from _bisect(at_a, at_b, lo, mid, page, step)
+    yield from _bisect(at_a, at_b, mid, hi, page, step)
+
+
+def _differing_copies(
+    a: QemuRamBlock, b: QemuRamBlock, first: int, n: int
+) -> Iterator[tuple[int, bytes, bytes]]:
+    """Pages [first, first + n) of both blocks read into buffers, then compared."""
+    page = a.page_size
+    left, right = _Gather(a._stream, page, n), _Gather(b._stream, page, n)
+    left.fill(a._pages[first : first + n])
+    right.fill(b._pages[first : first + n])
+    held = left.view.obj
+    assert isinstance(held, bytearray)
+    for k in range(n):
+        pb = right.view[k * page : (k + 1) * page]
+        if not held.startswith(pb, k * page):
+            yield (first + k) * page, bytes(held[k * page : (k + 1) * page]), bytes(pb)

@@ -24,11 +24,13 @@ PAGE = 4096
 CONTINUE, PAGE_FLAG, ZERO, MEM_SIZE, EOS = 0x20, 0x08, 0x02, 0x04, 0x10
 
 
-def _page(tag: int) -> bytes:
-    return tag.to_bytes(4, "big") * (PAGE // 4)
+def _page(tag: int | bytes) -> bytes:
+    return tag if isinstance(tag, bytes) else tag.to_bytes(4, "big") * (PAGE // 4)
 
 
-def build(blocks: dict[str, int], sections: list[list[tuple[str, int, int | None]]]) -> bytes:
+def build(
+    blocks: dict[str, int], sections: list[list[tuple[str, int, int | bytes | None]]]
+) -> bytes:
     """A QEVM stream: one RAM section declaring *blocks* (name: pages), then one PART
     per entry of *sections*, each a list of records (block, page index, tag or None for
     a zero page), then END and EOF."""

@@ -1,0 +1,70 @@
+"""Compare ranges of files in place: mapped, and compared with libc's memcmp.
+
+Python cannot compare two buffers without copying one of them: ``bytes`` and
+``bytearray`` comparisons take a memcmp but need one side to be that type, and comparing
+two memoryviews goes item by item.  Diffing two QEMU streams compares every page, so
+copying them costs as much as the comparison and the walk together.  Through ctypes the
+mapped pages are compared where they are.  Mappings are private (copy-on-write) only
+because ctypes takes addresses of writable buffers; nothing is ever written to them.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+
+__all__ = ["AVAILABLE", "Mapped", "memcmp", "string_at", "zero_address"]
+
+try:
+    _libc = ctypes.CDLL(None)
+    _memcmp = _libc.memcmp
+    _memcmp.restype = ctypes.c_int
+    _memcmp.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
+    AVAILABLE = True
+except (OSError, AttributeError):  # no libc to load: callers read and compare copies
+    AVAILABLE = False
+
+
+class Mapped:
+    """Bytes [lo, hi) of the file *fd*, mapped; ``address(offset)`` of a file offset."""
+
+    def __init__(self, fd: int, lo: int, hi: int) -> None:
+        base = lo - lo % mmap.ALLOCATIONGRANULARITY
+        self.lo, self.hi = lo, hi
+        self._map = mmap.mmap(fd, hi - base, access=mmap.ACCESS_COPY, offset=base)
+        self._view = (ctypes.c_char * (hi - base)).from_buffer(self._map)
+        self._origin = ctypes.addressof(self._view) - base
+
+    def address(self, offset: int) -> int:
+        if not self.lo <= offset <= self.hi:
+            raise ValueError(f"offset {offset:#x} is outside [{self.lo:#x}, {self.hi:#x})")
+        return self._origin + offset
+
+    def close(self) -> None:
+        del self._view  # the export must go before the mapping can
+        self._map.close()
+
+    def __enter__(self) -> Mapped:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def memcmp(a: int, b: int, length: int) -> bool:
+    """Whether *length* bytes at addresses *a* and *b* are equal."""
+    return length == 0 or _memcmp(a, b, length) == 0
+
+
+def string_at(address: int, length: int) -> bytes:
+    return ctypes.string_at(address, length)
+
+
+_ZEROS: dict[int, ctypes.Array[ctypes.c_char]] = {}
+
+
+def zero_address(length: int) -> int:
+    """The address of *length* zero bytes (kept for the life of the process)."""
+    if length not in _ZEROS:
+        _ZEROS[length] = ctypes.create_string_buffer(length)
+    return ctypes.addressof(_ZEROS[length])
