@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import xxhash
@@ -97,15 +97,26 @@ class NativeRamBlock(RamBlock):
     # -- chunk table -----------------------------------------------------------------------
 
     def _entries(self, first: int, count: int) -> list[ChunkInfo]:
-        raw = self._snap.pread(
+        return self.entries_at(first, self.table_raw(first, count), range(count))
+
+    def table_raw(self, first: int, count: int) -> bytes:
+        """The raw chunk table entries [first, first+count)."""
+        return self._snap.pread(
             self._table_offset + first * nf.CHUNK_ENTRY.size,
             count * nf.CHUNK_ENTRY.size,
             "chunk table",
         )
+
+    def entries_at(self, first: int, raw: bytes, picks: Iterable[int]) -> list[ChunkInfo]:
+        """Checked ChunkInfo objects for entries *picks* (relative to *first*) of *raw*,
+        table entries from chunk *first* on."""
         lo = self.section.data_offset
         hi = lo + self.section.data_length
         out = []
-        for i, (enc, stored, offset, digest) in enumerate(nf.CHUNK_ENTRY.iter_unpack(raw), first):
+        size = nf.CHUNK_ENTRY.size
+        for pick in picks:
+            i = first + pick
+            enc, stored, offset, digest = nf.CHUNK_ENTRY.unpack_from(raw, pick * size)
             start = i * self.chunk_size
             length = min(self.chunk_size, self.length - start)
             entry_at = self._table_offset + i * nf.CHUNK_ENTRY.size
@@ -157,16 +168,6 @@ class NativeRamBlock(RamBlock):
         for first in range(0, self.chunk_count, _TABLE_STEP):
             yield from self._entries(first, min(_TABLE_STEP, self.chunk_count - first))
 
-    def table_hashes(self, first: int, count: int) -> list[int]:
-        """The hashes of chunks [first, first+count), straight from the table (its
-        checksum was checked on open; entries are checked when their chunks are read)."""
-        raw = self._snap.pread(
-            self._table_offset + first * nf.CHUNK_ENTRY.size,
-            count * nf.CHUNK_ENTRY.size,
-            "chunk table",
-        )
-        return [entry[3] for entry in nf.CHUNK_ENTRY.iter_unpack(raw)]
-
     # -- contents --------------------------------------------------------------------------
 
     def _codec(self) -> ChunkCodec:
@@ -186,12 +187,17 @@ class NativeRamBlock(RamBlock):
 
     def _stored(self, batch: list[ChunkInfo]) -> tuple[memoryview, int]:
         """The stored bytes of *batch* as one view, and the file offset it starts at."""
-        kept = [c for c in batch if c.stored_length]
-        if not kept:
-            return memoryview(b""), 0
-        lo = min(c.file_offset for c in kept)
-        hi = max(c.file_offset + c.stored_length for c in kept)
-        if hi - lo > 2 * sum(c.stored_length for c in kept) + (1 << 16):
+        if len(batch) == 1:  # a chunk on its own (diff reads differing chunks so)
+            lo, hi = batch[0].file_offset, batch[0].file_offset + batch[0].stored_length
+            if lo == hi:
+                return memoryview(b""), 0
+        else:
+            kept = [c for c in batch if c.stored_length]
+            if not kept:
+                return memoryview(b""), 0
+            lo = min(c.file_offset for c in kept)
+            hi = max(c.file_offset + c.stored_length for c in kept)
+        if len(batch) > 1 and hi - lo > 2 * sum(c.stored_length for c in batch) + (1 << 16):
             # A hand-made file with chunks far apart: read them one at a time instead.
             raise _Scattered
         buf = getattr(self._local, "stored", None)
