@@ -27,7 +27,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from native_bench import PAGE, make_image  # noqa: E402
+from native_bench import PAGE, make_image, precompile  # noqa: E402
 
 import snapfmt  # noqa: E402
 from snapfmt.qmp import Qemu  # noqa: E402
@@ -73,6 +73,7 @@ def main() -> None:
     parser.add_argument("--dir", default=None)
     args = parser.parse_args()
     diff = [sys.executable, "-m", "snapfmt", "diff", "--stat"]
+    precompile()
     with tempfile.TemporaryDirectory(dir=args.dir, prefix="snapfmt-dbench-") as tmp:
         work = Path(tmp)
         a_img, b_img, c_img = work / "a.img", work / "b.img", work / "c.img"
