@@ -11,9 +11,7 @@ import json
 import os
 import stat
 import struct
-from typing import Any, NamedTuple
-
-import construct
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from snapfmt import wrappers
 from snapfmt.errors import (
@@ -28,7 +26,6 @@ from snapfmt.formats import native as nf
 from snapfmt.model import Configuration, DeviceState, SectionInfo, Snapshot
 from snapfmt.paths import Path
 from snapfmt.qemu_reader import QemuStream
-from snapfmt.ramblock import NativeRamBlock
 
 _KINDS = frozenset(int(k) for k in nf.SectionKind)
 
@@ -92,11 +89,18 @@ def _parse_index(raw: bytes, file: str, offset: int) -> list[IndexRow]:
     return rows
 
 
+if TYPE_CHECKING:
+    import construct
+
+    from snapfmt.ramblock import NativeRamBlock
+
 __all__ = ["detect", "open_snapshot", "parse"]
 
 
 def parse(con: construct.Construct, data: bytes, *, file: str, offset: int, what: str) -> Any:
     """Parse *data* with *con*; any construct error becomes a located FormatError."""
+    import construct  # loaded with the first declaration used (snapfmt.formats)
+
     try:
         return con.parse(data)
     except construct.ChecksumError:
@@ -553,6 +557,8 @@ class NativeSnapshot(Snapshot):
         )
 
     def ram_block(self, path: Path) -> NativeRamBlock:
+        from snapfmt.ramblock import NativeRamBlock  # with zstandard and a thread pool
+
         return NativeRamBlock(self, self._section(nf.SectionKind.RAM_BLOCK, str(path)))
 
     def metadata(self, name: str) -> Any:

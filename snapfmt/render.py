@@ -11,13 +11,13 @@ import click
 
 from snapfmt.inspect import Container, DeviceDump, Dump, Info, MetadataDump, RamDump
 from snapfmt.model import Configuration
-from snapfmt.verify import Report
 from snapfmt.vmstate import Field
 
 if TYPE_CHECKING:  # annotations only: importing these costs every command start-up time
     from snapfmt.diff import Diff
     from snapfmt.extract import Extracted
     from snapfmt.validate import Validation
+    from snapfmt.verify import Report
 
 HEX_ROW = 16
 SHOWN_BYTES = 32

@@ -6,17 +6,11 @@ payloads are decompressed, streaming, to a temporary file that is removed on clo
 
 from __future__ import annotations
 
-import bz2
-import gzip
-import lzma
 import os
 import tempfile
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import IO, Any
-
-import zstandard
 
 from snapfmt.errors import FormatError, UnsupportedError
 from snapfmt.formats import libvirt as lf
@@ -51,6 +45,13 @@ def compression_of(head: bytes) -> str | None:
 
 
 def _opener(name: str) -> Callable[[IO[bytes]], Any]:
+    # the codecs are imported when a compressed file is met: most files are not
+    import bz2
+    import gzip
+    import lzma
+
+    import zstandard
+
     if name == "gzip":
         return lambda f: gzip.GzipFile(fileobj=f, mode="rb")
     if name == "bzip2":
@@ -68,6 +69,11 @@ def decompress_to_temp(path: str, start: int, name: str) -> int:
 
     The data must start like a QEMU stream, and may grow at most MAX_RATIO times the
     compressed size (plus 1 GiB): a decompression bomb stops there."""
+    import lzma
+    import zlib
+
+    import zstandard
+
     limit = (os.path.getsize(path) - start) * MAX_RATIO + MAX_EXTRA
     out = tempfile.TemporaryFile(prefix="snapfmt-")  # noqa: SIM115  (closed in finally)
     try:

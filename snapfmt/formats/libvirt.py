@@ -11,7 +11,7 @@ from __future__ import annotations
 from enum import IntEnum
 from typing import Any
 
-from construct import Array, Bytes, Int32ub, Int32ul, Struct
+from snapfmt.formats import declared
 
 MAGIC = b"LibvirtQemudSave"
 MAGIC_PARTIAL = b"LibvirtQemudPart"  # written first, replaced when the save completes
@@ -28,17 +28,25 @@ class Compression(IntEnum):
     SPARSE = 6  # mapped-ram
 
 
-def _header(u32: Any) -> Any:
-    return Struct(
-        "magic" / Bytes(16),
-        "version" / u32,
-        "data_len" / u32,
-        "was_running" / u32,
-        "format" / u32,
-        "cookie_offset" / u32,
-        "unused" / Array(14, u32),
-    )
+def _declare() -> dict[str, Any]:
+    """The construct declarations (see snapfmt.formats)."""
+    from construct import Array, Bytes, Int32ub, Int32ul, Struct
+
+    def _header(u32: Any) -> Any:
+        return Struct(
+            "magic" / Bytes(16),
+            "version" / u32,
+            "data_len" / u32,
+            "was_running" / u32,
+            "format" / u32,
+            "cookie_offset" / u32,
+            "unused" / Array(14, u32),
+        )
+
+    HeaderLE = _header(Int32ul)
+    HeaderBE = _header(Int32ub)
+    return locals()
 
 
-HeaderLE = _header(Int32ul)
-HeaderBE = _header(Int32ub)
+def __getattr__(name: str) -> Any:
+    return declared(globals(), _declare, name)

@@ -10,25 +10,12 @@ from __future__ import annotations
 
 import struct
 from enum import IntEnum, IntFlag
+from typing import Any
 
 import xxhash
-from construct import (
-    Array,
-    Bytes,
-    Checksum,
-    Const,
-    Int8ul,
-    Int16ul,
-    Int32ul,
-    Int64ul,
-    PascalString,
-    PrefixedArray,
-    RawCopy,
-    Struct,
-    this,
-)
 
 # §1 Constants --------------------------------------------------------------------------
+from snapfmt.formats import declared
 
 MAGIC = b"\x89SNAPF\r\n"
 FOOTER_MAGIC = b"SNAPFEND"
@@ -76,122 +63,147 @@ class ChunkEncoding(IntEnum):
     PAGES_ZSTD = 5  # a bitmap of the non-zero pages, then one zstd frame of those pages
 
 
-# Strings: a little-endian length, then UTF-8 bytes, no terminator.
-Str16 = PascalString(Int16ul, "utf8")
-Str32 = PascalString(Int32ul, "utf8")
-
-# §2 Header -----------------------------------------------------------------------------
-
-HeaderFields = Struct(
-    "magic" / Const(MAGIC),
-    "version_major" / Int16ul,
-    "version_minor" / Int16ul,
-    "flags" / Int32ul,
-    "parent_id" / Bytes(16),
-    "reserved" / Bytes(24),
-)
-
-Header = Struct(
-    "fields" / RawCopy(HeaderFields),
-    "header_hash" / Checksum(Int64ul, xxh3_64, this.fields.data),
-)
-
-# §3 Sections ---------------------------------------------------------------------------
-
-Configuration = Struct(
-    "machine" / Str16,
-    "page_size" / Int32ul,
-    "capabilities" / PrefixedArray(Int16ul, Str16),
-    "metadata" / Str32,
-)
-
-DeviceState = Struct(
-    "path" / Str16,
-    "driver" / Str16,
-    "vmstate_name" / Str16,
-    "instance_id" / Int32ul,
-    "version_id" / Int32ul,
-    "flags" / Int32ul,
-    "qemu_idstr" / Str16,
-    "layout" / Str32,
-    "state_length" / Int64ul,
-)
-# The state bytes follow DeviceState directly: state_length of them, read as one span.
-
-ChunkEntry = Struct(
-    "encoding" / Int8ul,
-    "reserved" / Bytes(3),
-    "stored_length" / Int32ul,
-    "offset" / Int64ul,
-    "hash" / Int64ul,
-)
 # The chunk table is the hot path: read and written with this struct.Struct, which a test
-# keeps equal to ChunkEntry.
+# keeps equal to ChunkEntry (§3, declared below).
 CHUNK_ENTRY = struct.Struct("<B3xIQQ")
 
-RamBlockHead = Struct(
-    "path" / Str16,
-    "qemu_idstr" / Str16,
-    "length" / Int64ul,
-    "page_size" / Int32ul,
-    "chunk_size" / Int32ul,
-    "chunk_count" / Int64ul,
-)
 
-RamBlockDescriptor = Struct(
-    "head" / RamBlockHead,
-    "chunks" / Array(this.head.chunk_count, ChunkEntry),
-)
+def _declare() -> dict[str, Any]:
+    """The construct declarations (see snapfmt.formats)."""
+    from construct import (
+        Array,
+        Bytes,
+        Checksum,
+        Const,
+        Int8ul,
+        Int16ul,
+        Int32ul,
+        Int64ul,
+        PascalString,
+        PrefixedArray,
+        RawCopy,
+        Struct,
+        this,
+    )
 
-Metadata = Struct(
-    "document" / Str32,
-)
+    # Strings: a little-endian length, then UTF-8 bytes, no terminator.
+    Str16 = PascalString(Int16ul, "utf8")
+    Str32 = PascalString(Int32ul, "utf8")
 
-# §4 Index and footer -------------------------------------------------------------------
+    # §2 Header -----------------------------------------------------------------------------
 
-IndexEntry = Struct(
-    "kind" / Int16ul,
-    "flags" / Int16ul,
-    "reserved" / Int32ul,
-    "offset" / Int64ul,
-    "length" / Int64ul,
-    "checksum" / Int64ul,
-    "data_offset" / Int64ul,
-    "data_length" / Int64ul,
-    "size" / Int64ul,
-    "key" / Str16,
-)
+    HeaderFields = Struct(
+        "magic" / Const(MAGIC),
+        "version_major" / Int16ul,
+        "version_minor" / Int16ul,
+        "flags" / Int32ul,
+        "parent_id" / Bytes(16),
+        "reserved" / Bytes(24),
+    )
 
-Index = Struct(
-    "entries" / PrefixedArray(Int32ul, IndexEntry),
-)
+    Header = Struct(
+        "fields" / RawCopy(HeaderFields),
+        "header_hash" / Checksum(Int64ul, xxh3_64, this.fields.data),
+    )
 
-FooterFields = Struct(
-    "index_offset" / Int64ul,
-    "index_length" / Int64ul,
-    "index_hash" / Int64ul,
-    "version_major" / Int16ul,
-    "version_minor" / Int16ul,
-    "section_count" / Int32ul,
-)
+    # §3 Sections ---------------------------------------------------------------------------
 
-Footer = Struct(
-    "fields" / RawCopy(FooterFields),
-    "footer_hash" / Checksum(Int64ul, xxh3_64, this.fields.data),
-    "magic" / Const(FOOTER_MAGIC),
-)
+    Configuration = Struct(
+        "machine" / Str16,
+        "page_size" / Int32ul,
+        "capabilities" / PrefixedArray(Int16ul, Str16),
+        "metadata" / Str32,
+    )
 
-STRUCTURES = {
-    "Header": Header,
-    "HeaderFields": HeaderFields,
-    "Configuration": Configuration,
-    "DeviceState": DeviceState,
-    "RamBlockHead": RamBlockHead,
-    "RamBlockDescriptor": RamBlockDescriptor,
-    "ChunkEntry": ChunkEntry,
-    "Metadata": Metadata,
-    "IndexEntry": IndexEntry,
-    "Index": Index,
-    "FooterFields": FooterFields,
-    "Footer": Footer,
-}
+    DeviceState = Struct(
+        "path" / Str16,
+        "driver" / Str16,
+        "vmstate_name" / Str16,
+        "instance_id" / Int32ul,
+        "version_id" / Int32ul,
+        "flags" / Int32ul,
+        "qemu_idstr" / Str16,
+        "layout" / Str32,
+        "state_length" / Int64ul,
+    )
+    # The state bytes follow DeviceState directly: state_length of them, read as one span.
+
+    ChunkEntry = Struct(
+        "encoding" / Int8ul,
+        "reserved" / Bytes(3),
+        "stored_length" / Int32ul,
+        "offset" / Int64ul,
+        "hash" / Int64ul,
+    )
+
+    RamBlockHead = Struct(
+        "path" / Str16,
+        "qemu_idstr" / Str16,
+        "length" / Int64ul,
+        "page_size" / Int32ul,
+        "chunk_size" / Int32ul,
+        "chunk_count" / Int64ul,
+    )
+
+    RamBlockDescriptor = Struct(
+        "head" / RamBlockHead,
+        "chunks" / Array(this.head.chunk_count, ChunkEntry),
+    )
+
+    Metadata = Struct(
+        "document" / Str32,
+    )
+
+    # §4 Index and footer -------------------------------------------------------------------
+
+    IndexEntry = Struct(
+        "kind" / Int16ul,
+        "flags" / Int16ul,
+        "reserved" / Int32ul,
+        "offset" / Int64ul,
+        "length" / Int64ul,
+        "checksum" / Int64ul,
+        "data_offset" / Int64ul,
+        "data_length" / Int64ul,
+        "size" / Int64ul,
+        "key" / Str16,
+    )
+
+    Index = Struct(
+        "entries" / PrefixedArray(Int32ul, IndexEntry),
+    )
+
+    FooterFields = Struct(
+        "index_offset" / Int64ul,
+        "index_length" / Int64ul,
+        "index_hash" / Int64ul,
+        "version_major" / Int16ul,
+        "version_minor" / Int16ul,
+        "section_count" / Int32ul,
+    )
+
+    Footer = Struct(
+        "fields" / RawCopy(FooterFields),
+        "footer_hash" / Checksum(Int64ul, xxh3_64, this.fields.data),
+        "magic" / Const(FOOTER_MAGIC),
+    )
+
+    STRUCTURES = {
+        "Header": Header,
+        "HeaderFields": HeaderFields,
+        "Configuration": Configuration,
+        "DeviceState": DeviceState,
+        "RamBlockHead": RamBlockHead,
+        "RamBlockDescriptor": RamBlockDescriptor,
+        "ChunkEntry": ChunkEntry,
+        "Metadata": Metadata,
+        "IndexEntry": IndexEntry,
+        "Index": Index,
+        "FooterFields": FooterFields,
+        "Footer": Footer,
+    }
+    return locals()
+
+
+def __getattr__(name: str) -> Any:
+    return declared(globals(), _declare, name)

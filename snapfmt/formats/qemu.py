@@ -11,18 +11,9 @@ from __future__ import annotations
 
 import struct
 from enum import IntEnum, IntFlag
+from typing import Any
 
-from construct import (
-    Bytes,
-    Const,
-    Int8ub,
-    Int16ub,
-    Int32ub,
-    Int64ub,
-    PascalString,
-    PrefixedArray,
-    Struct,
-)
+from snapfmt.formats import declared
 
 MAGIC = b"QEVM"
 VERSION = 3
@@ -71,74 +62,96 @@ class RamFlag(IntFlag):
 
 RAM_FLAGS_MASK = 0x3FF  # flags stay below the smallest target page (1 KiB)
 
-# Counted strings: a u8 length, then the bytes, no terminator.
-CountedString = PascalString(Int8ub, "latin-1")
-
-FileHeader = Struct(
-    "magic" / Const(MAGIC),
-    "version" / Int32ub,
-)
-
-# The configuration section: u8 0x07, then vmstate_configuration (version 1).
-ConfigurationHead = Struct(
-    "name_length" / Int32ub,
-    "name" / Bytes(lambda this: this.name_length),
-)
-
-SubsectionHead = Struct(
-    "marker" / Const(bytes([SectionType.SUBSECTION])),
-    "name" / CountedString,
-    "version_id" / Int32ub,
-)
-
-Capabilities = PrefixedArray(Int32ub, CountedString)
-
-SectionStartFull = Struct(
-    "section_id" / Int32ub,
-    "idstr" / CountedString,
-    "instance_id" / Int32ub,
-    "version_id" / Int32ub,
-)
-
-SectionPartEnd = Struct(
-    "section_id" / Int32ub,
-)
-
-SectionFooter = Struct(
-    "marker" / Const(bytes([SectionType.FOOTER])),
-    "section_id" / Int32ub,
-)
-
-CommandHead = Struct(
-    "command" / Int16ub,
-    "length" / Int16ub,
-)
-
-VmDescriptionHead = Struct(
-    "length" / Int32ub,
-)
-
-# RAM: every record starts with be64 (offset | flags).
-RamRecordHead = Struct(
-    "word" / Int64ub,
-)
+# The hot paths of qemu_reader, kept equal to RamRecordHead and MappedRamHeader by a test.
 RAM_WORD = struct.Struct(">Q")
-
-# One entry of the MEM_SIZE block list.
-MemSizeEntry = Struct(
-    "idstr" / CountedString,
-    "used_length" / Int64ub,
-)
-
-MappedRamHeader = Struct(
-    "version" / Int32ub,
-    "page_size" / Int64ub,
-    "bitmap_offset" / Int64ub,
-    "pages_offset" / Int64ub,
-)
 MAPPED_RAM_HEADER = struct.Struct(">IQQQ")  # = MappedRamHeader (packed, 28 bytes)
 
-XbzrleHead = Struct(
-    "encoding" / Int8ub,
-    "length" / Int16ub,
-)
+
+def _declare() -> dict[str, Any]:
+    """The construct declarations (see snapfmt.formats)."""
+    from construct import (
+        Bytes,
+        Const,
+        Int8ub,
+        Int16ub,
+        Int32ub,
+        Int64ub,
+        PascalString,
+        PrefixedArray,
+        Struct,
+    )
+
+    # Counted strings: a u8 length, then the bytes, no terminator.
+    CountedString = PascalString(Int8ub, "latin-1")
+
+    FileHeader = Struct(
+        "magic" / Const(MAGIC),
+        "version" / Int32ub,
+    )
+
+    # The configuration section: u8 0x07, then vmstate_configuration (version 1).
+    ConfigurationHead = Struct(
+        "name_length" / Int32ub,
+        "name" / Bytes(lambda this: this.name_length),
+    )
+
+    SubsectionHead = Struct(
+        "marker" / Const(bytes([SectionType.SUBSECTION])),
+        "name" / CountedString,
+        "version_id" / Int32ub,
+    )
+
+    Capabilities = PrefixedArray(Int32ub, CountedString)
+
+    SectionStartFull = Struct(
+        "section_id" / Int32ub,
+        "idstr" / CountedString,
+        "instance_id" / Int32ub,
+        "version_id" / Int32ub,
+    )
+
+    SectionPartEnd = Struct(
+        "section_id" / Int32ub,
+    )
+
+    SectionFooter = Struct(
+        "marker" / Const(bytes([SectionType.FOOTER])),
+        "section_id" / Int32ub,
+    )
+
+    CommandHead = Struct(
+        "command" / Int16ub,
+        "length" / Int16ub,
+    )
+
+    VmDescriptionHead = Struct(
+        "length" / Int32ub,
+    )
+
+    # RAM: every record starts with be64 (offset | flags).
+    RamRecordHead = Struct(
+        "word" / Int64ub,
+    )
+
+    # One entry of the MEM_SIZE block list.
+    MemSizeEntry = Struct(
+        "idstr" / CountedString,
+        "used_length" / Int64ub,
+    )
+
+    MappedRamHeader = Struct(
+        "version" / Int32ub,
+        "page_size" / Int64ub,
+        "bitmap_offset" / Int64ub,
+        "pages_offset" / Int64ub,
+    )
+
+    XbzrleHead = Struct(
+        "encoding" / Int8ub,
+        "length" / Int16ub,
+    )
+    return locals()
+
+
+def __getattr__(name: str) -> Any:
+    return declared(globals(), _declare, name)
