@@ -191,6 +191,7 @@ class _Block:
     idstr: str
     length: int
     pages: array  # type: ignore[type-arg]  # per page: NOT_SENT, ZERO_PAGE or file offset
+    host_page_size: int | None = None  # postcopy streams: hugepage-backed blocks say theirs
 
 
 class QemuStream(Snapshot):
@@ -217,6 +218,9 @@ class QemuStream(Snapshot):
         self._blocks: dict[str, _Block] = {}
         self._last_block: _Block | None = None
         self._package_end: int | None = None
+        self._postcopy: int | None = (
+            None  # page sizes in use once POSTCOPY_ADVISE is seen; -1: not said
+        )
         self._page_budget = reader.size // 9 + (1 << 20)
         self._window = bytearray(_WINDOW)
         self._windows = _Windows(reader.fd, reader.size)
@@ -422,6 +426,10 @@ class QemuStream(Snapshot):
             raise cur.error("unknown command", found=command)
         data = cur.take(length)
         self.commands.append((at, command))
+        if command == qf.Command.POSTCOPY_ADVISE:
+            # postcopy-ram is on: the block list may carry page sizes.  The long form says
+            # which page sizes the source's blocks use (the OR of them all).
+            self._postcopy = int.from_bytes(data[:8], "big") if length == 16 else -1
         if command == qf.Command.PACKAGED:
             # postcopy: a be32 length, then that many bytes holding sections up to an EOF
             if length != 4:
@@ -615,13 +623,36 @@ class QemuStream(Snapshot):
                 raise cur.error(
                     "bad RAM block list entry", section="ram", found=f"{idstr!r} {length:#x}"
                 )
+            host_page = self._host_page_size()
             if "x-ignore-shared" in self.capabilities:
                 cur.be64()  # the block's guest address (read before a mapped-ram header)
-            block = _Block(idstr, length, array("q"))  # page map made when a page arrives
+            block = _Block(
+                idstr, length, array("q"), host_page
+            )  # page map made when a page arrives
             self._blocks[idstr] = block
             if mapped:
                 self._mapped_ram(block)
             seen += length
+
+    def _host_page_size(self) -> int | None:
+        """With postcopy-ram on, QEMU writes a block's host page size after its length
+        when it differs from the usual one (max of host and target page: hugepage-backed
+        RAM).  The stream does not say which blocks: a page size is a power of two above
+        the target page, among the sizes POSTCOPY_ADVISE listed, and its first byte is 0,
+        which neither the next entry (a name length of at least 1) nor what follows the
+        list (EOS 0x10, MULTIFD_FLUSH 0x200) can be.  None when it is not there."""
+        if self._postcopy is None:
+            return None
+        cur = self._cur
+        ahead = cur.peek(8)
+        if len(ahead) < 8:
+            return None
+        size = int.from_bytes(ahead, "big")
+        in_use = self._postcopy if self._postcopy > 0 else size
+        if size > self.page_size and size & (size - 1) == 0 and size <= 1 << 30 and size & in_use:
+            cur.pos += 8
+            return size
+        return None
 
     def _materialize(self, block: _Block) -> None:
         """Make a block's page map (8 bytes a page) when its first page arrives.
@@ -916,6 +947,8 @@ class QemuRamBlock(RamBlock):
         )
         self.path = path
         self.qemu_idstr = block.idstr
+        # postcopy streams only: the page size of a block in huge pages, as the source said
+        self.host_page_size = block.host_page_size
         self.length = block.length
         self.page_size = stream.page_size
         self.chunk_size = stream.page_size

@@ -10,6 +10,7 @@ import pytest
 
 import snapfmt
 from snapfmt.errors import SnapfmtError
+from snapfmt.formats import qemu as qf
 from snapfmt.paths import Path as DevPath
 from snapfmt.qemu_paths import PathMapper
 from tests.helpers import SAMPLES, Run
@@ -365,3 +366,25 @@ def test_packaged_stream_as_postcopy_writes_it(tmp_path: Path) -> None:
         assert [s.key for s in packaged.sections] == [s.key for s in plain.sections]
         commands = [c for _, c in packaged.commands]  # type: ignore[attr-defined]
         assert commands == [7, 4, 2, 5]
+
+
+def test_postcopy_block_list_gives_huge_page_sizes(tmp_path: Path, run: Run) -> None:
+    """pc-postcopy.mig: saved with postcopy-ram on, pc.ram in 2 MiB huge pages, so its
+    entry in the block list carries a page size (the other blocks' do not)."""
+    with snapfmt.open(QEMU / "pc-postcopy.mig") as stream:
+        assert qf.Command.POSTCOPY_ADVISE in [c for _, c in stream.commands]  # type: ignore[attr-defined]
+        sizes = {
+            b.qemu_idstr: b.host_page_size  # type: ignore[attr-defined]
+            for b in (stream.ram_block(s.path) for s in stream.sections if s.path and s.kind == 3)
+        }
+        assert sizes["pc.ram"] == 2 << 20
+        assert {v for k, v in sizes.items() if k != "pc.ram"} == {None}
+        ram = stream.ram_block(stream.select_one("/pc.ram"))
+        image = bytearray(16 << 20)
+        image[0x100000:0x101000] = make_qemu_samples.POSTCOPY_TEXT
+        assert ram.read(0, ram.length) == bytes(image)
+        assert len(stream.sections) == 36
+    native, back = tmp_path / "p.snap", tmp_path / "p.mig"
+    assert run("convert", QEMU / "pc-postcopy.mig", native).code == 0
+    assert run("convert", native, back, "--to", "qemu").code == 0
+    assert run("diff", QEMU / "pc-postcopy.mig", back).code == 0

@@ -179,3 +179,42 @@ def test_diff_of_a_running_vm_saved_twice(qemu: None, tmp_path: Path) -> None:
     changed = {s.path for s in result.sections}
     assert {"/timer/vmstate", "/pc.ram"} <= changed
     assert all(s.status == "changed" for s in result.sections)
+
+
+def test_qemu_restores_the_postcopy_sample(qemu: None, tmp_path: Path) -> None:
+    """The postcopy-ram sample (pc.ram in 2 MiB huge pages, its page size in the block
+    list): QEMU restores it with postcopy-ram on, saves it again without, and the RAM and
+    device state snapfmt reads from both are the same."""
+    samples = Path(__file__).resolve().parent.parent / "samples" / "qemu"
+    make = _load(samples / "make_qemu_samples.py")
+    try:
+        make.reserve_huge_pages()
+    except OSError as e:  # not root, or no huge pages on this kernel
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"cannot reserve 2 MiB huge pages: {e}")
+        pytest.skip(f"cannot reserve 2 MiB huge pages: {e}")
+    page = tmp_path / "page.bin"
+    page.write_bytes(make.POSTCOPY_TEXT)
+    again = tmp_path / "again.mig"
+    with qmp.Qemu([*make.postcopy_machine(str(page)), "-incoming", "defer"]) as vm:
+        postcopy = [{"capability": "postcopy-ram", "state": True}]
+        vm.command("migrate-set-capabilities", capabilities=postcopy)
+        vm.command("migrate-incoming", uri=f"exec:cat {samples / 'pc-postcopy.mig'}")
+        assert vm.wait_incoming() == "loaded"
+        postcopy[0]["state"] = False
+        vm.command("migrate-set-capabilities", capabilities=postcopy)
+        vm.save(str(again))
+    with snapfmt.open(samples / "pc-postcopy.mig") as a, snapfmt.open(again) as b:
+        result = diff(a, b)
+        assert not result.sections, [s.summary for s in result.sections]
+        assert b.ram_block(b.select_one("/pc.ram")).host_page_size is None  # type: ignore[attr-defined]
+
+
+def _load(path: Path) -> Any:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

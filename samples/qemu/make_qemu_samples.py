@@ -15,11 +15,13 @@ import gzip
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent.parent))
 
+import snapfmt  # noqa: E402
 from snapfmt.qmp import BINARY, Qemu  # noqa: E402
 
 RAM_MIB = 16
@@ -72,6 +74,56 @@ def commands(ram_file: str) -> dict[str, list[str]]:
     }
 
 
+POSTCOPY_TEXT = (b"snapfmt postcopy sample page at 1 MiB. " * 110)[:4096]
+
+
+def postcopy_machine(page_file: str) -> list[str]:
+    """A machine whose RAM is in 2 MiB huge pages, so that a stream saved with
+    postcopy-ram on gives pc.ram's page size in the block list; one page of known text
+    at 1 MiB, put there by the loader device."""
+    return [
+        "-M", "pc-i440fx-7.2", "-m", f"{RAM_MIB}M", "-nodefaults",
+        "-rtc", "base=2020-01-01T00:00:00,clock=vm",
+        "-object", f"memory-backend-memfd,id=pc.ram,size={RAM_MIB}M,hugetlb=on,hugetlbsize=2M",
+        "-machine", "memory-backend=pc.ram",
+        "-device", f"loader,file={page_file},addr=0x100000,force-raw=on",
+    ]  # fmt: skip
+
+
+def reserve_huge_pages(count: int = RAM_MIB) -> None:
+    """At least *count* free 2 MiB huge pages (as root); QEMU needs RAM_MIB / 2."""
+    with open("/proc/meminfo") as f:
+        free = next(int(line.split()[1]) for line in f if line.startswith("HugePages_Free"))
+    if free < count:
+        with open("/proc/sys/vm/nr_hugepages", "r+") as f:
+            total = int(f.read())
+            f.seek(0)
+            f.write(str(total + count - free))
+
+
+def save_postcopy(args: list[str], target: Path) -> None:
+    """Save with postcopy-ram on.  With no destination to answer on a return path QEMU
+    never calls the migration complete, though it has written the whole stream: wait
+    until the file reads as one, vmdesc and all, then stop QEMU."""
+    target.unlink(missing_ok=True)
+    with Qemu(args) as vm:
+        vm.command(
+            "migrate-set-capabilities",
+            capabilities=[{"capability": "postcopy-ram", "state": True}],
+        )
+        vm.command("migrate", uri=f"exec:cat > {target}")
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            time.sleep(0.1)
+            try:
+                with snapfmt.open(target) as stream:
+                    if stream.vmdesc is not None:
+                        return
+            except snapfmt.SnapfmtError:
+                continue
+    raise SystemExit(f"QEMU did not write a whole stream to {target}")
+
+
 def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         ram_file = Path(tmp) / "ram.img"
@@ -99,6 +151,12 @@ def main() -> int:
                 gzip.compress(dump.read_bytes(), 9, mtime=0)
             )
             print(f"wrote {name}.vmstate.json.gz: {BINARY} -M {machine} -dump-vmstate")
+        page_file = Path(tmp) / "page.bin"
+        page_file.write_bytes(POSTCOPY_TEXT)
+        reserve_huge_pages()
+        args = postcopy_machine(str(page_file))
+        save_postcopy(args, HERE / "pc-postcopy.mig")
+        print(f"wrote pc-postcopy.mig (postcopy-ram on): {BINARY} {' '.join(args)}")
     return 0
 
 
