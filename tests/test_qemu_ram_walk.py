@@ -215,3 +215,50 @@ def test_runs_split_like_the_plain_loop(pieces: list[tuple[str, int, int]]) -> N
 @given(st.lists(st.one_of(st.just(0), st.just(-1), st.integers(1, 1 << 62)), max_size=500))
 def test_sent_counts_offsets(values: list[int]) -> None:
     assert qemu_reader._sent(array("q", values)) == sum(v > 0 for v in values)
+
+
+_RUNS = build(
+    {"pc.ram": 120, "vga.vram": 8},
+    [
+        [("pc.ram", i, i + 1) for i in range(120)],
+        [("pc.ram", i, None) for i in range(0, 120, 2)] + [("vga.vram", i, 9) for i in range(8)],
+    ],
+)
+_HEADERS = [i for i in range(len(_RUNS)) if i < 200 or (i - 200) % (PAGE + 8) < 16]
+
+
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    st.lists(st.tuples(st.sampled_from(_HEADERS), st.integers(0, 255)), min_size=1, max_size=4),
+    st.one_of(st.none(), st.integers(len(_RUNS) // 3, len(_RUNS))),
+)
+def test_mutated_runs_raise_only_snapfmt_errors(
+    tmp_path: Path, edits: list[tuple[int, int]], cut: int | None
+) -> None:
+    """Bytes changed in and around record headers, the stream maybe cut: opening,
+    reading every block, writing it out and diffing raise only SnapfmtError."""
+    data = bytearray(_RUNS)
+    for at, value in edits:
+        data[at] = value
+    target, original = tmp_path / "m.mig", tmp_path / "o.mig"
+    target.write_bytes(bytes(data[:cut]))
+    original.write_bytes(_RUNS)
+    try:
+        with snapfmt.open(target) as stream, snapfmt.open(original) as clean:
+            for block in stream.ram_blocks():
+                for _ in block.iter_spans(span=7 * PAGE):
+                    pass
+                out = tmp_path / "block.bin"
+                fd = os.open(out, os.O_RDWR | os.O_CREAT | os.O_TRUNC)
+                try:
+                    block.write_into(fd)
+                finally:
+                    os.close(fd)
+                assert out.stat().st_size == block.length
+            from snapfmt.diff import diff
+
+            diff(stream, clean)
+    except SnapfmtError:
+        pass
