@@ -21,7 +21,11 @@ try:
     _memcmp.restype = ctypes.c_int
     _memcmp.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
     AVAILABLE = True
-except (OSError, AttributeError):  # no libc to load: callers read and compare copies
+except (
+    OSError,
+    AttributeError,
+    TypeError,
+):  # no libc to load (TypeError: Windows): callers read and compare copies
     AVAILABLE = False
 
 
@@ -32,7 +36,11 @@ class Mapped:
         base = lo - lo % mmap.ALLOCATIONGRANULARITY
         self.lo, self.hi = lo, hi
         self._map = mmap.mmap(fd, hi - base, access=mmap.ACCESS_COPY, offset=base)
-        self._view = (ctypes.c_char * (hi - base)).from_buffer(self._map)
+        try:
+            self._view = (ctypes.c_char * (hi - base)).from_buffer(self._map)
+        except BaseException:
+            self._map.close()
+            raise
         self._origin = ctypes.addressof(self._view) - base
 
     def address(self, offset: int) -> int:

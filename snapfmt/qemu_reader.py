@@ -222,7 +222,6 @@ class QemuStream(Snapshot):
             None  # page sizes in use once POSTCOPY_ADVISE is seen; -1: not said
         )
         self._page_budget = reader.size // 9 + (1 << 20)
-        self._window = bytearray(_WINDOW)
         self._windows = _Windows(reader.fd, reader.size)
         self._base = start
         self._cur = _Cursor(reader, start)
@@ -501,15 +500,14 @@ class QemuStream(Snapshot):
         end = base + len(buf)
         expect, streak, probe = -1, 0, _RUN_MIN
         while True:
-            if pos + 9 > end:
-                if pos + 8 > io.size:
-                    self._cur.pos = min(pos, io.size)
-                    raise self._cur.error("stream ends inside the RAM section", section="ram")
+            if (pos + 9 > end or pos < base) and pos + 9 <= io.size:
+                # (a mapped-ram block list may move the stream on, or back)
                 buf, base = window.cover(pos, 9)
                 end = base + len(buf)
-            (word,) = unpack(buf, pos - base)
+            # fewer than 9 bytes left (an EOS last, or a cut stream): the careful path
+            word = unpack(buf, pos - base)[0] if base <= pos and pos + 9 <= end else -1
             flags = word & mask
-            if flags == whole or (flags == zero and buf[pos - base + 8] == 0):
+            if word >= 0 and (flags == whole or (flags == zero and buf[pos - base + 8] == 0)):
                 index = word >> shift
                 if index < len(pages):
                     streak = streak + 1 if word == expect else 0
@@ -649,7 +647,7 @@ class QemuStream(Snapshot):
             return None
         size = int.from_bytes(ahead, "big")
         in_use = self._postcopy if self._postcopy > 0 else size
-        if size > self.page_size and size & (size - 1) == 0 and size <= 1 << 30 and size & in_use:
+        if size > self.page_size and size & (size - 1) == 0 and size <= 1 << 34 and size & in_use:
             cur.pos += 8
             return size
         return None
@@ -1055,9 +1053,12 @@ def differing_pages(
         ext_a, ext_b = _extent(runs_a, step), _extent(runs_b, step)
         if ext_a is None and ext_b is None:
             return iter(())  # zero on both sides
-        if not _memcmp.AVAILABLE or not _compact(ext_a, n, step) or not _compact(ext_b, n, step):
-            return _differing_copies(a, b, first, n)
-        return _differing_mapped(a, b, first, runs_a, runs_b, ext_a, ext_b)
+        if _memcmp.AVAILABLE and _compact(ext_a, n, step) and _compact(ext_b, n, step):
+            try:  # a few differing pages at most per span: collected before yielding
+                return iter(list(_differing_mapped(a, b, first, runs_a, runs_b, ext_a, ext_b)))
+            except OSError:  # a file that cannot be mapped (some FUSE and 9p mounts)
+                pass
+        return _differing_copies(a, b, first, n)
 
     for first in range(0, count, per):
         yield from span(first)

@@ -262,3 +262,40 @@ def test_mutated_runs_raise_only_snapfmt_errors(
             diff(stream, clean)
     except SnapfmtError:
         pass
+
+
+@pytest.mark.parametrize("n", [0, 3, 20, 39])
+def test_stream_cut_after_a_zero_record_header(tmp_path: Path, n: int) -> None:
+    """The walk's window cannot hold the fill byte: a one-line error, not an IndexError."""
+    data = build({"pc.ram": 40}, [[("pc.ram", i, None) for i in range(40)]])
+    first = data.index(b"\x06pc.ram", 60) + 7  # the first zero record's fill byte
+    target = tmp_path / "cut.mig"
+    target.write_bytes(data[: first + n * 9])
+    with pytest.raises(SnapfmtError, match="stream ends"):
+        snapfmt.open(target)
+
+
+def test_diff_where_files_cannot_be_mapped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Some file systems refuse mmap: the walk reads with preadv and diff compares
+    copies, with the same result."""
+    from snapfmt.diff import diff
+
+    records = [("pc.ram", i, i + 1) for i in range(60)]
+    changed = [*records[:10], ("pc.ram", 10, 999), *records[11:]]
+    a, b = tmp_path / "a.mig", tmp_path / "b.mig"
+    a.write_bytes(build({"pc.ram": 60}, [records]))
+    b.write_bytes(build({"pc.ram": 60}, [changed]))
+    with snapfmt.open(a) as sa, snapfmt.open(b) as sb:
+        mapped = diff(sa, sb)
+
+    def refuse(*args: object, **kwargs: object) -> mmap.mmap:
+        raise OSError(19, "No such device")
+
+    monkeypatch.setattr(qemu_reader.mmap, "mmap", refuse)
+    with snapfmt.open(a) as sa, snapfmt.open(b) as sb:
+        copied = diff(sa, sb)
+    assert (
+        [(s.path, s.pages, s.ranges) for s in copied.sections]
+        == [(s.path, s.pages, s.ranges) for s in mapped.sections]
+        == [("/pc.ram", 1, [(10 * PAGE, 11 * PAGE - 1)])]
+    )
