@@ -46,6 +46,7 @@ NOT_SENT, ZERO_PAGE = 0, -1
 _STREAK = 8  # records in a row that follow one another before a run is checked at once
 _RUN_MIN, _RUN_MAX = 64, 4096  # records checked at once: first, and at most
 _SCAN_BLOCK = 16  # pages compared by one memcmp before page by page
+_COUNT_STEP = 1 << 20  # page map entries counted at a time
 _IOV_MAX = 1024  # iovecs per preadv/pwritev (Linux's IOV_MAX)
 _ZERO_RUN = array("q", [ZERO_PAGE]) * _RUN_MAX
 
@@ -113,14 +114,16 @@ def _sent(pages: array) -> int:  # type: ignore[type-arg]
     big integers) has a 0 byte exactly there.  ZERO_PAGE (-1) is 8 bytes of 0xff, and as
     offsets are positive no other entry has a 0xff top byte, so every run of 0xff bytes
     starts on an entry and counting b"\\xff" * 8 counts exactly the -1 entries."""
-    if not len(pages):
-        return 0
-    raw = pages.tobytes()
-    merged = 0
-    for k in range(8):
-        merged |= int.from_bytes(raw[k::8], "big")
-    unsent = merged.to_bytes(len(pages), "big").count(0)
-    return len(pages) - unsent - raw.count(b"\xff" * 8)
+    sent = 0
+    for first in range(0, len(pages), _COUNT_STEP):  # a piece at a time: bounded memory
+        piece = pages[first : first + _COUNT_STEP]
+        raw = piece.tobytes()
+        merged = 0
+        for k in range(8):
+            merged |= int.from_bytes(raw[k::8], "big")
+        unsent = merged.to_bytes(len(piece), "big").count(0)
+        sent += len(piece) - unsent - raw.count(b"\xff" * 8)
+    return sent
 
 
 class _Cursor:
