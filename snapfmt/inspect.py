@@ -118,6 +118,7 @@ class RamDump:
     chunks: int
     zero_chunks: int
     stored: int
+    host_page_size: int | None = None
 
 
 @dataclass(frozen=True)
@@ -158,6 +159,7 @@ def _ram(snap: Snapshot, path: Path) -> RamDump:
         chunks,
         zeros,
         stored,
+        block.host_page_size,
     )
 
 

@@ -115,6 +115,7 @@ class RamBlock(abc.ABC):
     page_size: int
     chunk_size: int
     qemu_idstr: str | None = None
+    host_page_size: int | None = None  # QEMU postcopy streams: a huge-page block's page
 
     @abc.abstractmethod
     def read(self, offset: int, length: int) -> bytes:

@@ -194,6 +194,11 @@ def dump_text(dump: Dump) -> Iterator[str]:
                 f"page size {section.page_size}, chunks of {human(section.chunk_size)}: "
                 f"{section.chunks} chunks, {section.zero_chunks} zero, {nonzero} non-zero; "
                 f"{human(section.stored)} stored"
+                + (
+                    f"; host pages of {human(section.host_page_size)}"
+                    if section.host_page_size
+                    else ""
+                )
             )
         else:
             yield f"{section.name}: metadata {json.dumps(section.document, sort_keys=True)}"
@@ -254,6 +259,7 @@ def dump_json(dump: Dump) -> dict[str, Any]:
                     "chunks": s.chunks,
                     "zero_chunks": s.zero_chunks,
                     "stored": s.stored,
+                    "host_page_size": s.host_page_size,
                 }
             )
         elif isinstance(s, MetadataDump):

@@ -108,6 +108,7 @@ def test_dump_json_and_selectors(run: Run, samples: Path) -> None:
         "chunks": 16,
         "zero_chunks": 12,
         "stored": 76,
+        "host_page_size": None,
     }
 
 

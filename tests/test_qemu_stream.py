@@ -373,10 +373,7 @@ def test_postcopy_block_list_gives_huge_page_sizes(tmp_path: Path, run: Run) -> 
     entry in the block list carries a page size (the other blocks' do not)."""
     with snapfmt.open(QEMU / "pc-postcopy.mig") as stream:
         assert qf.Command.POSTCOPY_ADVISE in [c for _, c in stream.commands]  # type: ignore[attr-defined]
-        sizes = {
-            b.qemu_idstr: b.host_page_size  # type: ignore[attr-defined]
-            for b in (stream.ram_block(s.path) for s in stream.sections if s.path and s.kind == 3)
-        }
+        sizes = {b.qemu_idstr: b.host_page_size for b in stream.ram_blocks()}
         assert sizes["pc.ram"] == 2 << 20
         assert {v for k, v in sizes.items() if k != "pc.ram"} == {None}
         ram = stream.ram_block(stream.select_one("/pc.ram"))
@@ -388,3 +385,5 @@ def test_postcopy_block_list_gives_huge_page_sizes(tmp_path: Path, run: Run) -> 
     assert run("convert", QEMU / "pc-postcopy.mig", native).code == 0
     assert run("convert", native, back, "--to", "qemu").code == 0
     assert run("diff", QEMU / "pc-postcopy.mig", back).code == 0
+    shown = run("dump", QEMU / "pc-postcopy.mig", "pc.ram").out
+    assert shown.rstrip().endswith("4.0 KiB stored; host pages of 2.0 MiB")

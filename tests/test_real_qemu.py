@@ -207,7 +207,7 @@ def test_qemu_restores_the_postcopy_sample(qemu: None, tmp_path: Path) -> None:
     with snapfmt.open(samples / "pc-postcopy.mig") as a, snapfmt.open(again) as b:
         result = diff(a, b)
         assert not result.sections, [s.summary for s in result.sections]
-        assert b.ram_block(b.select_one("/pc.ram")).host_page_size is None  # type: ignore[attr-defined]
+        assert b.ram_block(b.select_one("/pc.ram")).host_page_size is None
 
 
 def _load(path: Path) -> Any:
