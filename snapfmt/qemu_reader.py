@@ -70,6 +70,7 @@ class _Windows:
             length = min(self.length, self.size - base)
             try:
                 self._map = mmap.mmap(self.fd, length, offset=base, access=mmap.ACCESS_READ)
+                _memcmp.populate(self._map)  # every page of the window is looked at
                 return self._map, base
             except (OSError, ValueError):
                 self._buf = bytearray(max(self.length, need))
