@@ -15,7 +15,7 @@ import ctypes
 import mmap
 import sys
 
-__all__ = ["AVAILABLE", "Mapped", "memcmp", "populate", "string_at", "zero_address"]
+__all__ = ["AVAILABLE", "Mapped", "changed", "memcmp", "populate", "string_at", "zero_address"]
 
 # Linux 5.14's MADV_POPULATE_READ (Python 3.11's mmap module does not name it)
 _POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22 if sys.platform == "linux" else None)
@@ -78,6 +78,14 @@ class Mapped:
 def memcmp(a: int, b: int, length: int) -> bool:
     """Whether *length* bytes at addresses *a* and *b* are equal."""
     return length == 0 or _memcmp(a, b, length) == 0
+
+
+def changed(a: bytes | bytearray | memoryview, b: bytes | bytearray | memoryview) -> int:
+    """How many bytes differ between two pieces of one length, counted in C: the zero
+    bytes of a XOR b (as big integers) are the equal ones."""
+    size = len(a)
+    xor = int.from_bytes(a, "big") ^ int.from_bytes(b, "big")
+    return size - xor.to_bytes(size, "big").count(0)
 
 
 def string_at(address: int, length: int) -> bytes:

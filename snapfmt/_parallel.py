@@ -1,16 +1,24 @@
-"""A bounded, order-keeping parallel map for the hot paths (chunk encode and decode).
+"""Order-keeping parallel maps for the hot paths.
 
-zstandard and xxhash release the GIL, so threads give real parallelism on that work.
+ordered_map runs on threads, for chunk encode and decode: zstandard and xxhash release
+the GIL, so threads give real parallelism on that work.  forked_map shares work with one
+forked process, for work that is page faults and memory reads.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
+import pickle
+import signal
+import threading
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
-from typing import TypeVar
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    from concurrent.futures import Future
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -26,6 +34,8 @@ def ordered_map(
     At most *window* items (default ``2 * workers + 1``) are submitted and not yet
     yielded, counting the one just yielded, so memory stays bounded however many items
     there are; a caller that reuses buffers needs ``window + 1`` of them."""
+    from concurrent.futures import ThreadPoolExecutor  # (with logging: only when needed)
+
     window = window or 2 * workers + 1
     items = iter(items)
     head = list(itertools.islice(items, 2))
@@ -48,3 +58,59 @@ def ordered_map(
         finally:
             for _, future in pending:
                 future.cancel()
+
+
+def forked_map(job: Callable[[T], R], items: Sequence[T]) -> Iterator[R]:
+    """Yield ``job(item)`` for each item, in order, with every other item done by a
+    forked child process at the same time (results come back pickled through a pipe).
+
+    For work whose cost is page faults and memory reads: threads in one address space
+    queue for its page-table lock, and for the GIL between the calls; a second process
+    has neither.  The child sees the parent's objects as they were at the fork, runs
+    ahead of it by at most a pipe's worth of results, and its errors are raised here.
+    Where fork is missing, or other threads are running (forking them is unsafe),
+    everything runs here, one item after another."""
+    if len(items) < 2 or not hasattr(os, "fork") or threading.active_count() > 1:
+        yield from map(job, items)
+        return
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: the odd items, then leave without any clean-up of the parent's
+        os.close(read_end)
+        try:
+            with os.fdopen(write_end, "wb") as out:
+                for item in items[1::2]:
+                    try:
+                        message: tuple[str, Any] = ("ok", job(item))
+                    except BaseException as e:  # raised again in the parent
+                        message = ("error", e)
+                    try:
+                        data = pickle.dumps(message)
+                    except Exception as e:  # what will not pickle is sent as text
+                        what = message[1] if message[0] == "error" else e
+                        message = ("error", RuntimeError(f"{type(what).__name__}: {what}"))
+                        data = pickle.dumps(message)
+                    out.write(data)
+                    out.flush()
+                    if message[0] == "error":
+                        break
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    try:
+        with os.fdopen(read_end, "rb") as results:
+            for index, item in enumerate(items):
+                if index % 2 == 0:
+                    yield job(item)
+                    continue
+                try:
+                    kind, value = pickle.load(results)
+                except EOFError:
+                    raise RuntimeError("the worker process ended without its results") from None
+                if kind == "error":
+                    raise value
+                yield value
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)

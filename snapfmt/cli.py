@@ -17,7 +17,7 @@ import click
 
 from snapfmt import __version__, inspect, render
 from snapfmt.errors import SnapfmtError
-from snapfmt.reader import open_snapshot
+from snapfmt.reader import open_pair, open_snapshot
 
 EXIT_OK, EXIT_DIFFERENT, EXIT_BAD_INPUT = 0, 1, 2
 
@@ -237,7 +237,8 @@ def diff_cmd(
     """
     from snapfmt import diff as diff_mod
 
-    with open_snapshot(a) as left, open_snapshot(b) as right:
+    left, right = open_pair(a, b)
+    with left, right:
         total = sum(s.size for s in left.sections if s.kind_name == "ram-block")
         with progress(total, "comparing", quiet) as tick:
             result = diff_mod.diff(left, right, fields=not no_fields, progress=tick)

@@ -13,6 +13,7 @@ import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
+from snapfmt._memcmp import changed
 from snapfmt._parallel import ordered_map
 from snapfmt.errors import LayoutError
 from snapfmt.formats.native import CHUNK_ENTRY, SectionKind
@@ -244,11 +245,8 @@ def _ram(a: RamBlock, b: RamBlock, progress: Progress) -> SectionDiff | None:
             _close(section, run)
         run[:] = [lo, hi]
 
-    for offset, pa, pb in _differing(a, b, common, native, progress):
-        # count differing bytes in C: the zero bytes of a XOR b are the equal ones
-        size = len(pa)
-        xor = int.from_bytes(pa, "big") ^ int.from_bytes(pb, "big")
-        note(offset, offset + size - 1, size - xor.to_bytes(size, "big").count(0))
+    for offset, size, nbytes in _differing(a, b, common, native, progress):
+        note(offset, offset + size - 1, nbytes)
     if run:
         _close(section, run)
     notes = []
@@ -267,8 +265,8 @@ def _ram(a: RamBlock, b: RamBlock, progress: Progress) -> SectionDiff | None:
 
 def _differing(
     a: RamBlock, b: RamBlock, common: int, native: bool, progress: Progress
-) -> Iterator[tuple[int, Buffer, Buffer]]:
-    """(offset, page of a, page of b) for the pages of [0, common) that differ."""
+) -> Iterator[tuple[int, int, int]]:
+    """(offset, size, bytes that differ) for the pages of [0, common) that differ."""
     page = a.page_size
     if (
         isinstance(a, QemuRamBlock)
@@ -294,7 +292,7 @@ def _differing(
                 for at in range(lo, min(lo + block, n), page):
                     pb = span_b[at : at + page]
                     if not held.startswith(pb, at):
-                        yield offset + at, held[at : at + len(pb)], pb
+                        yield offset + at, len(pb), changed(held[at : at + len(pb)], pb)
         if progress:
             progress(n)
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from snapfmt import _memcmp
+from snapfmt._parallel import forked_map
 from snapfmt.chunks import zero_hash, zeros
 from snapfmt.errors import FormatError, UnsupportedError
 from snapfmt.formats import qemu as qf
@@ -227,6 +228,7 @@ class QemuStream(Snapshot):
         )
         self._page_budget = reader.size // 9 + (1 << 20)
         self._windows = _Windows(reader.fd, reader.size)
+        self._io_size = reader.size
         self._base = start
         self._cur = _Cursor(reader, start)
         self._walk()
@@ -843,6 +845,27 @@ class QemuStream(Snapshot):
     def close(self) -> None:
         self._io.close()
 
+    def __getstate__(self) -> dict[str, Any]:
+        """For a stream walked in another process (reader.open_pair): all but the file,
+        which the receiving side attaches again with :meth:`attach`."""
+        if self.wrapper is not None:
+            raise TypeError("a stream inside another file cannot move between processes")
+        state = self.__dict__.copy()
+        for key in ("_io", "_cur", "_windows"):
+            del state[key]
+        return state
+
+    def attach(self, reader: Any) -> None:
+        """Give a stream that came from another process its file again: *reader* must be
+        the one it was walked over (the same open file, inherited)."""
+        if reader.size != self._io_size:
+            raise FormatError("the stream changed while it was read", file=reader.name)
+        self._io, self._cur, self._windows = (
+            reader,
+            _Cursor(reader),
+            _Windows(reader.fd, reader.size),
+        )
+
 
 class _Unsent:
     """The page map of a block no page was sent for, without allocating one."""
@@ -1034,38 +1057,45 @@ class QemuRamBlock(RamBlock):
 
 def differing_pages(
     a: QemuRamBlock, b: QemuRamBlock, length: int, progress: Callable[[int], None] | None = None
-) -> Iterator[tuple[int, bytes, bytes]]:
-    """(offset, page of a, page of b) for each page of [0, *length*) that differs, in
+) -> Iterator[tuple[int, int, int]]:
+    """(offset, size, bytes that differ) for each page of [0, *length*) that differs, in
     order, for two blocks of one page size.
 
     Both page maps are split into runs (:func:`_runs`).  Where both sides are runs of
     records, the runs are compared in the mapped streams with memcmp, 16 pages at a
     time and the headers between them included (within a run they are alike on both
     sides: the next page of the block, of one kind), then page by page where a block
-    differs (:func:`_scan`).  A zero page is compared with zeros.  A span whose pages lie far apart in either
-    stream is read into buffers instead.  (Spans compared on a thread pool were slower
-    here: the two threads' page faults contend for one address space.)"""
+    differs (:func:`_scan`).  A zero page is compared with zeros.  A span whose pages lie
+    far apart in either stream is read into buffers instead.
+
+    The cost is page faults and memory reads, so every other 4 MiB span is compared by
+    a forked process (:func:`forked_map`); threads were slower here, their page faults
+    queueing for one address space."""
     page = a.page_size
     step = page + 8
     per = (1 << 22) // page
     count = length // page
 
-    def span(first: int) -> Iterator[tuple[int, bytes, bytes]]:
+    def span(first: int) -> list[tuple[int, int, int]]:
         n = min(per, count - first)
         runs_a = list(_runs(a._pages[first : first + n], step))
         runs_b = list(_runs(b._pages[first : first + n], step))
         ext_a, ext_b = _extent(runs_a, step), _extent(runs_b, step)
         if ext_a is None and ext_b is None:
-            return iter(())  # zero on both sides
+            return []  # zero on both sides
+        pages: Iterator[tuple[int, bytes, bytes]] | None = None
         if _memcmp.AVAILABLE and _compact(ext_a, n, step) and _compact(ext_b, n, step):
-            try:  # a few differing pages at most per span: collected before yielding
-                return iter(list(_differing_mapped(a, b, first, runs_a, runs_b, ext_a, ext_b)))
+            try:  # a few differing pages at most per span: collected before counting
+                pages = iter(list(_differing_mapped(a, b, first, runs_a, runs_b, ext_a, ext_b)))
             except OSError:  # a file that cannot be mapped (some FUSE and 9p mounts)
-                pass
-        return _differing_copies(a, b, first, n)
+                pages = None
+        if pages is None:
+            pages = _differing_copies(a, b, first, n)
+        return [(offset, len(pa), _memcmp.changed(pa, pb)) for offset, pa, pb in pages]
 
-    for first in range(0, count, per):
-        yield from span(first)
+    starts = range(0, count, per)
+    for first, changes in zip(starts, forked_map(span, starts), strict=True):
+        yield from changes
         if progress:
             progress(min(per, count - first) * page)
 

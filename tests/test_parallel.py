@@ -1,0 +1,129 @@
+"""forked_map (a second process for page-fault-bound work) and open_pair built on it."""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import pytest
+
+import snapfmt
+from snapfmt import reader
+from snapfmt._parallel import forked_map
+from snapfmt.diff import diff
+from snapfmt.errors import FormatError, SnapfmtError
+from tests.helpers import SAMPLES
+from tests.test_qemu_ram_walk import PAGE, build
+
+
+def square(n: int) -> tuple[int, int]:
+    return n * n, os.getpid()
+
+
+@pytest.mark.parametrize("count", [0, 1, 2, 5, 40])
+def test_results_in_order_half_from_a_child(count: int) -> None:
+    results = list(forked_map(square, list(range(count))))
+    assert [r for r, _ in results] == [n * n for n in range(count)]
+    pids = {pid for _, pid in results}
+    if count >= 2:  # every other item came from another process
+        assert len(pids) == 2 and os.getpid() in pids
+    else:
+        assert pids <= {os.getpid()}
+
+
+def fails_on(n: int) -> int:
+    if n == 3:
+        raise FormatError("bad record", file="x.mig", offset=16)
+    return n
+
+
+def test_a_child_error_is_raised_here_as_itself() -> None:
+    seen = []
+    with pytest.raises(FormatError, match=r"^x\.mig: offset 0x10: bad record$"):
+        for value in forked_map(fails_on, list(range(8))):
+            seen.append(value)
+    assert seen == [0, 1, 2]
+
+
+class Unpicklable(Exception):
+    def __reduce__(self) -> tuple[object, ...]:
+        raise TypeError("no")
+
+
+def fails_oddly(n: int) -> int:
+    if n == 1:
+        raise Unpicklable("lock held")
+    return n
+
+
+def test_an_error_that_will_not_pickle_comes_back_as_text() -> None:
+    with pytest.raises(RuntimeError, match="Unpicklable: lock held"):
+        list(forked_map(fails_oddly, [0, 1, 2]))
+
+
+def test_stopping_early_leaves_no_child() -> None:
+    results = forked_map(square, list(range(100)))
+    assert next(results)[0] == 0
+    results.close()  # the child is killed and reaped
+    with pytest.raises(ChildProcessError):
+        os.waitpid(-1, os.WNOHANG)
+
+
+def test_no_fork_while_threads_run() -> None:
+    stop = threading.Event()
+    worker = threading.Thread(target=stop.wait)
+    worker.start()
+    try:
+        assert {pid for _, pid in forked_map(square, list(range(6)))} == {os.getpid()}
+    finally:
+        stop.set()
+        worker.join()
+
+
+def test_open_pair_walks_the_second_stream_elsewhere(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(reader, "_PAIR_MIN", 0)
+    pc, q35 = SAMPLES / "qemu" / "pc.mig", SAMPLES / "qemu" / "q35.mig"
+    left, right = reader.open_pair(pc, q35)
+    with left, right, snapfmt.open(q35) as plain:
+        assert [s.key for s in right.sections] == [s.key for s in plain.sections]
+        for path in (s.path for s in plain.sections if s.path):
+            if plain.section_for(path).kind_name == "device":
+                assert right.device(path).data == plain.device(path).data
+            else:
+                block = right.ram_block(path)
+                assert block.read(0, block.length) == plain.ram_block(path).read(0, block.length)
+        assert not diff(right, plain).sections
+
+
+def test_open_pair_reports_the_second_file_as_open_would(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(reader, "_PAIR_MIN", 0)
+    cut = tmp_path / "cut.mig"
+    cut.write_bytes((SAMPLES / "qemu" / "pc.mig").read_bytes()[:500_000])
+    with pytest.raises(SnapfmtError) as alone:
+        snapfmt.open(cut)
+    with pytest.raises(SnapfmtError) as paired:
+        reader.open_pair(SAMPLES / "qemu" / "pc.mig", cut)
+    assert str(paired.value) == str(alone.value)
+
+
+def test_diff_of_streams_over_several_spans(tmp_path: Path) -> None:
+    """A 12 MiB block is three 4 MiB spans: the middle one is compared by the child."""
+    pages = 3 * 1024
+    records = [("pc.ram", i, i + 1) for i in range(pages)]
+    changed = list(records)
+    for i in (5, 1500, 1501, 3000):  # spans 0, 1, 1 and 2
+        changed[i] = ("pc.ram", i, 10_000 + i)
+    a, b = tmp_path / "a.mig", tmp_path / "b.mig"
+    a.write_bytes(build({"pc.ram": pages}, [records]))
+    b.write_bytes(build({"pc.ram": pages}, [changed]))
+    with snapfmt.open(a) as sa, snapfmt.open(b) as sb:
+        (ram,) = diff(sa, sb).sections
+    assert ram.pages == 4
+    assert ram.ranges == [
+        (5 * PAGE, 6 * PAGE - 1),
+        (1500 * PAGE, 1502 * PAGE - 1),
+        (3000 * PAGE, 3001 * PAGE - 1),
+    ]
