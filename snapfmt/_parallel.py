@@ -2,7 +2,8 @@
 
 ordered_map runs on threads, for chunk encode and decode: zstandard and xxhash release
 the GIL, so threads give real parallelism on that work.  forked_map shares work with one
-forked process, for work that is page faults and memory reads.
+forked process, for work that threads would serialise: page faults (one address space)
+and Python between the C calls (one GIL).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import pickle
 import signal
 import threading
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
@@ -60,17 +61,24 @@ def ordered_map(
                 future.cancel()
 
 
-def forked_map(job: Callable[[T], R], items: Sequence[T]) -> Iterator[R]:
+def forked_map(job: Callable[[T], R], items: Iterable[T]) -> Iterator[R]:
     """Yield ``job(item)`` for each item, in order, with every other item done by a
     forked child process at the same time (results come back pickled through a pipe).
 
-    For work whose cost is page faults and memory reads: threads in one address space
-    queue for its page-table lock, and for the GIL between the calls; a second process
-    has neither.  The child sees the parent's objects as they were at the fork, runs
+    For work whose cost is page faults, or Python between C calls: threads in one
+    address space queue for its page-table lock, and for the GIL; a second process has
+    neither.  The child sees the parent's objects as they were at the fork, runs
     ahead of it by at most a pipe's worth of results, and its errors are raised here.
     Where fork is missing, or other threads are running (forking them is unsafe),
-    everything runs here, one item after another."""
-    if len(items) < 2 or not hasattr(os, "fork") or threading.active_count() > 1:
+    everything runs here, one item after another.
+
+    Both processes go through *items* each on its own (a generator is copied by the
+    fork): they must come out the same in both, as a list does, or a generator that
+    only reads files."""
+    rest = iter(items)
+    head = list(itertools.islice(rest, 2))
+    items = itertools.chain(head, rest)
+    if len(head) < 2 or not hasattr(os, "fork") or threading.active_count() > 1:
         yield from map(job, items)
         return
     read_end, write_end = os.pipe()
@@ -79,7 +87,7 @@ def forked_map(job: Callable[[T], R], items: Sequence[T]) -> Iterator[R]:
         os.close(read_end)
         try:
             with os.fdopen(write_end, "wb") as out:
-                for item in items[1::2]:
+                for item in itertools.islice(items, 1, None, 2):
                     try:
                         message: tuple[str, Any] = ("ok", job(item))
                     except BaseException as e:  # raised again in the parent

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from snapfmt._memcmp import changed
-from snapfmt._parallel import ordered_map
+from snapfmt._parallel import forked_map
 from snapfmt.errors import LayoutError
 from snapfmt.formats.native import CHUNK_ENTRY, SectionKind
 from snapfmt.model import ChunkInfo, DeviceState, RamBlock, Snapshot
@@ -276,25 +276,65 @@ def _differing(
     ):
         yield from differing_pages(a, b, common, progress)
         return
-    block = max(_BLOCK, page)  # whole pages per block, also for pages over 64 KiB
+    if native:
+        yield from _native_changes(a, b, common, progress)
+        return
     scratch = bytearray()
-    for offset, span_a, span_b in _spans(a, b, common, native):
+    for offset, span_a, span_b in _spans(a, b, common):
         n = len(span_a)
         if len(scratch) != n:
             scratch = bytearray(n)
-        held = _whole_bytearray(span_a, scratch)
-        # a bytearray compared with any buffer is one memcmp, no copy; held.startswith
-        # (piece of b, at) compares held[at:] with the piece the same way
-        if held != span_b:
-            for lo in range(0, n, block):
-                if held.startswith(span_b[lo : lo + block], lo):
-                    continue
-                for at in range(lo, min(lo + block, n), page):
-                    pb = span_b[at : at + page]
-                    if not held.startswith(pb, at):
-                        yield offset + at, len(pb), changed(held[at : at + len(pb)], pb)
+        yield from _page_changes(offset, _whole_bytearray(span_a, scratch), span_b, page)
         if progress:
             progress(n)
+
+
+def _page_changes(
+    offset: int, held: bytearray, other: Buffer, page: int
+) -> list[tuple[int, int, int]]:
+    """(offset, size, bytes that differ) for the differing pages of two pieces of one
+    length.  A bytearray compared with any buffer is one memcmp, no copy, and
+    held.startswith(piece of other, at) compares held[at:] with the piece the same
+    way: the whole first, then blocks, then the pages of differing blocks."""
+    if held == other:
+        return []
+    other = memoryview(other)  # slices without copies
+    out = []
+    block = max(_BLOCK, page)  # whole pages per block, also for pages over 64 KiB
+    for lo in range(0, len(held), block):
+        if held.startswith(other[lo : lo + block], lo):
+            continue
+        for at in range(lo, min(lo + block, len(held)), page):
+            pb = other[at : at + page]
+            if not held.startswith(pb, at):
+                out.append((offset + at, len(pb), changed(held[at : at + len(pb)], pb)))
+    return out
+
+
+def _native_changes(
+    a: RamBlock, b: RamBlock, common: int, progress: Progress
+) -> Iterator[tuple[int, int, int]]:
+    """Two native blocks: chunks with equal hashes are never read.  Differing ones are
+    decoded (each checked against its hash) and compared in batches, every other batch
+    by a forked process (forked_map): decoding is Python around zstd, so threads would
+    queue for the GIL.  Both processes find the same batches in the chunk tables."""
+    assert isinstance(a, NativeRamBlock) and isinstance(b, NativeRamBlock)
+
+    def compare(pairs: list[tuple[ChunkInfo, ChunkInfo]]) -> tuple[int, list[tuple[int, int, int]]]:
+        left = a.decode([ca for ca, _ in pairs])
+        right = b.decode([cb for _, cb in pairs])
+        out = []
+        for (ca, _), x, y in zip(pairs, left, right, strict=True):
+            n = min(len(x), len(y), common - ca.offset)
+            if n < len(x) or n < len(y):
+                x, y = x[:n], y[:n]
+            out += _page_changes(ca.offset, x, y, a.page_size)
+        return sum(ca.length for ca, _ in pairs), out
+
+    for size, changes in forked_map(compare, _chunk_pairs(a, b, common)):
+        yield from changes
+        if progress:
+            progress(size)
 
 
 def _whole_bytearray(view: Buffer, scratch: bytearray) -> bytearray:
@@ -354,28 +394,8 @@ def _chunk_pairs(
         yield batch
 
 
-def _spans(
-    a: RamBlock, b: RamBlock, common: int, native: bool
-) -> Iterator[tuple[int, Buffer, Buffer]]:
-    """Both blocks over [0, common) in equal pieces; chunks known equal are not read, the
-    others are read (and decompressed) on the thread pool."""
-    if native:
-
-        def both(
-            pairs: list[tuple[ChunkInfo, ChunkInfo]],
-        ) -> list[tuple[int, bytearray, bytearray]]:
-            assert isinstance(a, NativeRamBlock) and isinstance(b, NativeRamBlock)
-            left = a.decode([ca for ca, _ in pairs])
-            right = b.decode([cb for _, cb in pairs])
-            return [(ca.offset, x, y) for (ca, _), x, y in zip(pairs, left, right, strict=True)]
-
-        for _pairs, decoded in ordered_map(both, _chunk_pairs(a, b, common)):
-            for offset, data_a, data_b in decoded:
-                n = min(len(data_a), len(data_b), common - offset)
-                if n < len(data_a) or n < len(data_b):
-                    data_a, data_b = data_a[:n], data_b[:n]
-                yield offset, data_a, data_b
-        return
+def _spans(a: RamBlock, b: RamBlock, common: int) -> Iterator[tuple[int, Buffer, Buffer]]:
+    """Both blocks over [0, common) in equal pieces."""
     step = 1 << 22
     if max(a.chunk_size, b.chunk_size) > step:  # spans would not line up: read both alike
         for lo in range(0, common, step):

@@ -127,3 +127,34 @@ def test_diff_of_streams_over_several_spans(tmp_path: Path) -> None:
         (1500 * PAGE, 1502 * PAGE - 1),
         (3000 * PAGE, 3001 * PAGE - 1),
     ]
+
+
+def test_native_diff_over_several_batches(tmp_path: Path) -> None:
+    """More differing chunks than one batch: every other batch is decoded and compared
+    by the child, and the result is that of a byte-by-byte comparison."""
+    import random
+
+    rng = random.Random(3)
+    image = bytearray(rng.randbytes(256 * PAGE))
+    image[100 * PAGE : 140 * PAGE] = bytes(40 * PAGE)
+    edited = bytearray(image)
+    touched = sorted(rng.sample(range(256), 120))
+    for page in touched:
+        edited[page * PAGE + 7] ^= 0xFF
+    paths = []
+    for name, data in (("a", image), ("b", edited)):
+        raw = tmp_path / f"{name}.img"
+        raw.write_bytes(data)
+        with snapfmt.Writer(tmp_path / f"{name}.snap", machine="pc", chunk_size=PAGE) as w:
+            w.add_ram_block("/pc.ram", str(raw))
+        paths.append(tmp_path / f"{name}.snap")
+    with snapfmt.open(paths[0]) as a, snapfmt.open(paths[1]) as b:
+        (ram,) = diff(a, b).sections
+    assert (ram.pages, ram.bytes_changed) == (120, 120)
+    expected = []
+    for page in touched:
+        if expected and expected[-1][1] + 1 == page * PAGE:
+            expected[-1] = (expected[-1][0], (page + 1) * PAGE - 1)
+        else:
+            expected.append((page * PAGE, (page + 1) * PAGE - 1))
+    assert ram.ranges == expected
