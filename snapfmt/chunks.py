@@ -40,25 +40,49 @@ def bitmap_length(chunk_length: int, page_size: int) -> int:
     return (pages + 7) // 8
 
 
+def _byte_runs(byte: int) -> tuple[tuple[int, int], ...]:
+    """The runs of set bits of one bitmap byte: (first page, pages), low bit first."""
+    runs, page = [], 0
+    while page < 8:
+        if byte >> page & 1:
+            start = page
+            while page < 8 and byte >> page & 1:
+                page += 1
+            runs.append((start, page - start))
+        else:
+            page += 1
+    return tuple(runs)
+
+
+_BYTE_RUNS = [_byte_runs(byte) for byte in range(256)]
+
+
 def page_runs(
     bitmap: bytes, chunk_length: int, page_size: int
 ) -> tuple[list[tuple[int, int]], int]:
     """The byte runs ``(start, length)`` of the chunk's stored pages, and their total.
 
-    Runs are found with integer bit tricks, a few operations per run, not per page.
+    Each bitmap byte's runs come from a table of all 256; a run that ends a byte and
+    one that starts the next are joined.
     """
-    bits = int.from_bytes(bitmap, "little")
-    runs: list[tuple[int, int]] = []
+    runs: list[list[int]] = []  # [first page, pages]
+    for index, byte in enumerate(bitmap):
+        base = index * 8
+        for first, count in _BYTE_RUNS[byte]:
+            if runs and runs[-1][0] + runs[-1][1] == base + first:
+                runs[-1][1] += count
+            else:
+                runs.append([base + first, count])
+    out: list[tuple[int, int]] = []
     total = 0
-    while bits:
-        first = (bits & -bits).bit_length() - 1  # lowest set bit
-        width = (~(bits >> first) & ((bits >> first) + 1)).bit_length() - 1  # run of ones
-        bits &= ~(((1 << width) - 1) << first)
+    for first, count in runs:
         start = first * page_size
-        length = min(width * page_size, chunk_length - start)
-        runs.append((start, length))
+        if start >= chunk_length:
+            break
+        length = min(count * page_size, chunk_length - start)
+        out.append((start, length))
         total += length
-    return runs, total
+    return out, total
 
 
 class ChunkCodec:

@@ -301,8 +301,9 @@ def _page_changes(
     other = memoryview(other)  # slices without copies
     out = []
     block = max(_BLOCK, page)  # whole pages per block, also for pages over 64 KiB
+    whole = len(held) <= block  # one block (a chunk): just found to differ
     for lo in range(0, len(held), block):
-        if held.startswith(other[lo : lo + block], lo):
+        if not whole and held.startswith(other[lo : lo + block], lo):
             continue
         for at in range(lo, min(lo + block, len(held)), page):
             pb = other[at : at + page]
