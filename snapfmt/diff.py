@@ -322,8 +322,8 @@ def _native_changes(
     assert isinstance(a, NativeRamBlock) and isinstance(b, NativeRamBlock)
 
     def compare(pairs: list[tuple[ChunkInfo, ChunkInfo]]) -> tuple[int, list[tuple[int, int, int]]]:
-        left = a.decode([ca for ca, _ in pairs])
-        right = b.decode([cb for _, cb in pairs])
+        left = a.decode([ca for ca, _ in pairs], reuse=True)
+        right = b.decode([cb for _, cb in pairs], reuse=True)
         out = []
         for (ca, _), x, y in zip(pairs, left, right, strict=True):
             n = min(len(x), len(y), common - ca.offset)

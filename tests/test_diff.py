@@ -75,9 +75,9 @@ def test_native_diff_reads_only_differing_chunks(tmp_path: Path) -> None:
         decoded: list[int] = []
         original = type(block_a).decode
 
-        def counting(self: object, chunks: list) -> list:  # type: ignore[type-arg]
+        def counting(self: object, chunks: list, **options: bool) -> list:  # type: ignore[type-arg]
             decoded.extend(c.offset for c in chunks)
-            return original(self, chunks)  # type: ignore[arg-type]
+            return original(self, chunks, **options)  # type: ignore[arg-type]
 
         type(block_a).decode = counting  # type: ignore[method-assign]
         try:
