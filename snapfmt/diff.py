@@ -28,8 +28,8 @@ Buffer = bytes | bytearray | memoryview
 Progress = Callable[[int], None] | None
 MAX_RANGES = 10_000  # differing ranges kept per section; the counts stay exact
 _BLOCK = 1 << 16  # compare in blocks first, then pages within differing blocks
-_TABLE_STEP = 8192  # chunk table entries compared at a time
-_PAIRS = 32  # differing chunk pairs decoded per job on the thread pool
+_TABLE_STEP = 2048  # chunk table entries per piece (forked_map shares out pieces)
+_PAIRS = 32  # differing chunk pairs decoded at a time
 _NONZERO = re.compile(rb"[^\x00]")
 
 
@@ -315,27 +315,32 @@ def _page_changes(
 def _native_changes(
     a: RamBlock, b: RamBlock, common: int, progress: Progress
 ) -> Iterator[tuple[int, int, int]]:
-    """Two native blocks: chunks with equal hashes are never read.  Differing ones are
-    decoded (each checked against its hash) and compared in batches, every other batch
-    by a forked process (forked_map): decoding is Python around zstd, so threads would
-    queue for the GIL.  Both processes find the same batches in the chunk tables."""
+    """Two native blocks, a piece of the chunk table at a time: chunks with equal hashes
+    are never read; differing ones are decoded (each checked against its hash) and
+    compared.  Every other piece is done by a forked process (forked_map): decoding is
+    Python around zstd, so threads would queue for the GIL."""
     assert isinstance(a, NativeRamBlock) and isinstance(b, NativeRamBlock)
+    count = -(-common // a.chunk_size)
 
-    def compare(pairs: list[tuple[ChunkInfo, ChunkInfo]]) -> tuple[int, list[tuple[int, int, int]]]:
-        left = a.decode([ca for ca, _ in pairs], reuse=True)
-        right = b.decode([cb for _, cb in pairs], reuse=True)
+    def piece(first: int) -> tuple[int, list[tuple[int, int, int]]]:
+        n = min(_TABLE_STEP, count - first)
+        pairs = _differing_pairs(a, b, first, n)
         out = []
-        for (ca, _), x, y in zip(pairs, left, right, strict=True):
-            n = min(len(x), len(y), common - ca.offset)
-            if n < len(x) or n < len(y):
-                x, y = x[:n], y[:n]
-            out += _page_changes(ca.offset, x, y, a.page_size)
-        return sum(ca.length for ca, _ in pairs), out
+        for at in range(0, len(pairs), _PAIRS):
+            batch = pairs[at : at + _PAIRS]
+            left = a.decode([ca for ca, _ in batch], reuse=True)
+            right = b.decode([cb for _, cb in batch], reuse=True)
+            for (ca, _), x, y in zip(batch, left, right, strict=True):
+                size = min(len(x), len(y), common - ca.offset)
+                if size < len(x) or size < len(y):
+                    x, y = x[:size], y[:size]
+                out += _page_changes(ca.offset, x, y, a.page_size)
+        return min(n * a.chunk_size, common - first * a.chunk_size), out
 
-    for size, changes in forked_map(compare, _chunk_pairs(a, b, common)):
+    for covered, changes in forked_map(piece, range(0, count, _TABLE_STEP)):
         yield from changes
         if progress:
-            progress(size)
+            progress(covered)
 
 
 def _whole_bytearray(view: Buffer, scratch: bytearray) -> bytearray:
@@ -361,38 +366,25 @@ def _close(section: SectionDiff, run: list[int]) -> None:
         section.ranges_truncated = True
 
 
-def _chunk_pairs(
-    a: RamBlock, b: RamBlock, common: int
-) -> Iterator[list[tuple[ChunkInfo, ChunkInfo]]]:
-    """Batches of chunk pairs whose hashes differ, table piece by table piece (bounded
-    memory); chunks with equal hashes are never read.
+def _differing_pairs(
+    a: NativeRamBlock, b: NativeRamBlock, first: int, n: int
+) -> list[tuple[ChunkInfo, ChunkInfo]]:
+    """The pairs of chunks [first, first + n) whose hashes differ.
 
     Hashes are compared in the raw tables, in C: byte k of every entry's hash is one
     strided slice, and the OR of the XORs of those planes (as big integers) is non-zero
     exactly at the entries that differ.  Only those become (checked) ChunkInfo objects."""
-    assert isinstance(a, NativeRamBlock) and isinstance(b, NativeRamBlock)
-    count = -(-common // a.chunk_size)
     size = CHUNK_ENTRY.size
-    hash_at = size - 8  # the hash ends each entry
-    batch: list[tuple[ChunkInfo, ChunkInfo]] = []
-    for first in range(0, count, _TABLE_STEP):
-        n = min(_TABLE_STEP, count - first)
-        raw_a, raw_b = a.table_raw(first, n), b.table_raw(first, n)
-        merged = 0
-        for k in range(hash_at, size):
-            merged |= int.from_bytes(raw_a[k::size], "big") ^ int.from_bytes(raw_b[k::size], "big")
-        if not merged:
-            continue
-        picks = [m.start() for m in _NONZERO.finditer(merged.to_bytes(n, "big"))]
-        for x, y in zip(
-            a.entries_at(first, raw_a, picks), b.entries_at(first, raw_b, picks), strict=True
-        ):
-            batch.append((x, y))
-            if len(batch) == _PAIRS:
-                yield batch
-                batch = []
-    if batch:
-        yield batch
+    raw_a, raw_b = a.table_raw(first, n), b.table_raw(first, n)
+    merged = 0
+    for k in range(size - 8, size):  # the hash ends each entry
+        merged |= int.from_bytes(raw_a[k::size], "big") ^ int.from_bytes(raw_b[k::size], "big")
+    if not merged:
+        return []
+    picks = [m.start() for m in _NONZERO.finditer(merged.to_bytes(n, "big"))]
+    return list(
+        zip(a.entries_at(first, raw_a, picks), b.entries_at(first, raw_b, picks), strict=True)
+    )
 
 
 def _spans(a: RamBlock, b: RamBlock, common: int) -> Iterator[tuple[int, Buffer, Buffer]]:

@@ -129,10 +129,15 @@ def test_diff_of_streams_over_several_spans(tmp_path: Path) -> None:
     ]
 
 
-def test_native_diff_over_several_batches(tmp_path: Path) -> None:
-    """More differing chunks than one batch: every other batch is decoded and compared
-    by the child, and the result is that of a byte-by-byte comparison."""
+def test_native_diff_over_several_pieces(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Chunk tables of several pieces, each with more differing chunks than one batch:
+    every other piece is decoded and compared by the child, and the result is that of a
+    byte-by-byte comparison."""
     import random
+
+    from snapfmt import diff as diff_module
+
+    monkeypatch.setattr(diff_module, "_TABLE_STEP", 64)  # 256 chunks: 4 pieces
 
     rng = random.Random(3)
     image = bytearray(rng.randbytes(256 * PAGE))
