@@ -73,8 +73,8 @@ def forked_map(job: Callable[[T], R], items: Iterable[T]) -> Iterator[R]:
     everything runs here, one item after another.
 
     Both processes go through *items* each on its own (a generator is copied by the
-    fork): they must come out the same in both, as a list does, or a generator that
-    only reads files."""
+    fork): they must come out the same in both, as a list or a range does.  Not a
+    generator over a file object: the two processes would share its file offset."""
     rest = iter(items)
     head = list(itertools.islice(rest, 2))
     items = itertools.chain(head, rest)
@@ -94,7 +94,8 @@ def forked_map(job: Callable[[T], R], items: Iterable[T]) -> Iterator[R]:
                         message = ("error", e)
                     try:
                         data = pickle.dumps(message)
-                    except Exception as e:  # what will not pickle is sent as text
+                        pickle.loads(data)  # what will not come back whole is sent as text
+                    except Exception as e:
                         what = message[1] if message[0] == "error" else e
                         message = ("error", RuntimeError(f"{type(what).__name__}: {what}"))
                         data = pickle.dumps(message)
@@ -113,7 +114,7 @@ def forked_map(job: Callable[[T], R], items: Iterable[T]) -> Iterator[R]:
                     continue
                 try:
                     kind, value = pickle.load(results)
-                except EOFError:
+                except (EOFError, pickle.UnpicklingError):
                     raise RuntimeError("the worker process ended without its results") from None
                 if kind == "error":
                     raise value
@@ -121,4 +122,5 @@ def forked_map(job: Callable[[T], R], items: Iterable[T]) -> Iterator[R]:
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
+        with contextlib.suppress(ChildProcessError):  # reaped already (SIGCHLD ignored)
+            os.waitpid(pid, 0)

@@ -506,6 +506,9 @@ class QemuStream(Snapshot):
         end = base + len(buf)
         expect, streak, probe = -1, 0, _RUN_MIN
         while True:
+            if pos > io.size:  # the last page record went past the end of the file
+                self._cur.pos = io.size
+                raise self._cur.error("stream ends inside the RAM section", section="ram")
             if (pos + 9 > end or pos < base) and pos + 9 <= io.size:
                 # (a mapped-ram block list may move the stream on, or back)
                 buf, base = window.cover(pos, 9)
@@ -599,6 +602,7 @@ class QemuStream(Snapshot):
             block.pages[index] = cur.pos
             cur.pos += page
             if cur.pos > self._io.size:
+                cur.pos = self._io.size  # where the file ends
                 raise cur.error("stream ends inside a RAM page", section="ram")
         else:
             cur.pos = at
@@ -858,7 +862,7 @@ class QemuStream(Snapshot):
     def attach(self, reader: Any) -> None:
         """Give a stream that came from another process its file again: *reader* must be
         the one it was walked over (the same open file, inherited)."""
-        if reader.size != self._io_size:
+        if os.fstat(reader.fd).st_size != self._io_size:
             raise FormatError("the stream changed while it was read", file=reader.name)
         self._io, self._cur, self._windows = (
             reader,

@@ -199,10 +199,13 @@ def open_pair(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> tuple[Sna
     are walked at the same time, the second by a forked process that sends its result
     back (:func:`snapfmt._parallel.forked_map`): opening one is mostly page faults, which
     a second process takes in parallel and a thread would not."""
-    names = [os.fspath(a), os.fspath(b)]
+    readers: list[FileReader] = []
     try:
-        readers = [FileReader(name) for name in names]
-    except (OSError, FormatError):
+        for name in (os.fspath(a), os.fspath(b)):
+            readers.append(FileReader(name))
+    except (OSError, FormatError):  # open_snapshot below says what is wrong
+        for reader in readers:
+            reader.close()
         readers = []
     if (
         len(readers) == 2

@@ -163,3 +163,30 @@ def test_native_diff_over_several_pieces(tmp_path: Path, monkeypatch: pytest.Mon
         else:
             expected.append((page * PAGE, (page + 1) * PAGE - 1))
     assert ram.ranges == expected
+
+
+class TwoArguments(Exception):
+    def __init__(self, first: str, second: str) -> None:
+        super().__init__(f"{first}/{second}")
+
+
+def fails_twice(n: int) -> int:
+    if n == 1:
+        raise TwoArguments("x", "y")
+    return n
+
+
+def test_an_error_that_will_not_unpickle_comes_back_as_text() -> None:
+    with pytest.raises(RuntimeError, match="TwoArguments: x/y"):
+        list(forked_map(fails_twice, [0, 1, 2]))
+
+
+def test_open_pair_leaks_no_descriptor_on_a_bad_second_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(reader, "_PAIR_MIN", 0)
+    before = len(os.listdir("/proc/self/fd"))
+    for bad in (tmp_path / "missing.mig", tmp_path):
+        with pytest.raises(SnapfmtError):
+            reader.open_pair(SAMPLES / "qemu" / "pc.mig", bad)
+    assert len(os.listdir("/proc/self/fd")) == before

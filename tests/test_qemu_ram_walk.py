@@ -153,13 +153,17 @@ def test_walk_without_mmap(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     check(target, blocks, sections)
 
 
-def test_stream_cut_inside_a_run_is_refused(tmp_path: Path) -> None:
+@pytest.mark.parametrize("page", [0, 20, 60, 99])
+def test_stream_cut_inside_a_run_is_refused(tmp_path: Path, page: int) -> None:
     data = build({"pc.ram": 100}, [[("pc.ram", i, i + 1) for i in range(100)]])
-    cut = data.index(_page(60)) + 100  # inside page 60 of a run
+    cut = data.index(_page(page + 1)) + 100  # inside a page of a run
     target = tmp_path / "cut.mig"
     target.write_bytes(data[:cut])
-    with pytest.raises(SnapfmtError, match="stream ends"):
+    with pytest.raises(
+        SnapfmtError, match=r"ram: stream ends inside (a RAM page|the RAM section)"
+    ) as e:
         snapfmt.open(target)
+    assert e.value.offset is not None and e.value.offset <= cut  # type: ignore[attr-defined]
 
 
 def test_a_record_breaking_a_run_is_read_as_itself(tmp_path: Path) -> None:
