@@ -15,7 +15,16 @@ import ctypes
 import mmap
 import sys
 
-__all__ = ["AVAILABLE", "Mapped", "changed", "memcmp", "populate", "string_at", "zero_address"]
+__all__ = [
+    "AVAILABLE",
+    "Mapped",
+    "changed",
+    "memcmp",
+    "page_changes",
+    "populate",
+    "string_at",
+    "zero_address",
+]
 
 # Linux 5.14's MADV_POPULATE_READ (Python 3.11's mmap module does not name it)
 _POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22 if sys.platform == "linux" else None)
@@ -86,6 +95,34 @@ def changed(a: bytes | bytearray | memoryview, b: bytes | bytearray | memoryview
     size = len(a)
     xor = int.from_bytes(a, "big") ^ int.from_bytes(b, "big")
     return size - xor.to_bytes(size, "big").count(0)
+
+
+def page_changes(
+    offset: int,
+    held: bytearray,
+    other: bytes | bytearray | memoryview,
+    page: int,
+    block: int = 1 << 16,
+) -> list[tuple[int, int, int]]:
+    """(offset, size, bytes that differ) for the differing pages of two pieces of one
+    length, *offset* being where they start.  A bytearray compared with any buffer is
+    one memcmp, no copy, and held.startswith(piece of other, at) compares held[at:]
+    with the piece the same way: the whole first, then blocks, then the pages of
+    differing blocks."""
+    if held == other:
+        return []
+    other = memoryview(other)  # slices without copies
+    out = []
+    block = max(block, page)  # whole pages per block, also for pages over 64 KiB
+    whole = len(held) <= block  # one block (a chunk): just found to differ
+    for lo in range(0, len(held), block):
+        if not whole and held.startswith(other[lo : lo + block], lo):
+            continue
+        for at in range(lo, min(lo + block, len(held)), page):
+            pb = other[at : at + page]
+            if not held.startswith(pb, at):
+                out.append((offset + at, len(pb), changed(held[at : at + len(pb)], pb)))
+    return out
 
 
 def string_at(address: int, length: int) -> bytes:

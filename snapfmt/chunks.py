@@ -22,7 +22,7 @@ Encoded = tuple[int, bytes | None, int]  # encoding, stored bytes, hash of the p
 # plain ints: comparing with IntEnum members costs an attribute lookup per chunk
 _ZERO, _RAW, _ZSTD = int(ChunkEncoding.ZERO), int(ChunkEncoding.RAW), int(ChunkEncoding.ZSTD)
 _PAGES_ZSTD = int(ChunkEncoding.PAGES_ZSTD)
-_LAYOUT_CACHE = 1 << 14  # bitmaps of 16-page chunks: most of the 65536 that occur
+_LAYOUT_CACHE = 4096
 
 
 @cache

@@ -13,7 +13,7 @@ import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from snapfmt._memcmp import changed
+from snapfmt._memcmp import page_changes
 from snapfmt._parallel import forked_map
 from snapfmt.errors import LayoutError
 from snapfmt.formats.native import CHUNK_ENTRY, SectionKind
@@ -27,7 +27,6 @@ Buffer = bytes | bytearray | memoryview
 
 Progress = Callable[[int], None] | None
 MAX_RANGES = 10_000  # differing ranges kept per section; the counts stay exact
-_BLOCK = 1 << 16  # compare in blocks first, then pages within differing blocks
 _TABLE_STEP = 2048  # chunk table entries per piece (forked_map shares out pieces)
 _PAIRS = 32  # differing chunk pairs decoded at a time
 _NONZERO = re.compile(rb"[^\x00]")
@@ -284,32 +283,9 @@ def _differing(
         n = len(span_a)
         if len(scratch) != n:
             scratch = bytearray(n)
-        yield from _page_changes(offset, _whole_bytearray(span_a, scratch), span_b, page)
+        yield from page_changes(offset, _whole_bytearray(span_a, scratch), span_b, page)
         if progress:
             progress(n)
-
-
-def _page_changes(
-    offset: int, held: bytearray, other: Buffer, page: int
-) -> list[tuple[int, int, int]]:
-    """(offset, size, bytes that differ) for the differing pages of two pieces of one
-    length.  A bytearray compared with any buffer is one memcmp, no copy, and
-    held.startswith(piece of other, at) compares held[at:] with the piece the same
-    way: the whole first, then blocks, then the pages of differing blocks."""
-    if held == other:
-        return []
-    other = memoryview(other)  # slices without copies
-    out = []
-    block = max(_BLOCK, page)  # whole pages per block, also for pages over 64 KiB
-    whole = len(held) <= block  # one block (a chunk): just found to differ
-    for lo in range(0, len(held), block):
-        if not whole and held.startswith(other[lo : lo + block], lo):
-            continue
-        for at in range(lo, min(lo + block, len(held)), page):
-            pb = other[at : at + page]
-            if not held.startswith(pb, at):
-                out.append((offset + at, len(pb), changed(held[at : at + len(pb)], pb)))
-    return out
 
 
 def _native_changes(
@@ -334,7 +310,7 @@ def _native_changes(
                 size = min(len(x), len(y), common - ca.offset)
                 if size < len(x) or size < len(y):
                     x, y = x[:size], y[:size]
-                out += _page_changes(ca.offset, x, y, a.page_size)
+                out += page_changes(ca.offset, x, y, a.page_size)
         return min(n * a.chunk_size, common - first * a.chunk_size), out
 
     for covered, changes in forked_map(piece, range(0, count, _TABLE_STEP)):

@@ -23,7 +23,7 @@ from typing import Any
 
 from snapfmt import _memcmp
 from snapfmt._parallel import forked_map
-from snapfmt.chunks import zero_hash, zeros
+from snapfmt.chunks import zero_hash
 from snapfmt.errors import FormatError, UnsupportedError
 from snapfmt.formats import qemu as qf
 from snapfmt.formats.native import ChunkEncoding, SectionKind, xxh3_64
@@ -842,10 +842,6 @@ class QemuStream(Snapshot):
     def fd(self) -> int:
         return int(self._io.fd)
 
-    @property
-    def size(self) -> int:
-        return int(self._io.size)
-
     def close(self) -> None:
         self._io.close()
 
@@ -885,9 +881,6 @@ class _Unsent:
 
     def __iter__(self) -> Iterator[int]:
         return iter(itertools.repeat(NOT_SENT, self.count_))
-
-    def count(self, value: int) -> int:
-        return self.count_ if value == NOT_SENT else 0
 
 
 def _runs(where: array, step: int) -> Iterator[tuple[int, int, int]]:  # type: ignore[type-arg]
@@ -985,22 +978,14 @@ class QemuRamBlock(RamBlock):
     def read(self, offset: int, length: int) -> bytes:
         if offset < 0 or length < 0 or offset + length > self.length:
             raise ValueError(f"range {offset:#x}+{length:#x} is outside {self.path}")
+        if not length:
+            return b""
         page = self.page_size
         first, last = offset // page, (offset + length + page - 1) // page
-        where = self._pages[first:last]
-        sent = [w for w in where if w > 0]
-        zero = zeros(page)
-        parts: list[bytes | memoryview] = []
-        if sent and max(sent) + page - min(sent) <= 2 * len(sent) * (page + 512):
-            # page records sit close together in the stream: one read for the lot
-            lo = min(sent)
-            raw = memoryview(self._stream.pread(lo, max(sent) + page - lo, "RAM pages"))
-            parts = [raw[w - lo : w - lo + page] if w > 0 else zero for w in where]
-        else:
-            parts = [self._stream.pread(w, page, "RAM page") if w > 0 else zero for w in where]
-        data = b"".join(parts)
+        gather = _Gather(self._stream, page, last - first)
+        gather.fill(self._pages[first:last])
         skip = offset - first * page
-        return data[skip : skip + length] if skip or len(data) != length else data
+        return bytes(gather.view[skip : skip + length])
 
     def summary(self) -> tuple[int, int, int]:
         pages = self._pages
@@ -1087,15 +1072,17 @@ def differing_pages(
         ext_a, ext_b = _extent(runs_a, step), _extent(runs_b, step)
         if ext_a is None and ext_b is None:
             return []  # zero on both sides
-        pages: Iterator[tuple[int, bytes, bytes]] | None = None
         if _memcmp.AVAILABLE and _compact(ext_a, n, step) and _compact(ext_b, n, step):
-            try:  # a few differing pages at most per span: collected before counting
-                pages = iter(list(_differing_mapped(a, b, first, runs_a, runs_b, ext_a, ext_b)))
+            try:
+                return [
+                    (offset, len(pa), _memcmp.changed(pa, pb))
+                    for offset, pa, pb in _differing_mapped(
+                        a, b, first, runs_a, runs_b, ext_a, ext_b
+                    )
+                ]
             except OSError:  # a file that cannot be mapped (some FUSE and 9p mounts)
-                pages = None
-        if pages is None:
-            pages = _differing_copies(a, b, first, n)
-        return [(offset, len(pa), _memcmp.changed(pa, pb)) for offset, pa, pb in pages]
+                pass
+        return _differing_copies(a, b, first, n)
 
     starts = range(0, count, per)
     for first, changes in zip(starts, forked_map(span, starts), strict=True):
@@ -1177,7 +1164,7 @@ def _scan(at_a: int, at_b: int, count: int, page: int, step: int) -> Iterator[in
 
 def _differing_copies(
     a: QemuRamBlock, b: QemuRamBlock, first: int, n: int
-) -> Iterator[tuple[int, bytes, bytes]]:
+) -> list[tuple[int, int, int]]:
     """Pages [first, first + n) of both blocks read into buffers, then compared."""
     page = a.page_size
     left, right = _Gather(a._stream, page, n), _Gather(b._stream, page, n)
@@ -1185,7 +1172,4 @@ def _differing_copies(
     right.fill(b._pages[first : first + n])
     held = left.view.obj
     assert isinstance(held, bytearray)
-    for k in range(n):
-        pb = right.view[k * page : (k + 1) * page]
-        if not held.startswith(pb, k * page):
-            yield (first + k) * page, bytes(held[k * page : (k + 1) * page]), bytes(pb)
+    return _memcmp.page_changes(first * page, held, right.view, page)

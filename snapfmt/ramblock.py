@@ -187,17 +187,12 @@ class NativeRamBlock(RamBlock):
 
     def _stored(self, batch: list[ChunkInfo]) -> tuple[memoryview, int]:
         """The stored bytes of *batch* as one view, and the file offset it starts at."""
-        if len(batch) == 1:  # a chunk on its own (diff reads differing chunks so)
-            lo, hi = batch[0].file_offset, batch[0].file_offset + batch[0].stored_length
-            if lo == hi:
-                return memoryview(b""), 0
-        else:
-            kept = [c for c in batch if c.stored_length]
-            if not kept:
-                return memoryview(b""), 0
-            lo = min(c.file_offset for c in kept)
-            hi = max(c.file_offset + c.stored_length for c in kept)
-        if len(batch) > 1 and hi - lo > 2 * sum(c.stored_length for c in batch) + (1 << 16):
+        kept = [c for c in batch if c.stored_length]
+        if not kept:
+            return memoryview(b""), 0
+        lo = min(c.file_offset for c in kept)
+        hi = max(c.file_offset + c.stored_length for c in kept)
+        if len(kept) > 1 and hi - lo > 2 * sum(c.stored_length for c in kept) + (1 << 16):
             # A hand-made file with chunks far apart: read them one at a time instead.
             raise _Scattered
         buf = getattr(self._local, "stored", None)

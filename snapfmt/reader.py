@@ -214,11 +214,11 @@ def open_pair(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> tuple[Sna
     ):
         try:
             streams = list(forked_map(lambda i: QemuStream(readers[i]), [0, 1]))
+            streams[1].attach(readers[1])
         except BaseException:
             for reader in readers:
                 reader.close()
             raise
-        streams[1].attach(readers[1])
         return streams[0], streams[1]
     for reader in readers:
         reader.close()
