@@ -4,7 +4,6 @@ left at the target path (it keeps what it had) and the temporary file is removed
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import IO, Any
@@ -22,6 +21,8 @@ def file_mode() -> int:
 def temp_beside(target: str) -> tuple[int, str]:
     """A new temporary file in the target's folder: (descriptor, name)."""
     folder = os.path.dirname(os.path.abspath(target))
+    import tempfile
+
     try:
         fd, tmp = tempfile.mkstemp(
             dir=folder, prefix=f".{os.path.basename(target)}.", suffix=".tmp"

@@ -11,12 +11,15 @@ because ctypes takes addresses of writable buffers; nothing is ever written to t
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import mmap
 import sys
+from functools import cache
+from typing import TYPE_CHECKING, Any
 
-__all__ = [
-    "AVAILABLE",
+if TYPE_CHECKING:
+    import ctypes
+
+__all__ = [  # and AVAILABLE, made on first use (see __getattr__)
     "Mapped",
     "changed",
     "memcmp",
@@ -39,24 +42,34 @@ def populate(mapping: mmap.mmap) -> None:
             mapping.madvise(_POPULATE_READ)
 
 
-try:
-    _libc = ctypes.CDLL(None)
-    _memcmp = _libc.memcmp
-    _memcmp.restype = ctypes.c_int
-    _memcmp.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
-    AVAILABLE = True
-except (
-    OSError,
-    AttributeError,
-    TypeError,
-):  # no libc to load (TypeError: Windows): callers read and compare copies
-    AVAILABLE = False
+@cache
+def _libc_memcmp() -> Any:
+    """libc's memcmp through ctypes, or None where there is no libc to load (TypeError:
+    Windows).  Loaded on first use: commands that compare nothing in place never
+    import ctypes."""
+    import ctypes
+
+    try:
+        function = ctypes.CDLL(None).memcmp
+    except (OSError, AttributeError, TypeError):
+        return None
+    function.restype = ctypes.c_int
+    function.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
+    return function
+
+
+def __getattr__(name: str) -> Any:
+    if name == "AVAILABLE":  # whether memcmp in place works here; else compare copies
+        return _libc_memcmp() is not None
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class Mapped:
     """Bytes [lo, hi) of the file *fd*, mapped; ``address(offset)`` of a file offset."""
 
     def __init__(self, fd: int, lo: int, hi: int) -> None:
+        import ctypes
+
         base = lo - lo % mmap.ALLOCATIONGRANULARITY
         self.lo, self.hi = lo, hi
         self._map = mmap.mmap(fd, hi - base, access=mmap.ACCESS_COPY, offset=base)
@@ -86,7 +99,7 @@ class Mapped:
 
 def memcmp(a: int, b: int, length: int) -> bool:
     """Whether *length* bytes at addresses *a* and *b* are equal."""
-    return length == 0 or _memcmp(a, b, length) == 0
+    return length == 0 or _libc_memcmp()(a, b, length) == 0
 
 
 def changed(a: bytes | bytearray | memoryview, b: bytes | bytearray | memoryview) -> int:
@@ -126,6 +139,8 @@ def page_changes(
 
 
 def string_at(address: int, length: int) -> bytes:
+    import ctypes
+
     return ctypes.string_at(address, length)
 
 
@@ -134,6 +149,8 @@ _ZEROS: dict[int, ctypes.Array[ctypes.c_char]] = {}
 
 def zero_address(length: int) -> int:
     """The address of *length* zero bytes (kept for the life of the process)."""
+    import ctypes
+
     if length not in _ZEROS:
         _ZEROS[length] = ctypes.create_string_buffer(length)
     return ctypes.addressof(_ZEROS[length])

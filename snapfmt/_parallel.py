@@ -11,8 +11,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
-import pickle
-import signal
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -81,6 +79,9 @@ def forked_map(job: Callable[[T], R], items: Iterable[T]) -> Iterator[R]:
     if len(head) < 2 or not hasattr(os, "fork") or threading.active_count() > 1:
         yield from map(job, items)
         return
+    import pickle  # (here: commands that never fork do not pay for the imports)
+    import signal
+
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: the odd items, then leave without any clean-up of the parent's

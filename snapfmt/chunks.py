@@ -13,8 +13,6 @@ from __future__ import annotations
 
 from functools import cache
 
-import zstandard
-
 from snapfmt.formats.native import ChunkEncoding, xxh3_64
 
 Encoded = tuple[int, bytes | None, int]  # encoding, stored bytes, hash of the plain chunk
@@ -87,7 +85,10 @@ def page_runs(
 
 class ChunkCodec:
     def __init__(self, page_size: int, level: int = 3) -> None:
+        import zstandard  # (here: QEMU streams never need it)
+
         self.page_size = page_size
+        self._zstd = zstandard
         self._cctx = zstandard.ZstdCompressor(level=level, write_content_size=True)
         self._dctx = zstandard.ZstdDecompressor()
         self._layouts: dict[tuple[bytes, int], tuple[int, list[tuple[int, int]], int]] = {}
@@ -130,7 +131,7 @@ class ChunkCodec:
         try:
             # The frame header's size is untrusted: check it against the chunk table
             # before the decompressor sizes a buffer from it.
-            framed = zstandard.frame_content_size(frame)
+            framed = self._zstd.frame_content_size(frame)
             if framed != expected:
                 return f"zstd frame says {framed} bytes, expected {expected}"
             # allow_extra_data=False: bytes after the frame would be a change that
@@ -138,7 +139,7 @@ class ChunkCodec:
             data: bytes = self._dctx.decompress(
                 frame, max_output_size=expected, allow_extra_data=False
             )
-        except zstandard.ZstdError as e:
+        except self._zstd.ZstdError as e:
             return f"zstd frame does not decode ({str(e)[:80]})"
         if len(data) != expected:
             return f"decodes to {len(data)} bytes, expected {expected}"

@@ -13,7 +13,6 @@ address without a driver (``pci.0/05.0``), a driver without an address (``.../e1
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -264,6 +263,8 @@ def resolve(selector: str, paths: Iterable[Path], aliases: Aliases = None) -> li
 
 def _nearest(selector: str, pool: Sequence[Path], count: int = 3) -> list[str]:
     """The paths most like *selector*, comparing it with whole paths and single components."""
+    import difflib  # (only when a selector matched nothing)
+
     wanted = selector.strip("/").lower()
 
     def score(path: Path) -> float:

@@ -19,7 +19,7 @@ import sys
 from array import array
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from snapfmt import _memcmp
 from snapfmt._parallel import forked_map
@@ -89,23 +89,47 @@ def _run(buf: Any, rel: int, word: int, page: int, step: int, limit: int) -> int
     word + page, word + 2 * page... (the next pages of one block, one kind), each *step*
     bytes long, a zero record's fill byte 0.  At least 1, at most *limit*.
 
-    Checked a byte plane at a time with strided slices: plane k holds byte k of every
-    header.  Where a plane differs from what the run would have, the first differing
-    byte is found from the XOR of the two as big integers -- all of it in C."""
-    heads = array("Q", range(word, word + limit * page, page))
-    if sys.byteorder == "little":
-        heads.byteswap()
-    expected = heads.tobytes()
-    stop = rel + limit * step
-    planes = [(buf[rel + k : stop + k : step], expected[k::8]) for k in range(8)]
-    if step == 9:
-        planes.append((buf[rel + 8 : stop + 8 : step], bytes(limit)))
-    count = limit
-    for found, wanted in planes:
-        if found != wanted:
-            diff = int.from_bytes(found, "big") ^ int.from_bytes(wanted, "big")
-            count = min(count, limit - (diff.bit_length() + 7) // 8)
-    return max(count, 1)
+    The headers found are gathered by one strided copy (every header is touched once:
+    each lies on its own memory page) and compared with the progression expected as
+    one byte string; where they differ, the XOR of the two as big integers gives the
+    first differing record.  All of it runs in C."""
+    if step == 9:  # zero records: header and fill byte back to back
+        width, found = 9, bytes(buf[rel : rel + limit * step])
+        wanted = _progression(word << 8, page << 8, limit, 9)
+    else:
+        width = 8
+        with memoryview(buf) as view:
+            # (the last record's page may lie past the window: its header is enough)
+            found = view[rel : rel + (limit - 1) * step + 8].cast("Q")[:: step // 8].tobytes()
+        wanted = _progression(word, page, limit, 8)
+    if found == wanted:
+        return limit
+    diff = int.from_bytes(found, "big") ^ int.from_bytes(wanted, "big")
+    return max((len(found) - (diff.bit_length() + 7) // 8) // width, 1)
+
+
+_SERIES: dict[tuple[int, int, int], tuple[int, int]] = {}  # (width, stride, terms): (R, stride * S)
+
+
+def _progression(
+    first: int, stride: int, n: int, width: int, order: Literal["little", "big"] = "big"
+) -> bytes:
+    """first, first + stride, ... (n terms, none negative), each *width* bytes in byte
+    *order*, made with big-integer arithmetic rather than term by term.  With
+    x = 256**width, R = sum(x**i) and S = sum(i * x**i) over at least n terms:
+    first * R + stride * S holds the terms from the lowest digit up (little-endian
+    bytes in order), and last * R - stride * S holds them from the highest down (so
+    big-endian bytes write the first term first); only the low n terms are kept."""
+    terms = 1 << max(n - 1, 1).bit_length()  # a few sizes, each kept once made
+    series = _SERIES.get((width, stride, terms))
+    if series is None:
+        ones = int.from_bytes((b"\x01" + bytes(width - 1)) * terms, "little")
+        counts = b"".join(i.to_bytes(width, "little") for i in range(terms))
+        series = _SERIES[width, stride, terms] = ones, stride * int.from_bytes(counts, "little")
+    ones, steps = series
+    last = first + (n - 1) * stride
+    value = first * ones + steps if order == "little" else last * ones - steps
+    return (value & ((1 << (8 * width * n)) - 1)).to_bytes(width * n, order)
 
 
 def _sent(pages: array) -> int:  # type: ignore[type-arg]
@@ -530,9 +554,8 @@ class QemuStream(Snapshot):
                     limit = min(probe, len(pages) - index, (end - pos - 9) // step + 1)
                     count = _run(buf, pos - base, word, page, step, limit)
                     if flags == whole:
-                        pages[index : index + count] = array(
-                            "q", range(pos + 8, pos + 8 + count * step, step)
-                        )
+                        where = _progression(pos + 8, step, count, 8, sys.byteorder)
+                        pages[index : index + count] = array("q", where)
                     else:
                         pages[index : index + count] = _ZERO_RUN[:count]  # count <= _RUN_MAX
                     pos += count * step

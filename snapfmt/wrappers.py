@@ -7,7 +7,6 @@ payloads are decompressed, streaming, to a temporary file that is removed on clo
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import IO, Any
@@ -70,6 +69,7 @@ def decompress_to_temp(path: str, start: int, name: str) -> int:
     The data must start like a QEMU stream, and may grow at most MAX_RATIO times the
     compressed size (plus 1 GiB): a decompression bomb stops there."""
     import lzma
+    import tempfile
     import zlib
 
     import zstandard

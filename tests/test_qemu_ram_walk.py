@@ -226,6 +226,23 @@ def test_sent_counts_offsets(values: list[int]) -> None:
         qemu_reader._COUNT_STEP = step
 
 
+@given(
+    st.integers(0, 1 << 62),
+    st.integers(0, 1 << 40),
+    st.integers(1, 5000),
+    st.sampled_from([8, 9]),
+    st.sampled_from(["big", "little"]),
+)
+def test_progression_is_the_terms_packed(
+    first: int, stride: int, n: int, width: int, order: str
+) -> None:
+    terms = [first + i * stride for i in range(n)]
+    if terms[-1] >= 1 << (8 * width):
+        return
+    packed = b"".join(t.to_bytes(width, order) for t in terms)  # type: ignore[arg-type]
+    assert qemu_reader._progression(first, stride, n, width, order) == packed  # type: ignore[arg-type]
+
+
 _RUNS = build(
     {"pc.ram": 120, "vga.vram": 8},
     [
