@@ -221,6 +221,7 @@ class _Block:
     length: int
     pages: array  # type: ignore[type-arg]  # per page: NOT_SENT, ZERO_PAGE or file offset
     host_page_size: int | None = None  # postcopy streams: hugepage-backed blocks say theirs
+    sent: int = 0  # pages held in the stream, counted once the walk is over
 
 
 class QemuStream(Snapshot):
@@ -790,7 +791,8 @@ class QemuStream(Snapshot):
             if path in self._device_paths or path in self._block_paths:
                 raise FormatError(f"two sections map to {path}", file=self.file, section=b.idstr)
             self._block_paths[path] = b
-            stored = _sent(b.pages) * self.page_size
+            b.sent = _sent(b.pages)
+            stored = b.sent * self.page_size
             infos.append(SectionInfo(SectionKind.RAM_BLOCK, path, 0, 0, b.length, stored))
         self._infos = infos
 
@@ -1011,8 +1013,7 @@ class QemuRamBlock(RamBlock):
         return bytes(gather.view[skip : skip + length])
 
     def summary(self) -> tuple[int, int, int]:
-        pages = self._pages
-        sent = _sent(self._block.pages)
+        pages, sent = self._pages, self._block.sent
         return len(pages), len(pages) - sent, sent * self.page_size
 
     def iter_spans(self, span: int = 1 << 22) -> Iterator[tuple[int, memoryview]]:

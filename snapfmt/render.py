@@ -40,11 +40,11 @@ def to_json(data: Any) -> str:
 
 
 def table(header: list[str], rows: list[list[str]]) -> list[str]:
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    lines = []
-    for row in [header, *rows]:
-        lines.append("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
-    return lines
+    """Columns padded to their widest cell, two spaces apart, no trailing spaces."""
+    everything = [header, *rows]
+    widths = [max(map(len, column)) for column in zip(*everything, strict=True)]
+    line = "  ".join([*(f"{{:<{w}}}" for w in widths[:-1]), "{}"])  # the last one unpadded
+    return [line.format(*row).rstrip() for row in everything]
 
 
 def _config_json(config: Configuration) -> dict[str, Any]:

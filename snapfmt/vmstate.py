@@ -9,8 +9,10 @@ QEMU writes them.  ``"int32 le"`` is big-endian too: QEMU's name means "less or 
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from itertools import repeat
 from typing import Any, Literal
 
 from snapfmt.errors import LayoutError
@@ -57,11 +59,20 @@ class _Cursor:
         # Zero-size fields and structs cost no bytes, so nesting could multiply them
         # without limit: every element visited spends from this budget.
         self.budget = len(data) + 4096
+        self.checked: dict[int, tuple[str, str, str, int, int | None]] = {}  # by id(field)
 
     def visit(self) -> None:
         self.budget -= 1
         if self.budget < 0:
             raise LayoutError("layout describes more elements than the state can hold")
+
+    def fits(self, elements: int, size: int) -> bool:
+        """Whether *elements* more elements of *size* bytes in all fit both the state and
+        the budget; if they do, they are charged to the budget."""
+        if elements > self.budget or self.pos + size > len(self.data):
+            return False
+        self.budget -= elements
+        return True
 
     def take(self, size: int, what: str) -> bytes:
         if size < 0 or self.pos + size > len(self.data):
@@ -74,6 +85,23 @@ class _Cursor:
         return chunk
 
 
+# integer size and signedness -> struct code, for arrays unpacked at once
+_CODES = {(1, True): "b", (1, False): "B", (2, True): "h", (2, False): "H",
+          (4, True): "i", (4, False): "I", (8, True): "q", (8, False): "Q"}  # fmt: skip
+
+
+def _values(type_name: str, raw: bytes, size: int, count: int) -> list[Any]:
+    """What _value gives for each of *count* elements of *size* bytes in *raw*."""
+    spec = _INTEGERS.get(type_name)
+    if spec is None or spec[0] != size:
+        return (
+            [raw[at : at + size] for at in range(0, size * count, size)] if size else [b""] * count
+        )
+    if type_name == "bool":
+        return [b != 0 for b in raw]
+    return list(struct.unpack(f">{count}{_CODES[size, spec[1]]}", raw))
+
+
 def _value(type_name: str, raw: bytes) -> int | bool | bytes:
     spec = _INTEGERS.get(type_name)
     if spec is None or spec[0] != len(raw):
@@ -83,23 +111,38 @@ def _value(type_name: str, raw: bytes) -> int | bool | bytes:
     return int.from_bytes(raw, spec[2], signed=spec[1])
 
 
+def _check(field: object, limit: int, where: str) -> tuple[str, str, str, int, int | None]:
+    """(name, index suffix, type, size, array length) of one field of a layout, checked."""
+    if not isinstance(field, Mapping):
+        raise LayoutError(f"layout {where}: a field must be an object")
+    name = _need(field, "name", str, where)
+    type_name = _need(field, "type", str, where)
+    size = _need(field, "size", int, where)
+    count = field.get("array_len")
+    if count is not None and (not isinstance(count, int) or not 0 <= count <= limit):
+        raise LayoutError(f"layout {where}: field {name!r} has a bad array_len {count!r}")
+    return name, f"[{field['index']}]" if "index" in field else "", type_name, size, count
+
+
 def _fields(node: Layout, cur: _Cursor, prefix: str, where: str) -> Iterator[Field]:
     fields = node.get("fields", [])
     if not isinstance(fields, list):
         raise LayoutError(f"layout {where}: 'fields' must be a list")
     for field in fields:
-        if not isinstance(field, Mapping):
-            raise LayoutError(f"layout {where}: a field must be an object")
-        name = _need(field, "name", str, where)
-        type_name = _need(field, "type", str, where)
-        size = _need(field, "size", int, where)
-        count = field.get("array_len")
-        if count is not None and (not isinstance(count, int) or not 0 <= count <= len(cur.data)):
-            raise LayoutError(f"layout {where}: field {name!r} has a bad array_len {count!r}")
-        base = f"{prefix}{name}"
-        if "index" in field:
-            base += f"[{field['index']}]"
+        spec = cur.checked.get(id(field))
+        if spec is None:  # (an array of structs comes back to its fields for every element)
+            spec = cur.checked[id(field)] = _check(field, len(cur.data), where)
+        name, suffix, type_name, size, count = spec
+        base = f"{prefix}{name}{suffix}"
         names = [base] if count is None else [f"{base}[{i}]" for i in range(count)]
+        total = size * len(names)
+        if type_name != "struct" and size >= 0 and len(names) > 1 and cur.fits(len(names), total):
+            # an array of scalars, in bounds and within the budget: taken at once
+            start = cur.base + cur.pos
+            values = _values(type_name, cur.take(total, base), size, len(names))
+            offsets = range(start, start + total, size) if size else repeat(start)
+            yield from map(Field, names, repeat(type_name), offsets, repeat(size), values)
+            continue
         for label in names:
             cur.visit()
             if type_name == "struct":

@@ -4,6 +4,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from snapfmt import vmstate
 from snapfmt.errors import LayoutError
 from snapfmt.vmstate import decode, encode_fields, encode_value
 
@@ -133,3 +134,44 @@ def test_encode_decode_symmetry(spec: list[tuple[str, int, int, bool]]) -> None:
         for v in (item["value"] if isinstance(item["value"], list) else [item["value"]])
     ]
     assert [f.value for f in decoded] == flat
+
+
+_TYPES = ["int8", "uint8", "int16", "uint16", "int32", "uint32", "int64", "uint64",
+          "bool", "int32 le", "uint64 equal", "buffer", "timer"]  # fmt: skip
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(_TYPES),
+            st.sampled_from([0, 1, 2, 4, 8, 3]),
+            st.one_of(st.none(), st.integers(0, 40)),
+        ),
+        min_size=1,
+        max_size=6,
+    ),
+    st.binary(max_size=600),
+)
+def test_arrays_taken_at_once_decode_as_element_by_element(
+    fields: list[tuple[str, int, int | None]], data: bytes
+) -> None:
+    """Arrays of scalars are taken in one piece (``_Cursor.fits``); the result, and any
+    error, must be what the element-by-element path gives."""
+    layout = {"fields": [], "subsections": []}
+    for i, (type_name, size, count) in enumerate(fields):
+        entry: dict[str, object] = {"name": f"f{i}", "type": type_name, "size": size}
+        if count is not None:
+            entry["array_len"] = count
+        layout["fields"].append(entry)  # type: ignore[attr-defined]
+
+    def outcome() -> object:
+        try:
+            return decode(layout, data, 0x100)
+        except LayoutError as e:
+            return str(e)
+
+    fast = outcome()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(vmstate._Cursor, "fits", lambda self, elements, size: False)
+        slow = outcome()
+    assert fast == slow
