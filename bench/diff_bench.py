@@ -10,6 +10,10 @@
    that differ in 1% of their pages, against `cat A B > /dev/null`.  Target: within 2x.
    Measured twice: as QEMU just wrote them, and read back from disk (see reread()).
 Peak RSS of every diff: target < 150 MB.
+
+snapfmt is installed with pip into a new virtual environment first, as a user installs
+it (--in-place: run from this checkout with this interpreter instead; see
+native_bench.snapfmt_command).
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from native_bench import PAGE, make_image, precompile, reread  # noqa: E402
+from native_bench import PAGE, make_image, reread, snapfmt_command  # noqa: E402
 
 import snapfmt  # noqa: E402
 from snapfmt.qmp import Qemu  # noqa: E402
@@ -72,11 +76,15 @@ def main() -> None:
     parser.add_argument("--qemu-gib", type=int, default=1)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--dir", default=None)
+    parser.add_argument(
+        "--in-place",
+        action="store_true",
+        help="run snapfmt from this checkout with this interpreter, not installed in a venv",
+    )
     args = parser.parse_args()
-    diff = [sys.executable, "-m", "snapfmt", "diff", "--stat"]
-    precompile()
     with tempfile.TemporaryDirectory(dir=args.dir, prefix="snapfmt-dbench-") as tmp:
         work = Path(tmp)
+        diff = [*snapfmt_command(work, args.in_place), "diff", "--stat"]
         native = clustered = (float("nan"), 0.0)
         if args.gib:  # --gib 0: the QEMU comparison only
             a_img, b_img, c_img = work / "a.img", work / "b.img", work / "c.img"

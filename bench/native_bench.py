@@ -80,6 +80,26 @@ def precompile() -> None:
     subprocess.run([sys.executable, "-m", "compileall", "-q", str(package)], check=True)
 
 
+def snapfmt_command(work: Path, in_place: bool = False) -> list[str]:
+    """How the benchmarks run snapfmt: by default installed as users install it, with
+    pip into a new virtual environment under *work* (a wheel, its bytecode compiled),
+    so that the times are snapfmt's own.  The interpreter a checkout runs with may load
+    more at every start: an editable install's import hook, and .pth files such as the
+    proxy certificate hook of this machine's Python (about 30 ms a start here).  With
+    *in_place*: this interpreter and this checkout (bytecode compiled first)."""
+    if in_place:
+        precompile()
+        return [sys.executable, "-m", "snapfmt"]
+    venv = work / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    subprocess.run(
+        [str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet",
+         str(Path(__file__).resolve().parent.parent)],
+        check=True,
+    )  # fmt: skip
+    return [str(venv / "bin" / "snapfmt")]
+
+
 def reread(paths: list[str]) -> None:
     """Drop *paths* from the page cache and read them back in.  Files just written sit
     in the cache in small pieces, files read from disk in the large ones readahead

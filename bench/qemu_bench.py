@@ -5,7 +5,10 @@
 
 QEMU (qemu-system-x86_64, paused, no guest code) saves a guest whose RAM is a file of
 random bytes (memory-backend-file, share=off), so nearly every page is a PAGE record.
-Each command then runs as its own process, timed by wall clock with its peak RSS:
+snapfmt is installed with pip into a new virtual environment first, as a user installs
+it (--in-place: run from this checkout with this interpreter instead; see
+native_bench.snapfmt_command).  Each command then runs as its own process, timed by wall
+clock with its peak RSS:
 
   baseline   cat FILE > /dev/null
   cp         cp FILE COPY: what writing the file's size costs on this disk, to read
@@ -40,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from snapfmt.qmp import Qemu
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from native_bench import precompile, reread
+from native_bench import reread, snapfmt_command
 
 
 def timed(argv: list[str], stdout: int | None = subprocess.DEVNULL) -> tuple[float, float]:
@@ -67,6 +70,11 @@ def main() -> None:
         action="store_true",
         help="drop the stream from the page cache and read it back before timing",
     )
+    parser.add_argument(
+        "--in-place",
+        action="store_true",
+        help="run snapfmt from this checkout with this interpreter, not installed in a venv",
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(dir=args.dir, prefix="snapfmt-qbench-") as tmp:
         work = Path(tmp)
@@ -88,8 +96,7 @@ def main() -> None:
         os.sync()  # the stream on disk: no writeback of it under the timings
         if args.reread:  # an older save rather than one just made (see reread())
             reread([str(stream)])
-        snapfmt = [sys.executable, "-m", "snapfmt"]
-        precompile()
+        snapfmt = snapfmt_command(work, args.in_place)
         steps = {
             "cat": ["cat", str(stream)],
             "cp": ["cp", str(stream), str(work / "copy.mig")],
