@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from snapfmt.errors import PathSyntaxError, SelectorError
 
@@ -160,8 +161,7 @@ class _Glob:
         return True
 
 
-@dataclass(frozen=True, slots=True)
-class _Pattern:
+class _Pattern(NamedTuple):
     """One selector component; ``None`` means "not constrained"."""
 
     name: _Glob | None
@@ -192,8 +192,7 @@ def _parse_pattern(text: str) -> _Pattern | str:
     return _Pattern(_Glob(name) if name else None, _Glob(address), either=False)
 
 
-@dataclass(frozen=True)
-class Selector:
+class Selector(NamedTuple):
     """A parsed selector (spec/paths.md §Selectors)."""
 
     text: str

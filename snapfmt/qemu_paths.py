@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from snapfmt.paths import Component, Path
 
@@ -44,8 +44,7 @@ _PCI = re.compile(
 )
 
 
-@dataclass(frozen=True)
-class Host:
+class Host(NamedTuple):
     """The PCI host bridge and root bus a machine type implies."""
 
     bridge: str

@@ -18,7 +18,6 @@ import re
 import sys
 from array import array
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from snapfmt import _memcmp
@@ -204,24 +203,38 @@ class _Cursor:
         return self.take(self.u8()).decode("latin-1")
 
 
-@dataclass
 class _Section:
-    section_id: int
-    idstr: str
-    instance_id: int
-    version_id: int
-    header_offset: int
-    spans: list[tuple[int, int]] = field(default_factory=list)  # payload (offset, length)
-    iterative: bool = False
+    """One section of the stream as the walk found it.  (This and _Block are plain
+    classes: a dataclass costs a millisecond to define at every start.)"""
+
+    __slots__ = ("header_offset", "idstr", "instance_id", "iterative", "section_id", "spans",
+                 "version_id")  # fmt: skip
+
+    def __init__(
+        self, section_id: int, idstr: str, instance_id: int, version_id: int, header_offset: int
+    ) -> None:
+        self.section_id, self.idstr = section_id, idstr
+        self.instance_id, self.version_id = instance_id, version_id
+        self.header_offset = header_offset
+        self.spans: list[tuple[int, int]] = []  # payload (offset, length)
+        self.iterative = False
 
 
-@dataclass
 class _Block:
-    idstr: str
-    length: int
-    pages: array  # type: ignore[type-arg]  # per page: NOT_SENT, ZERO_PAGE or file offset
-    host_page_size: int | None = None  # postcopy streams: hugepage-backed blocks say theirs
-    sent: int = 0  # pages held in the stream, counted once the walk is over
+    """One RAM block: its page map says, per page, NOT_SENT, ZERO_PAGE or a file offset."""
+
+    __slots__ = ("host_page_size", "idstr", "length", "pages", "sent")
+
+    def __init__(
+        self,
+        idstr: str,
+        length: int,
+        pages: array,  # type: ignore[type-arg]
+        host_page_size: int | None = None,  # postcopy streams: blocks in huge pages say it
+    ) -> None:
+        self.idstr, self.length, self.pages = idstr, length, pages
+        self.host_page_size = host_page_size
+        self.sent = 0  # pages held in the stream, counted once the walk is over
 
 
 class QemuStream(Snapshot):

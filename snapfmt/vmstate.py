@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from itertools import repeat
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from snapfmt.errors import LayoutError
 
@@ -33,8 +32,7 @@ _INTEGERS["bool"] = (1, False, "big")
 Layout = Mapping[str, Any]
 
 
-@dataclass(frozen=True, slots=True)
-class Field:
+class Field(NamedTuple):
     """One decoded value: ``name`` is a field path such as ``mac_reg[12]`` or ``a.b``."""
 
     name: str
