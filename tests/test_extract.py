@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path as FsPath
 
+import pytest
+
 from snapfmt.paths import Component, Path
 from snapfmt.writer import Writer
 from tests.helpers import Run
@@ -66,3 +68,26 @@ def test_symlink_inside_the_folder_is_not_followed(tmp_path: FsPath, run: Run) -
         == f"snapfmt: error: {out / 'sections'}: exists and is not a plain directory; not writing through it\n"
     )
     assert os.listdir(outside) == []
+
+
+def test_pwrite_all_goes_on_after_short_writes(
+    tmp_path: FsPath, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from snapfmt import model
+
+    real = os.pwrite
+    calls = []
+
+    def short(fd: int, data: memoryview, offset: int) -> int:
+        calls.append(len(data))
+        return real(fd, data[: max(1, len(data) // 3)], offset)  # a third at most
+
+    data = os.urandom(3 * model.WRITE_PIECE + 12345)
+    monkeypatch.setattr(os, "pwrite", short)
+    fd = os.open(tmp_path / "out", os.O_WRONLY | os.O_CREAT)
+    try:
+        model.pwrite_all(fd, [memoryview(data)[:1000], memoryview(data)[1000:]], 7)
+    finally:
+        os.close(fd)
+    assert (tmp_path / "out").read_bytes() == bytes(7) + data
+    assert max(calls) <= model.WRITE_PIECE
