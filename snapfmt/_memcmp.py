@@ -107,7 +107,9 @@ def changed(a: bytes | bytearray | memoryview, b: bytes | bytearray | memoryview
     bytes of a XOR b (as big integers) are the equal ones."""
     size = len(a)
     xor = int.from_bytes(a, "big") ^ int.from_bytes(b, "big")
-    return size - xor.to_bytes(size, "big").count(0)
+    return size - xor.to_bytes(size, "big").count(
+        b"\0"
+    )  # (a bytes argument: twice as fast as an int one)
 
 
 def page_changes(

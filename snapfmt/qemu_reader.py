@@ -146,7 +146,7 @@ def _sent(pages: array) -> int:  # type: ignore[type-arg]
         merged = 0
         for k in range(8):
             merged |= int.from_bytes(raw[k::8], "big")
-        unsent = merged.to_bytes(len(piece), "big").count(0)
+        unsent = merged.to_bytes(len(piece), "big").count(b"\0")
         sent += len(piece) - unsent - raw.count(b"\xff" * 8)
     return sent
 
