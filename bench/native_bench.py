@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import statistics
 import subprocess
 import sys
@@ -90,13 +91,18 @@ def snapfmt_command(work: Path, in_place: bool = False) -> list[str]:
     if in_place:
         precompile()
         return [sys.executable, "-m", "snapfmt"]
-    venv = work / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    subprocess.run(
-        [str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet",
-         str(Path(__file__).resolve().parent.parent)],
-        check=True,
+    venv, source = work / "venv", work / "source"
+    # from a copy: a build in the checkout would leave build/ and egg-info there, and
+    # setuptools would take stale modules from an old build/
+    shutil.copytree(
+        Path(__file__).resolve().parent.parent,
+        source,
+        ignore=shutil.ignore_patterns(".git", "build", "dist", "*.egg-info", "__pycache__",
+                                      ".*_cache", ".hypothesis", "samples", "tests", "bench"),
     )  # fmt: skip
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", str(source)]
+    subprocess.run(pip, check=True)
     return [str(venv / "bin" / "snapfmt")]
 
 

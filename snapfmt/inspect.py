@@ -169,12 +169,11 @@ def dump(snap: Snapshot, selectors: Sequence[str] = ()) -> Dump:
             if not found:
                 snap.select_one(selector)  # raises with the nearest paths
             wanted.update(found)
+    configuration, wrapper = snap.configuration, container(snap)  # (first: its errors first)
     sections = []
     for section in snap.sections:
         sections.extend(_dump_section(snap, section, wanted))
-    return Dump(
-        snap.origin, snap.format_name, snap.version, snap.configuration, sections, container(snap)
-    )
+    return Dump(snap.origin, snap.format_name, snap.version, configuration, sections, wrapper)
 
 
 def _dump_section(snap: Snapshot, section: SectionInfo, wanted: set[Path] | None) -> list[Any]:

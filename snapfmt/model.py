@@ -23,6 +23,9 @@ class Configuration(NamedTuple):
     capabilities: tuple[str, ...] = ()
     metadata: Mapping[str, Any] = MappingProxyType({})
 
+    def __reduce__(self) -> tuple[Any, ...]:  # (a mappingproxy does not pickle or copy)
+        return Configuration, (self.machine, self.page_size, self.capabilities, dict(self.metadata))
+
 
 class SectionInfo(NamedTuple):
     """One row of a snapshot's section table (for native files: one index entry)."""

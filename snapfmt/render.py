@@ -42,6 +42,8 @@ def to_json(data: Any) -> str:
 def table(header: list[str], rows: list[list[str]]) -> list[str]:
     """Columns padded to their widest cell, two spaces apart, no trailing spaces."""
     everything = [header, *rows]
+    if not header:
+        return ["" for _ in everything]
     widths = [max(map(len, column)) for column in zip(*everything, strict=True)]
     line = "  ".join([*(f"{{:<{w}}}" for w in widths[:-1]), "{}"])  # the last one unpadded
     return [line.format(*row).rstrip() for row in everything]

@@ -57,7 +57,8 @@ class _Cursor:
         # Zero-size fields and structs cost no bytes, so nesting could multiply them
         # without limit: every element visited spends from this budget.
         self.budget = len(data) + 4096
-        self.checked: dict[int, tuple[str, str, str, int, int | None]] = {}  # by id(field)
+        # by id(field): (field, checked spec) -- the field kept, so an id is never reused
+        self.checked: dict[int, tuple[object, tuple[str, str, str, int, int | None]]] = {}
 
     def visit(self) -> None:
         self.budget -= 1
@@ -97,7 +98,8 @@ def _values(type_name: str, raw: bytes, size: int, count: int) -> list[Any]:
         )
     if type_name == "bool":
         return [b != 0 for b in raw]
-    return list(struct.unpack(f">{count}{_CODES[size, spec[1]]}", raw))
+    order = ">" if spec[2] == "big" else "<"
+    return list(struct.unpack(f"{order}{count}{_CODES[size, spec[1]]}", raw))
 
 
 def _value(type_name: str, raw: bytes) -> int | bool | bytes:
@@ -127,10 +129,10 @@ def _fields(node: Layout, cur: _Cursor, prefix: str, where: str) -> Iterator[Fie
     if not isinstance(fields, list):
         raise LayoutError(f"layout {where}: 'fields' must be a list")
     for field in fields:
-        spec = cur.checked.get(id(field))
-        if spec is None:  # (an array of structs comes back to its fields for every element)
-            spec = cur.checked[id(field)] = _check(field, len(cur.data), where)
-        name, suffix, type_name, size, count = spec
+        seen = cur.checked.get(id(field))  # (an array of structs comes back to its fields
+        if seen is None or seen[0] is not field:  # for every element)
+            seen = cur.checked[id(field)] = field, _check(field, len(cur.data), where)
+        name, suffix, type_name, size, count = seen[1]
         base = f"{prefix}{name}{suffix}"
         names = [base] if count is None else [f"{base}[{i}]" for i in range(count)]
         total = size * len(names)

@@ -158,3 +158,18 @@ def test_truncated_messages(tmp_path: Path, run: Run) -> None:
         f"snapfmt: error: {target}: offset 0x0: file too short for a native snapshot: "
         f"found 40 bytes, expected at least 112\n"
     )
+
+
+def test_dump_reports_a_damaged_configuration_before_damaged_devices(
+    tmp_path: Path, run: Run
+) -> None:
+    with snapfmt.open(SAMPLES / "tiny.snap") as snap:
+        sections = {s.kind_name: s for s in snap.sections}
+    damaged = bytearray(TINY)
+    damaged[sections["configuration"].offset] ^= 0xFF
+    damaged[sections["device"].offset] ^= 0xFF
+    target = tmp_path / "bad.snap"
+    target.write_bytes(damaged)
+    result = run("dump", target)
+    assert result.code == 2
+    assert "configuration: section checksum does not match" in result.err

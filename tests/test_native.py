@@ -349,3 +349,14 @@ def test_chunks_must_fill_the_data_region_in_order(tmp_path: FsPath) -> None:
         f"chunk 1 (bytes 0x1000-0x1fff) is stored at {first.file_offset:#x}, expected {second.file_offset:#x} (chunks must fill the data region in order)",
         "stored chunks do not fill the data region",
     ]
+
+
+def test_configuration_pickles_and_copies_with_its_default_metadata() -> None:
+    import copy
+    import pickle
+
+    from snapfmt.model import Configuration
+
+    config = Configuration("pc-i440fx-7.2", 4096, ("postcopy-ram",))
+    for twin in (pickle.loads(pickle.dumps(config)), copy.deepcopy(config), copy.copy(config)):
+        assert twin == config and dict(twin.metadata) == {}
