@@ -32,7 +32,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from native_bench import PAGE, make_image, reread, snapfmt_command  # noqa: E402
+from native_bench import PAGE, add_in_place, make_image, reread, snapfmt_command  # noqa: E402
 
 import snapfmt  # noqa: E402
 from snapfmt.qmp import Qemu  # noqa: E402
@@ -76,11 +76,7 @@ def main() -> None:
     parser.add_argument("--qemu-gib", type=int, default=1)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--dir", default=None)
-    parser.add_argument(
-        "--in-place",
-        action="store_true",
-        help="run snapfmt from this checkout with this interpreter, not installed in a venv",
-    )
+    add_in_place(parser)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(dir=args.dir, prefix="snapfmt-dbench-") as tmp:
         work = Path(tmp)

@@ -81,6 +81,15 @@ def precompile() -> None:
     subprocess.run([sys.executable, "-m", "compileall", "-q", str(package)], check=True)
 
 
+def add_in_place(parser: argparse.ArgumentParser) -> None:
+    """The --in-place option of the benchmarks that run snapfmt_command."""
+    parser.add_argument(
+        "--in-place",
+        action="store_true",
+        help="run snapfmt from this checkout with this interpreter, not installed in a venv",
+    )
+
+
 def snapfmt_command(work: Path, in_place: bool = False) -> list[str]:
     """How the benchmarks run snapfmt: by default installed as users install it, with
     pip into a new virtual environment under *work* (a wheel, its bytecode compiled),

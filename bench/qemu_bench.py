@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from snapfmt.qmp import Qemu
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from native_bench import reread, snapfmt_command
+from native_bench import add_in_place, reread, snapfmt_command
 
 
 def timed(argv: list[str], stdout: int | None = subprocess.DEVNULL) -> tuple[float, float]:
@@ -70,11 +70,7 @@ def main() -> None:
         action="store_true",
         help="drop the stream from the page cache and read it back before timing",
     )
-    parser.add_argument(
-        "--in-place",
-        action="store_true",
-        help="run snapfmt from this checkout with this interpreter, not installed in a venv",
-    )
+    add_in_place(parser)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(dir=args.dir, prefix="snapfmt-qbench-") as tmp:
         work = Path(tmp)
