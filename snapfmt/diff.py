@@ -310,7 +310,7 @@ def _native_changes(
                 size = min(len(x), len(y), common - ca.offset)
                 if size < len(x) or size < len(y):
                     x, y = x[:size], y[:size]
-                out += page_changes(ca.offset, x, y, a.page_size)
+                out += page_changes(ca.offset, x, y, a.page_size, 1 << 14)
         return min(n * a.chunk_size, common - first * a.chunk_size), out
 
     for covered, changes in forked_map(piece, range(0, count, _TABLE_STEP)):

@@ -242,13 +242,15 @@ class NativeRamBlock(RamBlock):
     def decode(self, chunks: list[ChunkInfo], reuse: bool = False) -> list[bytearray]:
         """The plain bytes of *chunks* (any, in any order), each checked against its hash.
 
+        Each chunk is read on its own (one preadv into this thread's buffer): chunks
+        picked out of a block, as diff picks them, seldom lie next to one another.
         With *reuse*, the buffers are this thread's own and are filled again by its next
         call with *reuse*: fresh 64 KiB buffers cost a page fault for every 4 KiB, as
         the allocator hands freed memory back to the system between calls."""
         codec = self._codec()
         pool: list[bytearray] = getattr(self._local, "decoded", []) if reuse else []
         out = []
-        for i, (c, src) in enumerate(self._sources(chunks)):
+        for i, c in enumerate(chunks):
             if not reuse:
                 dest = bytearray(c.length)
             elif i < len(pool) and len(pool[i]) == c.length:
@@ -256,11 +258,23 @@ class NativeRamBlock(RamBlock):
             else:
                 dest = bytearray(c.length)
                 pool[i : i + 1] = [dest]
-            self._decode(codec, c, src, memoryview(dest))
+            self._decode(codec, c, self._read_stored(c), memoryview(dest))
             out.append(dest)
         if reuse:
             self._local.decoded = pool
         return out
+
+    def _read_stored(self, c: ChunkInfo) -> memoryview:
+        """The stored bytes of one chunk, in this thread's buffer (valid until its next
+        read)."""
+        n = c.stored_length
+        buf = getattr(self._local, "stored", None)
+        if buf is None or len(buf) < n:
+            buf = self._local.stored = bytearray(max(n, BATCH_BYTES))
+        view = memoryview(buf)[:n]
+        if n and os.preadv(self._snap.fd, [view], c.file_offset) != n:
+            raise self._error(FormatError, "chunk data is cut short", c.file_offset)
+        return view
 
     def _fill(self, batch: list[ChunkInfo], out: memoryview) -> None:
         """Decode consecutive chunks into *out*, checking each against its hash."""

@@ -204,3 +204,16 @@ def test_ram_differences_are_exact(
         assert not ram
         return
     assert (ram[0].pages, ram[0].bytes_changed, ram[0].ranges) == (pages, changed, ranges)
+
+
+@given(st.binary(max_size=3000), st.data())
+def test_changed_counts_differing_bytes(a: bytes, data: st.DataObject) -> None:
+    """changed() trims equal ends piece by piece before it counts: any lengths (pieces
+    cut short at the end too), changes anywhere, any buffer types."""
+    b = bytearray(a)
+    for at in data.draw(st.lists(st.integers(0, max(0, len(a) - 1)), max_size=8 if a else 0)):
+        b[at] = data.draw(st.integers(0, 255))
+    expected = sum(x != y for x, y in zip(a, b, strict=True))
+    assert _memcmp.changed(a, b) == expected
+    assert _memcmp.changed(memoryview(b), memoryview(a)) == expected
+    assert _memcmp.changed(bytearray(a), bytes(b)) == expected
