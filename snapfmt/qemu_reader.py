@@ -69,8 +69,11 @@ class _Windows:
             base = pos - pos % mmap.ALLOCATIONGRANULARITY
             length = min(self.length, self.size - base)
             try:
+                # Not populated (MADV_POPULATE_READ) although every page of it is looked
+                # at: populating walks the pages again one by one after mapping them, and
+                # a walk of a 1 GiB stream QEMU had just written took 0.17 s that way
+                # against 0.11 s with plain faults (median of 11, alternating).
                 self._map = mmap.mmap(self.fd, length, offset=base, access=mmap.ACCESS_READ)
-                _memcmp.populate(self._map)  # every page of the window is looked at
                 return self._map, base
             except (OSError, ValueError):
                 self._buf = bytearray(max(self.length, need))
@@ -943,7 +946,7 @@ def _runs(where: array, step: int) -> Iterator[tuple[int, int, int]]:  # type: i
             while j < n:
                 size = min(probe, n - j)
                 if w > 0:
-                    expected = array("q", range(nxt, nxt + size * step, step)).tobytes()
+                    expected = _progression(nxt, step, size, 8, sys.byteorder)
                 else:
                     expected = (array("q", [w]) * size).tobytes()
                 found = raw[8 * j : 8 * (j + size)]
