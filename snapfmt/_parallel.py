@@ -59,68 +59,113 @@ def ordered_map(
                 future.cancel()
 
 
+_TOKENS = 1024  # claims at most: 4 KiB of 4-byte tokens, within any pipe's capacity
+_AHEAD = 64  # results the parent holds at most before it waits for the child's
+
+
 def forked_map(job: Callable[[T], R], items: Iterable[T]) -> Iterator[R]:
-    """Yield ``job(item)`` for each item, in order, with every other item done by a
-    forked child process at the same time (results come back pickled through a pipe).
+    """Yield ``job(item)`` for each item, in order, sharing the items with one forked
+    child process (results come back pickled through a pipe).
 
     For work whose cost is page faults, or Python between C calls: threads in one
     address space queue for its page-table lock, and for the GIL; a second process has
-    neither.  The child sees the parent's objects as they were at the fork, runs
-    ahead of it by at most a pipe's worth of results, and its errors are raised here.
-    Where fork is missing, or other threads are running (forking them is unsafe),
-    everything runs here, one item after another.
-
-    Both processes go through *items* each on its own (a generator is copied by the
-    fork): they must come out the same in both, as a list or a range does.  Not a
-    generator over a file object: the two processes would share its file offset."""
-    rest = iter(items)
-    head = list(itertools.islice(rest, 2))
-    items = itertools.chain(head, rest)
-    if len(head) < 2 or not hasattr(os, "fork") or threading.active_count() > 1:
+    neither.  Items are claimed as the two processes come to them (each reads the next
+    token from one pipe, an atomic read), so neither waits on the other when items cost
+    unlike amounts or one core runs slower: with every other item fixed to the child,
+    the parent (which also handles the results) often finished 0.1 s after it.  The
+    child sees the parent's objects as they were at the fork, and its errors are raised
+    here, in order, as if raised here.  Where fork is missing, or other threads are
+    running (forking them is unsafe), everything runs here, one item after another."""
+    items = list(items)
+    if len(items) < 2 or not hasattr(os, "fork") or threading.active_count() > 1:
         yield from map(job, items)
         return
     import pickle  # (here: commands that never fork do not pay for the imports)
+    import select
     import signal
 
-    read_end, write_end = os.pipe()
+    per = -(-len(items) // _TOKENS)  # items per token
+    tokens = -(-len(items) // per)
+    claims_r, claims_w = os.pipe()
+    try:
+        os.write(claims_w, b"".join(t.to_bytes(4, "little") for t in range(tokens)))
+    finally:
+        os.close(claims_w)  # once the tokens are gone, a read gets end-of-file
+
+    def claimed() -> range:
+        token = os.read(claims_r, 4)
+        t = int.from_bytes(token, "little") if token else tokens
+        return range(t * per, min((t + 1) * per, len(items)))
+
+    results_r, results_w = os.pipe()
     pid = os.fork()
-    if pid == 0:  # the child: the odd items, then leave without any clean-up of the parent's
-        os.close(read_end)
+    if pid == 0:  # the child: claims until none is left, then leaves without clean-up
+        os.close(results_r)
         try:
-            with os.fdopen(write_end, "wb") as out:
-                for item in itertools.islice(items, 1, None, 2):
-                    try:
-                        message: tuple[str, Any] = ("ok", job(item))
-                    except BaseException as e:  # raised again in the parent
-                        message = ("error", e)
-                    try:
-                        data = pickle.dumps(message)
-                        pickle.loads(data)  # what will not come back whole is sent as text
-                    except Exception as e:
-                        what = message[1] if message[0] == "error" else e
-                        message = ("error", RuntimeError(f"{type(what).__name__}: {what}"))
-                        data = pickle.dumps(message)
-                    out.write(data)
-                    out.flush()
-                    if message[0] == "error":
-                        break
+            with os.fdopen(results_w, "wb") as out:
+                while work := claimed():
+                    for index in work:
+                        try:
+                            message: tuple[int, str, Any] = (index, "ok", job(items[index]))
+                        except BaseException as e:  # raised again in the parent
+                            message = (index, "error", e)
+                        try:
+                            data = pickle.dumps(message)
+                            pickle.loads(data)  # what will not come back whole is sent as text
+                        except Exception as e:
+                            what = message[2] if message[1] == "error" else e
+                            text = RuntimeError(f"{type(what).__name__}: {what}")
+                            data = pickle.dumps((index, "error", text))
+                        out.write(len(data).to_bytes(8, "little") + data)
+                        out.flush()
+                        if message[1] == "error":
+                            return
         finally:
             os._exit(0)
-    os.close(write_end)
+    os.close(results_w)
+    done: dict[int, tuple[str, Any]] = {}
     try:
-        with os.fdopen(read_end, "rb") as results:
-            for index, item in enumerate(items):
-                if index % 2 == 0:
-                    yield job(item)
-                    continue
-                try:
-                    kind, value = pickle.load(results)
-                except (EOFError, pickle.UnpicklingError):
-                    raise RuntimeError("the worker process ended without its results") from None
+        with os.fdopen(results_r, "rb") as results:
+            ended = False
+
+            def receive(block: bool) -> None:
+                """Take the child's results: one, waiting for it if *block*, then any
+                more already sent (so that the child never waits on a full pipe)."""
+                nonlocal ended
+                while not ended and (block or select.select([results], [], [], 0)[0]):
+                    head = results.read(8)
+                    data = results.read(int.from_bytes(head, "little")) if len(head) == 8 else b""
+                    if not data:  # (a message is never empty: a pickle is not)
+                        ended = True
+                        break
+                    index, kind, value = pickle.loads(data)
+                    done[index] = (kind, value)
+                    block = False
+                if block and ended:
+                    raise RuntimeError("the worker process ended without its results")
+
+            work: range = range(0)
+            for wanted in range(len(items)):
+                while wanted not in done:
+                    # Tokens are claimed in order, and each process does its items in
+                    # order: an item not done, nor in the parent's hands, is the child's.
+                    if work and (work[0] == wanted or len(done) < _AHEAD):
+                        index, work = work[0], work[1:]
+                        try:
+                            done[index] = ("ok", job(items[index]))
+                        except BaseException as e:
+                            done[index] = ("error", e)
+                        receive(False)
+                    elif not work and len(done) < _AHEAD and (work := claimed()):
+                        continue
+                    else:  # the child has it
+                        receive(True)
+                kind, value = done.pop(wanted)
                 if kind == "error":
                     raise value
                 yield value
     finally:
+        os.close(claims_r)
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
         with contextlib.suppress(ChildProcessError):  # reaped already (SIGCHLD ignored)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -21,15 +22,42 @@ def square(n: int) -> tuple[int, int]:
     return n * n, os.getpid()
 
 
+def slow_square(n: int) -> tuple[int, int]:
+    time.sleep(0.02)  # long enough for the child to start and claim its share
+    return square(n)
+
+
 @pytest.mark.parametrize("count", [0, 1, 2, 5, 40])
-def test_results_in_order_half_from_a_child(count: int) -> None:
-    results = list(forked_map(square, list(range(count))))
+def test_results_in_order_shared_with_a_child(count: int) -> None:
+    results = list(forked_map(slow_square, list(range(count))))
     assert [r for r, _ in results] == [n * n for n in range(count)]
     pids = {pid for _, pid in results}
-    if count >= 2:  # every other item came from another process
+    if count >= 2:  # the items were shared out between two processes
         assert len(pids) == 2 and os.getpid() in pids
     else:
         assert pids <= {os.getpid()}
+
+
+@pytest.mark.parametrize("count", [1023, 1024, 1025, 5000])
+def test_many_items_are_claimed_a_group_at_a_time(count: int) -> None:
+    """Over _TOKENS items, a token stands for a run of them: order still holds."""
+    assert [r for r, _ in forked_map(square, range(count))] == [n * n for n in range(count)]
+
+
+PARENT = os.getpid()
+
+
+def slow_in_the_child(n: int) -> int:
+    if os.getpid() != PARENT:
+        time.sleep(0.05)
+    return os.getpid()
+
+
+def test_a_slower_process_takes_fewer_items() -> None:
+    """Items go to whichever process is free: with the child five times slower than
+    the parent, the parent does most of them (fixed turns would give each half)."""
+    pids = list(forked_map(slow_in_the_child, list(range(40))))
+    assert pids.count(PARENT) > 30
 
 
 def fails_on(n: int) -> int:
@@ -52,9 +80,10 @@ class Unpicklable(Exception):
 
 
 def fails_oddly(n: int) -> int:
-    if n == 1:
-        raise Unpicklable("lock held")
-    return n
+    if os.getpid() == PARENT:
+        time.sleep(0.05)  # the child, free sooner, claims the next items
+        return n
+    raise Unpicklable("lock held")
 
 
 def test_an_error_that_will_not_pickle_comes_back_as_text() -> None:
@@ -171,9 +200,10 @@ class TwoArguments(Exception):
 
 
 def fails_twice(n: int) -> int:
-    if n == 1:
-        raise TwoArguments("x", "y")
-    return n
+    if os.getpid() == PARENT:
+        time.sleep(0.05)  # the child, free sooner, claims the next items
+        return n
+    raise TwoArguments("x", "y")
 
 
 def test_an_error_that_will_not_unpickle_comes_back_as_text() -> None:
@@ -193,3 +223,16 @@ def test_open_pair_leaks_no_descriptor_on_a_bad_second_file(
         with pytest.raises(SnapfmtError):
             reader.open_pair(SAMPLES / "qemu" / "pc.mig", bad)
     assert not set(os.listdir("/proc/self/fd")) - before
+
+
+def dies_in_the_child(n: int) -> int:
+    if os.getpid() == PARENT:
+        time.sleep(0.05)  # the child, free sooner, claims the next items
+        return n
+    os.kill(os.getpid(), 9)
+    return n
+
+
+def test_a_child_that_dies_is_an_error_not_a_hang() -> None:
+    with pytest.raises(RuntimeError, match="ended without its results"):
+        list(forked_map(dies_in_the_child, [0, 1, 2]))
