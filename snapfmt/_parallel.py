@@ -103,8 +103,8 @@ def forked_map(job: Callable[[T], R], items: Iterable[T]) -> Iterator[R]:
         os.close(results_r)
         try:
             with os.fdopen(results_w, "wb") as out:
-                while work := claimed():
-                    for index in work:
+                while claim := claimed():
+                    for index in claim:
                         try:
                             message: tuple[int, str, Any] = (index, "ok", job(items[index]))
                         except BaseException as e:  # raised again in the parent
