@@ -20,7 +20,6 @@ Encoded = tuple[int, bytes | None, int]  # encoding, stored bytes, hash of the p
 # plain ints: comparing with IntEnum members costs an attribute lookup per chunk
 _ZERO, _RAW, _ZSTD = int(ChunkEncoding.ZERO), int(ChunkEncoding.RAW), int(ChunkEncoding.ZSTD)
 _PAGES_ZSTD = int(ChunkEncoding.PAGES_ZSTD)
-_LAYOUT_CACHE = 4096
 
 
 @cache
@@ -38,49 +37,21 @@ def bitmap_length(chunk_length: int, page_size: int) -> int:
     return (pages + 7) // 8
 
 
-def _byte_runs(byte: int) -> tuple[tuple[int, int], ...]:
-    """The runs of set bits of one bitmap byte: (first page, pages), low bit first."""
-    runs, page = [], 0
-    while page < 8:
-        if byte >> page & 1:
-            start = page
-            while page < 8 and byte >> page & 1:
+@cache
+def _segments(page_size: int) -> list[tuple[tuple[int, int, bool], ...]]:
+    """For each value of a bitmap byte, its eight pages as runs of stored pages and runs
+    of zero pages, low bit first: (start, end, stored), in bytes from the byte's first
+    page.  Decoding walks a chunk's bitmap through this table a byte at a time."""
+    table = []
+    for byte in range(256):
+        runs, page = [], 0
+        while page < 8:
+            stored, start = bool(byte >> page & 1), page
+            while page < 8 and bool(byte >> page & 1) == stored:
                 page += 1
-            runs.append((start, page - start))
-        else:
-            page += 1
-    return tuple(runs)
-
-
-_BYTE_RUNS = [_byte_runs(byte) for byte in range(256)]
-
-
-def page_runs(
-    bitmap: bytes, chunk_length: int, page_size: int
-) -> tuple[list[tuple[int, int]], int]:
-    """The byte runs ``(start, length)`` of the chunk's stored pages, and their total.
-
-    Each bitmap byte's runs come from a table of all 256; a run that ends a byte and
-    one that starts the next are joined.
-    """
-    runs: list[list[int]] = []  # [first page, pages]
-    for index, byte in enumerate(bitmap):
-        base = index * 8
-        for first, count in _BYTE_RUNS[byte]:
-            if runs and runs[-1][0] + runs[-1][1] == base + first:
-                runs[-1][1] += count
-            else:
-                runs.append([base + first, count])
-    out: list[tuple[int, int]] = []
-    total = 0
-    for first, count in runs:
-        start = first * page_size
-        if start >= chunk_length:
-            break
-        length = min(count * page_size, chunk_length - start)
-        out.append((start, length))
-        total += length
-    return out, total
+            runs.append((start * page_size, page * page_size, stored))
+        table.append(tuple(runs))
+    return table
 
 
 class ChunkCodec:
@@ -91,7 +62,7 @@ class ChunkCodec:
         self._zstd = zstandard
         self._cctx = zstandard.ZstdCompressor(level=level, write_content_size=True)
         self._dctx = zstandard.ZstdDecompressor()
-        self._layouts: dict[tuple[bytes, int], tuple[int, list[tuple[int, int]], int]] = {}
+        self._zero_view = memoryview(b"")
 
     # -- writing -------------------------------------------------------------------------
 
@@ -161,11 +132,18 @@ class ChunkCodec:
                 return data
             dest[:] = data
             return None
-        layout = self._layout(bytes(stored[: bitmap_length(length, self.page_size)]), length)
-        if isinstance(layout, str):
-            return layout
-        nbitmap, runs, kept = layout
-        payload: bytes | memoryview = stored[nbitmap:]
+        ps = self.page_size
+        pages = -(-length // ps)
+        if len(stored) < (pages + 7) // 8:
+            return "stored bytes are shorter than the page bitmap"
+        bitmap = stored[: (pages + 7) // 8].tobytes()
+        bits = int.from_bytes(bitmap, "little")  # page i is bit i
+        if bits >> pages:
+            return "page bitmap has bits set past the chunk's last page"
+        kept = bits.bit_count() * ps  # the stored pages' bytes, a short last page short
+        if length % ps and bits >> (pages - 1):
+            kept -= ps - length % ps
+        payload: bytes | memoryview = stored[len(bitmap) :]
         if encoding == _PAGES_ZSTD:
             inflated = self._inflate(payload, kept)
             if isinstance(inflated, str):
@@ -173,29 +151,30 @@ class ChunkCodec:
             payload = memoryview(inflated)  # slices of a view copy nothing
         elif len(payload) != kept:
             return f"holds {len(payload)} page bytes, its bitmap says {kept}"
-        at = end = 0  # copy each stored run into place, zero the gaps between them
-        for start, size in runs:
-            if start > end:
-                dest[end:start] = zeros(start - end)
-            dest[start : start + size] = payload[at : at + size]
-            at += size
-            end = start + size
-        if end < length:
-            dest[end:] = zeros(length - end)
+        # Each run of stored pages copied into place, each run of zero pages zeroed: the
+        # runs of a bitmap byte come from a table (a run over two bytes is two copies).
+        zero = self._zeros(length)
+        table = _segments(ps)
+        at = base = 0
+        for byte in bitmap:
+            for start, end, stored_run in table[byte]:
+                start += base
+                end += base
+                if end > length:  # the chunk's last pages
+                    end = length
+                    if start >= end:
+                        break
+                if stored_run:
+                    to = at + end - start
+                    dest[start:end] = payload[at:to]
+                    at = to
+                else:
+                    dest[start:end] = zero[: end - start]
+            base += 8 * ps
         return None
 
-    def _layout(self, bitmap: bytes, length: int) -> tuple[int, list[tuple[int, int]], int] | str:
-        """Bitmap length, stored runs and their total; remembered, as bitmaps recur."""
-        key = (bitmap, length)
-        found = self._layouts.get(key)
-        if found is None:
-            pages = -(-length // self.page_size)
-            if len(bitmap) < (pages + 7) // 8:
-                return "stored bytes are shorter than the page bitmap"
-            if pages % 8 and bitmap[-1] >> (pages % 8):
-                return "page bitmap has bits set past the chunk's last page"
-            runs, kept = page_runs(bitmap, length, self.page_size)
-            if len(self._layouts) >= _LAYOUT_CACHE:
-                self._layouts.clear()
-            found = self._layouts[key] = (len(bitmap), runs, kept)
-        return found
+    def _zeros(self, length: int) -> memoryview:
+        view = self._zero_view
+        if len(view) < length:
+            view = self._zero_view = memoryview(zeros(length))
+        return view

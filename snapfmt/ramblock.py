@@ -12,6 +12,7 @@ from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import xxhash
+from xxhash import xxh3_64_intdigest
 
 from snapfmt._parallel import WORKERS, ordered_map
 from snapfmt.chunks import ChunkCodec, zero_hash
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
 BATCH_BYTES = 1 << 22
 _RING_BUDGET = 1 << 25  # bytes of reusable output buffers iter_spans may hold
 _TABLE_STEP = 8192
+_ZERO = int(nf.ChunkEncoding.ZERO)
 _KNOWN = frozenset(int(e) for e in nf.ChunkEncoding) - {nf.ChunkEncoding.PARENT}
 
 
@@ -208,17 +210,18 @@ class NativeRamBlock(RamBlock):
     ) -> None:
         """Decode one chunk into *dest* and check its hash; with no *dest*, only check
         (a ZERO chunk then costs nothing)."""
-        if c.encoding == nf.ChunkEncoding.ZERO:
+        encoding = c.encoding
+        if encoding == _ZERO:
             if c.hash != zero_hash(c.length):
                 raise self._chunk_error(c, "zero chunk has a hash other than that of zeros")
             if dest is None:
                 return
         if dest is None:
             dest = self._scratch(c.length)
-        problem = codec.decode_into(c.encoding, src, dest)
+        problem = codec.decode_into(encoding, src, dest)
         if problem:
             raise self._chunk_error(c, problem)
-        if c.encoding != nf.ChunkEncoding.ZERO and nf.xxh3_64(dest) != c.hash:
+        if encoding != _ZERO and xxh3_64_intdigest(dest) != c.hash:
             raise self._chunk_error(c, "content does not match its hash")
 
     def _scratch(self, size: int) -> memoryview:
