@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from snapfmt._memcmp import page_changes
 from snapfmt._parallel import forked_map
@@ -32,8 +32,7 @@ _PAIRS = 32  # differing chunk pairs decoded at a time
 _NONZERO = re.compile(rb"[^\x00]")
 
 
-@dataclass(frozen=True)
-class Change:
+class Change(NamedTuple):
     """One differing value: a configuration item, a field, or a byte range."""
 
     name: str
@@ -42,27 +41,50 @@ class Change:
     offset: int | None = None  # byte offset within the state, for byte ranges
 
 
-@dataclass
 class SectionDiff:
-    path: str
-    kind: str  # device, ram-block
-    status: str  # added, removed, changed
-    summary: str = ""
-    changes: list[Change] = field(default_factory=list)
-    # RAM blocks
-    ranges: list[tuple[int, int]] = field(default_factory=list)  # inclusive byte ranges
-    pages: int = 0
-    bytes_changed: int = 0
-    ranges_truncated: bool = False
+    """One section that differs.  (The results are plain classes, not dataclasses:
+    defining a dataclass costs a millisecond at every start, and importing the module
+    ten; see paths.Component.)"""
+
+    __slots__ = (
+        "bytes_changed",
+        "changes",
+        "kind",
+        "pages",
+        "path",
+        "ranges",
+        "ranges_truncated",
+        "status",
+        "summary",
+    )
+
+    def __init__(self, path: str, kind: str, status: str, summary: str = "") -> None:
+        self.path = path
+        self.kind = kind  # device, ram-block
+        self.status = status  # added, removed, changed
+        self.summary = summary
+        self.changes: list[Change] = []
+        # RAM blocks
+        self.ranges: list[tuple[int, int]] = []  # inclusive byte ranges
+        self.pages = 0
+        self.bytes_changed = 0
+        self.ranges_truncated = False
+
+    def __repr__(self) -> str:
+        return f"SectionDiff({self.path!r}, {self.kind!r}, {self.status!r}, {self.summary!r})"
 
 
-@dataclass
 class Diff:
-    a: str
-    b: str
-    configuration: list[Change] = field(default_factory=list)
-    sections: list[SectionDiff] = field(default_factory=list)
-    same_sections: int = 0
+    __slots__ = ("a", "b", "configuration", "same_sections", "sections")
+
+    def __init__(self, a: str, b: str) -> None:
+        self.a, self.b = a, b
+        self.configuration: list[Change] = []
+        self.sections: list[SectionDiff] = []
+        self.same_sections = 0
+
+    def __repr__(self) -> str:
+        return f"Diff({self.a!r}, {self.b!r}, {len(self.sections)} sections differ)"
 
     @property
     def identical(self) -> bool:

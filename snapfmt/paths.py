@@ -14,7 +14,6 @@ address without a driver (``pci.0/05.0``), a driver without an address (``.../e1
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import NamedTuple
 
 from snapfmt.errors import PathSyntaxError, SelectorError
@@ -64,16 +63,22 @@ def unescape(text: str, *, extra: frozenset[str] = frozenset(), where: str = "")
         raise PathSyntaxError(f"{where}escapes in {text!r} are not UTF-8") from None
 
 
-@dataclass(frozen=True, order=True, slots=True)
-class Component:
-    """One step of a path: a name and an optional bus address ("" when there is none)."""
-
+class _ComponentFields(NamedTuple):
     name: str
     address: str = ""
 
-    def __post_init__(self) -> None:
-        if not self.name:
+
+class Component(_ComponentFields):
+    """One step of a path: a name and an optional bus address ("" when there is none).
+    Immutable, hashable and ordered by (name, address): a NamedTuple, as a dataclass
+    costs a millisecond to define at every start (and its module ten to import)."""
+
+    __slots__ = ()
+
+    def __new__(cls, name: str, address: str = "") -> Component:
+        if not name:
             raise PathSyntaxError("a path component needs a name")
+        return super().__new__(cls, name, address)
 
     def __str__(self) -> str:
         text = escape(self.name)
@@ -89,15 +94,20 @@ class Component:
         return cls(unescape(name), unescape(address) if sep else "")
 
 
-@dataclass(frozen=True, order=True, slots=True)
-class Path:
-    """An immutable, hashable, ordered device path or section key."""
-
+class _PathFields(NamedTuple):
     components: tuple[Component, ...]
 
-    def __post_init__(self) -> None:
-        if not self.components:
+
+class Path(_PathFields):
+    """An immutable, hashable, ordered device path or section key (a NamedTuple of its
+    components, as Component is)."""
+
+    __slots__ = ()
+
+    def __new__(cls, components: tuple[Component, ...]) -> Path:
+        if not components:
             raise PathSyntaxError("a path needs at least one component")
+        return super().__new__(cls, components)
 
     @classmethod
     def parse(cls, text: str) -> Path:

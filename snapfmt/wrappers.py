@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import IO, Any
 
 from snapfmt.errors import FormatError, UnsupportedError
@@ -25,15 +24,29 @@ COMPRESSED = {
 }
 
 
-@dataclass
 class Wrapper:
-    kind: str  # "libvirt", or a compression name for a whole compressed stream
-    compression: str = "raw"
-    version: int | None = None
-    was_running: bool | None = None
-    byte_order: str | None = None
-    domain_xml: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    """What was around a QEMU stream (a plain class: see paths.Component)."""
+
+    _FIELDS = ("kind", "compression", "version", "was_running", "byte_order", "domain_xml", "extra")
+    __slots__ = _FIELDS
+
+    def __init__(
+        self,
+        kind: str,  # "libvirt", or a compression name for a whole compressed stream
+        compression: str = "raw",
+        version: int | None = None,
+        was_running: bool | None = None,
+        byte_order: str | None = None,
+        domain_xml: str | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        self.kind, self.compression, self.version = kind, compression, version
+        self.was_running, self.byte_order, self.domain_xml = was_running, byte_order, domain_xml
+        self.extra: dict[str, Any] = {} if extra is None else extra
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self._FIELDS)
+        return f"Wrapper({fields})"
 
 
 def compression_of(head: bytes) -> str | None:
