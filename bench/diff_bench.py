@@ -22,17 +22,22 @@ import argparse
 import os
 import random
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from native_bench import PAGE, add_in_place, make_image, reread, snapfmt_command  # noqa: E402
+from native_bench import (  # noqa: E402
+    PAGE,
+    add_in_place,
+    launch,
+    make_image,
+    reread,
+    snapfmt_command,
+)
 
 import snapfmt  # noqa: E402
 from snapfmt.qmp import Qemu  # noqa: E402
@@ -54,15 +59,8 @@ def changed_copy(source: Path, target: Path, fraction: float, run: int = 1, seed
     return len(chosen)
 
 
-def timed(argv: list[str]) -> tuple[float, float, int]:
-    start = time.perf_counter()
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL)
-    _, status, usage = os.wait4(proc.pid, 0)
-    return time.perf_counter() - start, usage.ru_maxrss / 1024, os.waitstatus_to_exitcode(status)
-
-
 def median_of(argv: list[str], runs: int) -> tuple[float, float]:
-    results = [timed(argv) for _ in range(runs)]
+    results = [launch(argv) for _ in range(runs)]
     if any(code not in (0, 1) for _, _, code in results):
         raise SystemExit(f"{argv} failed")
     return statistics.median(s for s, _, _ in results), max(r for _, r, _ in results)

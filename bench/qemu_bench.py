@@ -32,7 +32,6 @@ import argparse
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -43,19 +42,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from snapfmt.qmp import Qemu
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from native_bench import add_in_place, reread, snapfmt_command
+from native_bench import add_in_place, launch, reread, snapfmt_command
 
 
-def timed(argv: list[str], stdout: int | None = subprocess.DEVNULL) -> tuple[float, float]:
-    """(wall seconds, peak RSS in MB) of one command."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(argv, stdout=stdout)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - start
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode:
-        raise SystemExit(f"{argv} failed with {proc.returncode}")
-    return wall, usage.ru_maxrss / 1024
+def timed(argv: list[str]) -> tuple[float, float]:
+    """(wall seconds, peak RSS in MB) of one command (see native_bench.launch)."""
+    wall, rss, code = launch(argv)
+    if code:
+        raise SystemExit(f"{argv} failed with {code}")
+    return wall, rss
 
 
 def main() -> None:
