@@ -241,6 +241,7 @@ for line in sys.stdin:
     pid = os.fork()
     if pid == 0:
         try:
+            os.dup2(os.open(os.devnull, os.O_RDONLY), 0)  # (0 is the launcher's own pipe)
             fd = os.open(out or os.devnull, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             os.dup2(fd, 1)
             os.execvp(argv[0], argv)
@@ -267,14 +268,18 @@ def launch(argv: list[str], out: str | None = None) -> tuple[float, float, int]:
     *out* (default: /dev/null).
 
     The command is started by a small process of its own (a Python without site, about
-    9 MB resident), never forked from this one: a child forked from a process counts the
+    8 MB resident; the environment and working directory it had when first used; stdin
+    /dev/null), never forked from this one: a child forked from a process counts the
     parent's resident pages in its own peak RSS, even after exec, and a benchmark holds
     large buffers (forked from a 500 MB process, `true` reported 513 MB)."""
     proc = _launcher()
     assert proc.stdin is not None and proc.stdout is not None
     proc.stdin.write(json.dumps([argv, out]) + "\n")
     proc.stdin.flush()
-    seconds, rss, code = json.loads(proc.stdout.readline())
+    line = proc.stdout.readline()
+    if not line:
+        raise SystemExit(f"the benchmark's launcher process ended ({proc.wait()}) running {argv}")
+    seconds, rss, code = json.loads(line)
     return float(seconds), rss / 1024, int(code)
 
 

@@ -72,10 +72,13 @@ def forked_map(job: Callable[[T], R], items: Iterable[T]) -> Iterator[R]:
     neither.  Items are claimed as the two processes come to them (each reads the next
     token from one pipe, an atomic read), so neither waits on the other when items cost
     unlike amounts or one core runs slower: with every other item fixed to the child,
-    the parent (which also handles the results) often finished 0.1 s after it.  The
-    child sees the parent's objects as they were at the fork, and its errors are raised
-    here, in order, as if raised here.  Where fork is missing, or other threads are
-    running (forking them is unsafe), everything runs here, one item after another."""
+    the parent (which also handles the results) often finished 0.1 s after it.  Which
+    process does an item is not fixed.  The child sees the parent's objects as they
+    were at the fork.  An item's exception is raised here when its turn comes, as if
+    raised here; no item after it is started here, and the child stops at its own.  At
+    most _AHEAD results are held here (the child then waits on a full pipe).  Where fork
+    is missing, or other threads are running (forking them is unsafe), everything runs
+    here, one item after another."""
     items = list(items)
     if len(items) < 2 or not hasattr(os, "fork") or threading.active_count() > 1:
         yield from map(job, items)
@@ -97,8 +100,17 @@ def forked_map(job: Callable[[T], R], items: Iterable[T]) -> Iterator[R]:
         t = int.from_bytes(token, "little") if token else tokens
         return range(t * per, min((t + 1) * per, len(items)))
 
-    results_r, results_w = os.pipe()
-    pid = os.fork()
+    try:
+        results_r, results_w = os.pipe()
+    except BaseException:
+        os.close(claims_r)
+        raise
+    try:
+        pid = os.fork()
+    except BaseException:
+        for fd in (claims_r, results_r, results_w):
+            os.close(fd)
+        raise
     if pid == 0:  # the child: claims until none is left, then leaves without clean-up
         os.close(results_r)
         try:
@@ -124,48 +136,67 @@ def forked_map(job: Callable[[T], R], items: Iterable[T]) -> Iterator[R]:
             os._exit(0)
     os.close(results_w)
     done: dict[int, tuple[str, Any]] = {}
+    ended = False
+
+    def read_exactly(n: int) -> bytes:
+        """n bytes from the results pipe (unbuffered, so that select tells the truth),
+        or fewer where the child ended first."""
+        parts, left = [], n
+        while left:
+            part = os.read(results_r, min(left, 1 << 20))
+            if not part:
+                break
+            parts.append(part)
+            left -= len(part)
+        return b"".join(parts)
+
+    def receive(block: bool) -> None:
+        """Take the child's results: one, waiting for it if *block*, then any more
+        already sent while fewer than _AHEAD are held (so that the child seldom waits)."""
+        nonlocal ended
+        while not ended and (
+            block or (len(done) < _AHEAD and select.select([results_r], [], [], 0)[0])
+        ):
+            head = read_exactly(8)
+            size = int.from_bytes(head, "little")
+            data = read_exactly(size) if len(head) == 8 else b""
+            if not data or len(data) != size:  # (a pickle is never empty)
+                ended = True
+                break
+            index, kind, value = pickle.loads(data)
+            done[index] = (kind, value)
+            block = False
+        if block and ended:
+            raise RuntimeError("the worker process ended without its results")
+
     try:
-        with os.fdopen(results_r, "rb") as results:
-            ended = False
-
-            def receive(block: bool) -> None:
-                """Take the child's results: one, waiting for it if *block*, then any
-                more already sent (so that the child never waits on a full pipe)."""
-                nonlocal ended
-                while not ended and (block or select.select([results], [], [], 0)[0]):
-                    head = results.read(8)
-                    data = results.read(int.from_bytes(head, "little")) if len(head) == 8 else b""
-                    if not data:  # (a message is never empty: a pickle is not)
-                        ended = True
-                        break
-                    index, kind, value = pickle.loads(data)
-                    done[index] = (kind, value)
-                    block = False
-                if block and ended:
-                    raise RuntimeError("the worker process ended without its results")
-
-            work: range = range(0)
-            for wanted in range(len(items)):
-                while wanted not in done:
-                    # Tokens are claimed in order, and each process does its items in
-                    # order: an item not done, nor in the parent's hands, is the child's.
-                    if work and (work[0] == wanted or len(done) < _AHEAD):
-                        index, work = work[0], work[1:]
-                        try:
-                            done[index] = ("ok", job(items[index]))
-                        except BaseException as e:
-                            done[index] = ("error", e)
-                        receive(False)
-                    elif not work and len(done) < _AHEAD and (work := claimed()):
-                        continue
-                    else:  # the child has it
-                        receive(True)
-                kind, value = done.pop(wanted)
-                if kind == "error":
-                    raise value
-                yield value
+        work: range = range(0)
+        failed = len(items)  # no item from here on is started in this process
+        for wanted in range(len(items)):
+            while wanted not in done:
+                # Tokens are claimed in order, and each process does its items in order:
+                # an item not done, nor in the parent's hands, is the child's.
+                if work and work[0] < failed and (work[0] == wanted or len(done) < _AHEAD):
+                    index, work = work[0], work[1:]
+                    try:
+                        done[index] = ("ok", job(items[index]))
+                    except Exception as e:
+                        done[index] = ("error", e)
+                        failed = index
+                    receive(False)
+                elif (
+                    not work and failed == len(items) and len(done) < _AHEAD and (work := claimed())
+                ):
+                    continue
+                else:  # the child has it
+                    receive(True)
+            kind, value = done.pop(wanted)
+            if kind == "error":
+                raise value
+            yield value
     finally:
         os.close(claims_r)
+        os.close(results_r)
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
         with contextlib.suppress(ChildProcessError):  # reaped already (SIGCHLD ignored)

@@ -315,7 +315,7 @@ def _native_changes(
 ) -> Iterator[tuple[int, int, int]]:
     """Two native blocks, a piece of the chunk table at a time: chunks with equal hashes
     are never read; differing ones are decoded (each checked against its hash) and
-    compared.  Every other piece is done by a forked process (forked_map): decoding is
+    compared.  The pieces are shared with a forked process (forked_map): decoding is
     Python around zstd, so threads would queue for the GIL."""
     assert isinstance(a, NativeRamBlock) and isinstance(b, NativeRamBlock)
     count = -(-common // a.chunk_size)

@@ -898,7 +898,10 @@ class QemuStream(Snapshot):
 
     def attach(self, reader: Any) -> None:
         """Give a stream that came from another process its file again: *reader* must be
-        the one it was walked over (the same open file, inherited)."""
+        the one it was walked over (the same open file, inherited).  A stream that never
+        left this process keeps its file."""
+        if "_io" in self.__dict__:
+            return
         if os.fstat(reader.fd).st_size != self._io_size:
             raise FormatError("the stream changed while it was read", file=reader.name)
         self._io, self._cur, self._windows = (
@@ -1097,8 +1100,8 @@ def differing_pages(
     differs (:func:`_scan`).  A zero page is compared with zeros.  A span whose pages lie
     far apart in either stream is read into buffers instead.
 
-    The cost is page faults and memory reads, so every other 4 MiB span is compared by
-    a forked process (:func:`forked_map`); threads were slower here, their page faults
+    The cost is page faults and memory reads, so the 4 MiB spans are shared with a
+    forked process (:func:`forked_map`); threads were slower here, their page faults
     queueing for one address space."""
     page = a.page_size
     step = page + 8

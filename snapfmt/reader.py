@@ -196,7 +196,7 @@ def open_snapshot(path: str | os.PathLike[str]) -> Snapshot:
 
 def open_pair(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> tuple[Snapshot, Snapshot]:
     """Open two snapshots, as :func:`open_snapshot` does.  Two large plain QEMU streams
-    are walked at the same time, the second by a forked process that sends its result
+    are walked at the same time, one of them by a forked process that sends its result
     back (:func:`snapfmt._parallel.forked_map`): opening one is mostly page faults, which
     a second process takes in parallel and a thread would not."""
     readers: list[FileReader] = []
@@ -214,7 +214,8 @@ def open_pair(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> tuple[Sna
     ):
         try:
             streams = list(forked_map(lambda i: QemuStream(readers[i]), [0, 1]))
-            streams[1].attach(readers[1])
+            for stream, reader in zip(streams, readers, strict=True):
+                stream.attach(reader)  # whichever came from the child
         except BaseException:
             for reader in readers:
                 reader.close()

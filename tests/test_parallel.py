@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -22,14 +23,37 @@ def square(n: int) -> tuple[int, int]:
     return n * n, os.getpid()
 
 
-def slow_square(n: int) -> tuple[int, int]:
-    time.sleep(0.02)  # long enough for the child to start and claim its share
+PARENT = os.getpid()
+_FLAG: list[Path] = []  # a file the child makes when it starts an item
+
+
+@pytest.fixture
+def meeting(tmp_path: Path) -> Iterator[None]:
+    _FLAG[:] = [tmp_path / "child-started"]
+    yield
+    _FLAG.clear()
+
+
+def meet() -> None:
+    """The parent waits (10 s at most) until the child has started an item of its own,
+    so that both take part however loaded the machine is (a plain delay was not enough
+    on a busy one: the parent can claim every item before the child runs)."""
+    if os.getpid() != PARENT:
+        _FLAG[0].touch()
+        return
+    deadline = time.monotonic() + 10
+    while not _FLAG[0].exists() and time.monotonic() < deadline:
+        time.sleep(0.001)
+
+
+def met_square(n: int) -> tuple[int, int]:
+    meet()
     return square(n)
 
 
 @pytest.mark.parametrize("count", [0, 1, 2, 5, 40])
-def test_results_in_order_shared_with_a_child(count: int) -> None:
-    results = list(forked_map(slow_square, list(range(count))))
+def test_results_in_order_shared_with_a_child(count: int, meeting: None) -> None:
+    results = list(forked_map(met_square if count >= 2 else square, list(range(count))))
     assert [r for r, _ in results] == [n * n for n in range(count)]
     pids = {pid for _, pid in results}
     if count >= 2:  # the items were shared out between two processes
@@ -42,9 +66,6 @@ def test_results_in_order_shared_with_a_child(count: int) -> None:
 def test_many_items_are_claimed_a_group_at_a_time(count: int) -> None:
     """Over _TOKENS items, a token stands for a run of them: order still holds."""
     assert [r for r, _ in forked_map(square, range(count))] == [n * n for n in range(count)]
-
-
-PARENT = os.getpid()
 
 
 def slow_in_the_child(n: int) -> int:
@@ -80,13 +101,13 @@ class Unpicklable(Exception):
 
 
 def fails_oddly(n: int) -> int:
+    meet()  # the child has started an item: it fails there
     if os.getpid() == PARENT:
-        time.sleep(0.05)  # the child, free sooner, claims the next items
         return n
     raise Unpicklable("lock held")
 
 
-def test_an_error_that_will_not_pickle_comes_back_as_text() -> None:
+def test_an_error_that_will_not_pickle_comes_back_as_text(meeting: None) -> None:
     with pytest.raises(RuntimeError, match="Unpicklable: lock held"):
         list(forked_map(fails_oddly, [0, 1, 2]))
 
@@ -123,6 +144,27 @@ def test_open_pair_walks_the_second_stream_elsewhere(monkeypatch: pytest.MonkeyP
                 block = right.ram_block(path)
                 assert block.read(0, block.length) == plain.ram_block(path).read(0, block.length)
         assert not diff(right, plain).sections
+
+
+@pytest.mark.parametrize("moved", [{0}, {1}, {0, 1}, set()])
+def test_open_pair_attaches_whichever_stream_the_child_walked(
+    monkeypatch: pytest.MonkeyPatch, moved: set[int]
+) -> None:
+    """Which process walks which stream is not fixed: a stream that came back pickled
+    (walked by the child) gets its file again, one walked here keeps its own."""
+    import pickle
+
+    def shared(job: Callable[[int], object], items: list[int]) -> Iterator[object]:
+        for i in items:
+            made = job(i)
+            yield pickle.loads(pickle.dumps(made)) if i in moved else made
+
+    monkeypatch.setattr(reader, "_PAIR_MIN", 0)
+    monkeypatch.setattr(reader, "forked_map", shared)
+    pc, q35 = SAMPLES / "qemu" / "pc.mig", SAMPLES / "qemu" / "q35.mig"
+    left, right = reader.open_pair(pc, q35)
+    with left, right, snapfmt.open(pc) as a, snapfmt.open(q35) as b:
+        assert not diff(left, a).sections and not diff(right, b).sections
 
 
 def test_open_pair_reports_the_second_file_as_open_would(
@@ -200,13 +242,13 @@ class TwoArguments(Exception):
 
 
 def fails_twice(n: int) -> int:
+    meet()  # the child has started an item: it fails there
     if os.getpid() == PARENT:
-        time.sleep(0.05)  # the child, free sooner, claims the next items
         return n
     raise TwoArguments("x", "y")
 
 
-def test_an_error_that_will_not_unpickle_comes_back_as_text() -> None:
+def test_an_error_that_will_not_unpickle_comes_back_as_text(meeting: None) -> None:
     with pytest.raises(RuntimeError, match="TwoArguments: x/y"):
         list(forked_map(fails_twice, [0, 1, 2]))
 
@@ -226,13 +268,33 @@ def test_open_pair_leaks_no_descriptor_on_a_bad_second_file(
 
 
 def dies_in_the_child(n: int) -> int:
+    meet()  # the child has started an item: it fails there
     if os.getpid() == PARENT:
-        time.sleep(0.05)  # the child, free sooner, claims the next items
         return n
     os.kill(os.getpid(), 9)
     return n
 
 
-def test_a_child_that_dies_is_an_error_not_a_hang() -> None:
+def test_a_child_that_dies_is_an_error_not_a_hang(meeting: None) -> None:
     with pytest.raises(RuntimeError, match="ended without its results"):
         list(forked_map(dies_in_the_child, [0, 1, 2]))
+
+
+STARTED: list[int] = []
+
+
+def fails_on_two(n: int) -> int:
+    STARTED.append(n)
+    if n == 2:
+        raise ValueError("item 2")
+    return n
+
+
+def test_no_item_after_a_failure_is_started_here() -> None:
+    """Once an item fails here, this process starts none after it (the error waits only
+    for the items before it)."""
+    STARTED.clear()
+    with pytest.raises(ValueError, match="item 2"):
+        list(forked_map(fails_on_two, list(range(200))))
+    if 2 in STARTED:
+        assert STARTED[-1] == 2
