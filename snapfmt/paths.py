@@ -14,7 +14,7 @@ address without a driver (``pci.0/05.0``), a driver without an address (``.../e1
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple, Self
 
 from snapfmt.errors import PathSyntaxError, SelectorError
 
@@ -80,6 +80,10 @@ class Component(_ComponentFields):
             raise PathSyntaxError("a path component needs a name")
         return super().__new__(cls, name, address)
 
+    @classmethod
+    def _make(cls, iterable: Iterable[Any]) -> Self:  # type: ignore[override]  # (_replace checks too)
+        return cls(*iterable)
+
     def __str__(self) -> str:
         text = escape(self.name)
         return f"{text}@{escape(self.address)}" if self.address else text
@@ -108,6 +112,10 @@ class Path(_PathFields):
         if not components:
             raise PathSyntaxError("a path needs at least one component")
         return super().__new__(cls, components)
+
+    @classmethod
+    def _make(cls, iterable: Iterable[Any]) -> Self:  # type: ignore[override]  # (see Component)
+        return cls(*iterable)
 
     @classmethod
     def parse(cls, text: str) -> Path:

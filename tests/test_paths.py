@@ -134,3 +134,20 @@ def test_pathological_selectors_finish_quickly() -> None:
     assert resolve("*" * 40 + "q", many) == []
     assert resolve("*a*a*a*a*a*a*a*a*a*a*a*a*a*q", many) == []
     assert len(resolve("/".join(["..."] * 2000), many)) == 200
+
+
+def test_paths_stay_valid_through_replace_and_pickle() -> None:
+    import copy
+    import pickle
+
+    from snapfmt.errors import PathSyntaxError
+
+    c = Component("e1000", "05.0")
+    assert c._replace(address="06.0") == Component("e1000", "06.0")
+    with pytest.raises(PathSyntaxError):
+        c._replace(name="")
+    p = Path.parse("/i440FX-pcihost/pci.0/e1000@05.0/rom")
+    with pytest.raises(PathSyntaxError):
+        p._replace(components=())
+    assert pickle.loads(pickle.dumps(p)) == p == copy.deepcopy(p)
+    assert hash(pickle.loads(pickle.dumps(p))) == hash(p)
