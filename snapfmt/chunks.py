@@ -134,16 +134,17 @@ class ChunkCodec:
             return None
         ps = self.page_size
         pages = -(-length // ps)
-        if len(stored) < (pages + 7) // 8:
+        nbitmap = bitmap_length(length, ps)
+        if len(stored) < nbitmap:
             return "stored bytes are shorter than the page bitmap"
-        bitmap = stored[: (pages + 7) // 8].tobytes()
+        bitmap = stored[:nbitmap].tobytes()
         bits = int.from_bytes(bitmap, "little")  # page i is bit i
         if bits >> pages:
             return "page bitmap has bits set past the chunk's last page"
         kept = bits.bit_count() * ps  # the stored pages' bytes, a short last page short
         if length % ps and bits >> (pages - 1):
             kept -= ps - length % ps
-        payload: bytes | memoryview = stored[len(bitmap) :]
+        payload: bytes | memoryview = stored[nbitmap:]
         if encoding == _PAGES_ZSTD:
             inflated = self._inflate(payload, kept)
             if isinstance(inflated, str):

@@ -29,6 +29,7 @@ Progress = Callable[[int], None] | None
 MAX_RANGES = 10_000  # differing ranges kept per section; the counts stay exact
 _TABLE_STEP = 2048  # chunk table entries per piece (forked_map shares out pieces)
 _PAIRS = 32  # differing chunk pairs decoded at a time
+_SCREEN = 1 << 14  # bytes of two differing chunks compared at once, then their pages
 _NONZERO = re.compile(rb"[^\x00]")
 
 
@@ -332,7 +333,7 @@ def _native_changes(
                 size = min(len(x), len(y), common - ca.offset)
                 if size < len(x) or size < len(y):
                     x, y = x[:size], y[:size]
-                out += page_changes(ca.offset, x, y, a.page_size, 1 << 14)
+                out += page_changes(ca.offset, x, y, a.page_size, _SCREEN)
         return min(n * a.chunk_size, common - first * a.chunk_size), out
 
     for covered, changes in forked_map(piece, range(0, count, _TABLE_STEP)):
