@@ -25,24 +25,25 @@ def square(n: int) -> tuple[int, int]:
 
 PARENT = os.getpid()
 _FLAG: list[Path] = []  # a file the child makes when it starts an item
+_DEADLINE: list[float] = []  # when the parent stops waiting for it (one wait per test)
 
 
 @pytest.fixture
 def meeting(tmp_path: Path) -> Iterator[None]:
     _FLAG[:] = [tmp_path / "child-started"]
+    _DEADLINE[:] = [time.monotonic() + 10]
     yield
     _FLAG.clear()
 
 
 def meet() -> None:
-    """The parent waits (10 s at most) until the child has started an item of its own,
-    so that both take part however loaded the machine is (a plain delay was not enough
-    on a busy one: the parent can claim every item before the child runs)."""
+    """The parent waits (10 s at most in a test) until the child has started an item of
+    its own, so that both take part however loaded the machine is (a plain delay was not
+    enough on a busy one: the parent can claim every item before the child runs)."""
     if os.getpid() != PARENT:
         _FLAG[0].touch()
         return
-    deadline = time.monotonic() + 10
-    while not _FLAG[0].exists() and time.monotonic() < deadline:
+    while not _FLAG[0].exists() and time.monotonic() < _DEADLINE[0]:
         time.sleep(0.001)
 
 
