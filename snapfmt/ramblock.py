@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 BATCH_BYTES = 1 << 22
 _RING_BUDGET = 1 << 25  # bytes of reusable output buffers iter_spans may hold
 _TABLE_STEP = 8192
-_ZERO = int(nf.ChunkEncoding.ZERO)
+_ZERO, _RAW = int(nf.ChunkEncoding.ZERO), int(nf.ChunkEncoding.RAW)
 _KNOWN = frozenset(int(e) for e in nf.ChunkEncoding) - {nf.ChunkEncoding.PARENT}
 
 
@@ -111,60 +111,75 @@ class NativeRamBlock(RamBlock):
 
     def entries_at(self, first: int, raw: bytes, picks: Iterable[int]) -> list[ChunkInfo]:
         """Checked ChunkInfo objects for entries *picks* (relative to *first*) of *raw*,
-        table entries from chunk *first* on."""
+        table entries from chunk *first* on.  A sound entry passes one test per
+        encoding; any other goes to _bad_entry for the error that names what is wrong."""
         lo = self.section.data_offset
         hi = lo + self.section.data_length
         out = []
         size = nf.CHUNK_ENTRY.size
+        unpack = nf.CHUNK_ENTRY.unpack_from
+        chunk_size, block_length = self.chunk_size, self.length
         for pick in picks:
             i = first + pick
-            enc, stored, offset, digest = nf.CHUNK_ENTRY.unpack_from(raw, pick * size)
-            start = i * self.chunk_size
-            length = min(self.chunk_size, self.length - start)
-            entry_at = self._table_offset + i * nf.CHUNK_ENTRY.size
-            if enc == nf.ChunkEncoding.PARENT:
-                raise self._error(
-                    UnsupportedError,
-                    f"chunk {i} lives in a parent snapshot (delta snapshots are not supported yet)",
-                    entry_at,
+            enc, stored, offset, digest = unpack(raw, pick * size)
+            start = i * chunk_size
+            length = min(chunk_size, block_length - start)
+            if enc == _ZERO:
+                sound = not stored and not offset
+            elif enc == _RAW:
+                sound = stored == length and lo <= offset and offset + stored <= hi
+            else:
+                sound = (
+                    enc in _KNOWN and 0 < stored < length and lo <= offset and offset + stored <= hi
                 )
-            if enc not in _KNOWN:
-                raise self._error(
-                    FormatError,
-                    f"chunk {i} has an unknown encoding",
-                    entry_at,
-                    found=enc,
-                    expected="0, 1, 2, 4 or 5",
-                )
-            low, high = {nf.ChunkEncoding.ZERO: (0, 0), nf.ChunkEncoding.RAW: (length, length)}.get(
-                enc, (1, length - 1)
-            )
-            if not low <= stored <= high:
-                raise self._error(
-                    FormatError,
-                    f"chunk {i} has a bad stored length",
-                    entry_at,
-                    found=stored,
-                    expected=f"{low}-{high}",
-                )
-            if stored and (offset < lo or offset + stored > hi):
-                raise self._error(
-                    FormatError,
-                    f"chunk {i} lies outside the block's data",
-                    entry_at,
-                    found=f"{offset:#x}+{stored:#x}",
-                    expected=f"within {lo:#x}-{hi:#x}",
-                )
-            if not stored and offset:
-                raise self._error(
-                    FormatError,
-                    f"chunk {i} stores nothing but has an offset",
-                    entry_at,
-                    found=offset,
-                    expected=0,
-                )
+            if not sound:
+                self._bad_entry(i, enc, stored, offset, length)
             out.append(ChunkInfo(i, start, length, enc, stored, offset, digest))
         return out
+
+    def _bad_entry(self, i: int, enc: int, stored: int, offset: int, length: int) -> None:
+        """Raise the error for chunk table entry *i*, which entries_at found unsound."""
+        lo = self.section.data_offset
+        hi = lo + self.section.data_length
+        entry_at = self._table_offset + i * nf.CHUNK_ENTRY.size
+        if enc == nf.ChunkEncoding.PARENT:
+            raise self._error(
+                UnsupportedError,
+                f"chunk {i} lives in a parent snapshot (delta snapshots are not supported yet)",
+                entry_at,
+            )
+        if enc not in _KNOWN:
+            raise self._error(
+                FormatError,
+                f"chunk {i} has an unknown encoding",
+                entry_at,
+                found=enc,
+                expected="0, 1, 2, 4 or 5",
+            )
+        low, high = {_ZERO: (0, 0), _RAW: (length, length)}.get(enc, (1, length - 1))
+        if not low <= stored <= high:
+            raise self._error(
+                FormatError,
+                f"chunk {i} has a bad stored length",
+                entry_at,
+                found=stored,
+                expected=f"{low}-{high}",
+            )
+        if stored and (offset < lo or offset + stored > hi):
+            raise self._error(
+                FormatError,
+                f"chunk {i} lies outside the block's data",
+                entry_at,
+                found=f"{offset:#x}+{stored:#x}",
+                expected=f"within {lo:#x}-{hi:#x}",
+            )
+        raise self._error(
+            FormatError,
+            f"chunk {i} stores nothing but has an offset",
+            entry_at,
+            found=offset,
+            expected=0,
+        )
 
     def chunks(self) -> Iterator[ChunkInfo]:
         for first in range(0, self.chunk_count, _TABLE_STEP):

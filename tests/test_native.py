@@ -367,7 +367,10 @@ def _chunks(draw: st.DrawFn) -> tuple[int, bytes]:
     """A page size and a chunk of zero, text and random pages, its length any number of
     bytes (a short last page, a page count that is no multiple of 8)."""
     page = draw(st.sampled_from([1024, 4096]))
-    length = draw(st.integers(1, 40 * page))
+    # whole bitmap bytes of up to 32 pages (the usual chunk, placed runs) or any length
+    length = draw(
+        st.sampled_from([8, 16, 24, 32]).map(lambda n: n * page) | st.integers(1, 40 * page)
+    )
     kinds = draw(st.lists(st.sampled_from(["zero", "text", "random"]), min_size=40, max_size=40))
     rng = __import__("random").Random(draw(st.integers(0, 1 << 32)))
     body = b"".join(
