@@ -1193,16 +1193,19 @@ def _differing_mapped(
 def _scan(at_a: int, at_b: int, count: int, page: int, step: int) -> Iterator[int]:
     """Indexes of the pages that differ between two runs of *count* records mapped at
     *at_a* and *at_b*: blocks of 16 pages are compared with one memcmp each (headers
-    between their pages included), the pages of a differing block one by one.  Equal
-    bytes are read once: memcmp tells only whether two ranges differ, not where.
-    (Halving differing blocks instead made fewer calls and was no faster here.)"""
+    between their pages included), the 4-page quarters of a differing block, then the
+    pages of a differing quarter one by one."""
     for lo in range(0, count, _SCAN_BLOCK):
         hi = min(lo + _SCAN_BLOCK, count)
         if _memcmp.memcmp(at_a + lo * step, at_b + lo * step, (hi - lo) * step - 8):
             continue
-        for k in range(lo, hi):
-            if not _memcmp.memcmp(at_a + k * step, at_b + k * step, page):
-                yield k
+        for qlo in range(lo, hi, 4):
+            qhi = min(qlo + 4, hi)
+            if _memcmp.memcmp(at_a + qlo * step, at_b + qlo * step, (qhi - qlo) * step - 8):
+                continue
+            for k in range(qlo, qhi):
+                if not _memcmp.memcmp(at_a + k * step, at_b + k * step, page):
+                    yield k
 
 
 def _differing_copies(
