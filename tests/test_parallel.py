@@ -24,26 +24,25 @@ def square(n: int) -> tuple[int, int]:
 
 
 PARENT = os.getpid()
-_FLAG: list[Path] = []  # a file the child makes when it starts an item
-_DEADLINE: list[float] = []  # when the parent stops waiting for it (one wait per test)
+_FLAGS: list[Path] = []  # files the parent and the child make when each starts an item
+_DEADLINE: list[float] = []  # when a process stops waiting for the other (once per test)
 
 
 @pytest.fixture
 def meeting(tmp_path: Path) -> Iterator[None]:
-    _FLAG[:] = [tmp_path / "child-started"]
+    _FLAGS[:] = [tmp_path / "parent-started", tmp_path / "child-started"]
     _DEADLINE[:] = [time.monotonic() + 10]
     yield
-    _FLAG.clear()
+    _FLAGS.clear()
 
 
 def meet() -> None:
-    """The parent waits (10 s at most in a test) until the child has started an item of
-    its own, so that both take part however loaded the machine is (a plain delay was not
-    enough on a busy one: the parent can claim every item before the child runs)."""
-    if os.getpid() != PARENT:
-        _FLAG[0].touch()
-        return
-    while not _FLAG[0].exists() and time.monotonic() < _DEADLINE[0]:
+    """Each process, on starting an item, waits (10 s at most in a test) until the other
+    has started one too, so that both take part however loaded the machine is: with a
+    plain delay either one could claim every item before the other ran."""
+    mine, theirs = _FLAGS if os.getpid() == PARENT else _FLAGS[::-1]
+    mine.touch()
+    while not theirs.exists() and time.monotonic() < _DEADLINE[0]:
         time.sleep(0.001)
 
 
