@@ -12,7 +12,6 @@ loops over a chunk's pages, never over bytes.  One ChunkCodec per thread.
 from __future__ import annotations
 
 from functools import cache
-from typing import Any
 
 from snapfmt.formats.native import ChunkEncoding, xxh3_64
 
@@ -55,25 +54,6 @@ def _segments(page_size: int) -> list[tuple[tuple[int, int, bool], ...]]:
     return table
 
 
-_PLACED = 4  # bitmap bytes with a table of their own (_placed): chunks of up to 32 pages
-
-
-@cache
-def _placed(page_size: int, position: int) -> list[tuple[tuple[int, int, int, Any], ...]]:
-    """_segments for bitmap byte *position* of a chunk, placed: (start, end, size, zero)
-    in bytes from the chunk's start, *zero* None for stored pages, else a view of
-    ``size`` zero bytes to copy.  Saves the per-run arithmetic of the general walk."""
-    base = position * 8 * page_size
-    zero = memoryview(zeros(8 * page_size))
-    return [
-        tuple(
-            (base + start, base + end, end - start, None if stored else zero[: end - start])
-            for start, end, stored in runs
-        )
-        for runs in _segments(page_size)
-    ]
-
-
 class ChunkCodec:
     def __init__(self, page_size: int, level: int = 3) -> None:
         import zstandard  # (here: QEMU streams never need it)
@@ -83,7 +63,6 @@ class ChunkCodec:
         self._cctx = zstandard.ZstdCompressor(level=level, write_content_size=True)
         self._dctx = zstandard.ZstdDecompressor()
         self._zero_view = memoryview(b"")
-        self._placed: list[list[tuple[tuple[int, int, int, Any], ...]]] = []  # made on first use
 
     # -- writing -------------------------------------------------------------------------
 
@@ -174,18 +153,6 @@ class ChunkCodec:
             return f"holds {len(payload)} page bytes, its bitmap says {kept}"
         # Each run of stored pages copied into place, each run of zero pages zeroed: the
         # runs of a bitmap byte come from a table (a run over two bytes is two copies).
-        if nbitmap <= _PLACED and length == nbitmap * 8 * ps:  # the usual chunk
-            placed = self._placed or self._place()
-            at = 0
-            for position, byte in enumerate(bitmap):
-                for start, end, size, zero_run in placed[position][byte]:
-                    if zero_run is None:
-                        to = at + size
-                        dest[start:end] = payload[at:to]
-                        at = to
-                    else:
-                        dest[start:end] = zero_run
-            return None
         zero = self._zeros(length)
         table = _segments(ps)
         at = base = 0
@@ -205,10 +172,6 @@ class ChunkCodec:
                     dest[start:end] = zero[: end - start]
             base += 8 * ps
         return None
-
-    def _place(self) -> list[list[tuple[tuple[int, int, int, Any], ...]]]:
-        self._placed = [_placed(self.page_size, position) for position in range(_PLACED)]
-        return self._placed
 
     def _zeros(self, length: int) -> memoryview:
         view = self._zero_view

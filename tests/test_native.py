@@ -367,7 +367,7 @@ def _chunks(draw: st.DrawFn) -> tuple[int, bytes]:
     """A page size and a chunk of zero, text and random pages, its length any number of
     bytes (a short last page, a page count that is no multiple of 8)."""
     page = draw(st.sampled_from([1024, 4096]))
-    # whole bitmap bytes of up to 32 pages (the usual chunk, placed runs) or any length
+    # whole bitmap bytes of up to 32 pages (the usual chunks) or any length
     length = draw(
         st.sampled_from([8, 16, 24, 32]).map(lambda n: n * page) | st.integers(1, 40 * page)
     )
