@@ -212,13 +212,18 @@ class NativeRamBlock(RamBlock):
         if len(kept) > 1 and hi - lo > 2 * sum(c.stored_length for c in kept) + (1 << 16):
             # A hand-made file with chunks far apart: read them one at a time instead.
             raise _Scattered
+        return self._read_at(lo, hi - lo), lo
+
+    def _read_at(self, offset: int, length: int) -> memoryview:
+        """Bytes [offset, offset + length) of the file, in this thread's buffer (valid
+        until its next read)."""
         buf = getattr(self._local, "stored", None)
-        if buf is None or len(buf) < hi - lo:
-            buf = self._local.stored = bytearray(max(hi - lo, BATCH_BYTES))
-        view = memoryview(buf)[: hi - lo]
-        if os.preadv(self._snap.fd, [view], lo) != hi - lo:
-            raise self._error(FormatError, "chunk data is cut short", lo)
-        return view, lo
+        if buf is None or len(buf) < length:
+            buf = self._local.stored = bytearray(max(length, BATCH_BYTES))
+        view = memoryview(buf)[:length]
+        if length and os.preadv(self._snap.fd, [view], offset) != length:
+            raise self._error(FormatError, "chunk data is cut short", offset)
+        return view
 
     def _decode(
         self, codec: ChunkCodec, c: ChunkInfo, src: memoryview, dest: memoryview | None
@@ -276,23 +281,11 @@ class NativeRamBlock(RamBlock):
             else:
                 dest = bytearray(c.length)
                 pool[i : i + 1] = [dest]
-            self._decode(codec, c, self._read_stored(c), memoryview(dest))
+            self._decode(codec, c, self._read_at(c.file_offset, c.stored_length), memoryview(dest))
             out.append(dest)
         if reuse:
             self._local.decoded = pool
         return out
-
-    def _read_stored(self, c: ChunkInfo) -> memoryview:
-        """The stored bytes of one chunk, in this thread's buffer (valid until its next
-        read)."""
-        n = c.stored_length
-        buf = getattr(self._local, "stored", None)
-        if buf is None or len(buf) < n:
-            buf = self._local.stored = bytearray(max(n, BATCH_BYTES))
-        view = memoryview(buf)[:n]
-        if n and os.preadv(self._snap.fd, [view], c.file_offset) != n:
-            raise self._error(FormatError, "chunk data is cut short", c.file_offset)
-        return view
 
     def _fill(self, batch: list[ChunkInfo], out: memoryview) -> None:
         """Decode consecutive chunks into *out*, checking each against its hash."""
