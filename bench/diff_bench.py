@@ -40,7 +40,7 @@ from native_bench import (  # noqa: E402
 )
 
 import snapfmt  # noqa: E402
-from snapfmt.qmp import Qemu  # noqa: E402
+from snapfmt.qemu.qmp import Qemu  # noqa: E402
 
 
 def changed_copy(source: Path, target: Path, fraction: float, run: int = 1, seed: int = 7) -> int:

@@ -10,7 +10,7 @@ for each run, each step in its own process (so peak RSS is the step's own):
   baseline read   read that copy back in 4 MiB pieces
   write           snapfmt.Writer.add_ram_block(image) -> native snapshot (fsync included)
   read            read the whole block back through RamBlock.iter_spans (every chunk checked)
-  verify          snapfmt.verify.verify (every checksum and chunk)
+  verify          snapfmt.ops.verify.verify (every checksum and chunk)
   info            open + inspect.info on a snapshot of --info-gib GiB (the image repeated)
 
 and prints the median of the runs with the targets of issue 2: write >= 40% of the copy's
@@ -196,7 +196,7 @@ def step_read(snap_file: str) -> None:
 
 def step_verify(snap_file: str) -> None:
     import snapfmt
-    from snapfmt.verify import verify
+    from snapfmt.ops.verify import verify
 
     with snapfmt.open(snap_file) as snap:
         assert verify(snap).ok
@@ -204,7 +204,7 @@ def step_verify(snap_file: str) -> None:
 
 def step_info(snap_file: str) -> float:
     import snapfmt
-    from snapfmt.inspect import info
+    from snapfmt.ops.inspect import info
 
     times = []
     for _ in range(21):
@@ -218,8 +218,8 @@ def step_info(snap_file: str) -> float:
 def child(args: list[str]) -> None:
     name, *rest = args
     if name not in ("copy", "rawread"):
-        import snapfmt.inspect
-        import snapfmt.verify  # noqa: F401  (import time is not the step's time)
+        import snapfmt.ops.inspect
+        import snapfmt.ops.verify  # noqa: F401  (import time is not the step's time)
     start = time.perf_counter()
     result = {
         "copy": step_copy,

@@ -39,7 +39,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from snapfmt.qmp import Qemu
+from snapfmt.qemu.qmp import Qemu
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from native_bench import add_in_place, launch, reread, snapfmt_command

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import snapfmt  # noqa: E402
-from snapfmt import machine, validate  # noqa: E402
+from snapfmt.ops import machine, validate  # noqa: E402
 
 
 def ram(gib: int) -> object:

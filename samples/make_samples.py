@@ -14,7 +14,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from snapfmt import manifest
+from snapfmt.ops import manifest
 
 HERE = Path(__file__).resolve().parent
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from snapfmt.errors import SnapfmtError
-from snapfmt.reader import open_snapshot as open
+from snapfmt.opener import open_snapshot as open
 
 if TYPE_CHECKING:
-    from snapfmt.writer import Writer
+    from snapfmt.native.writer import Writer
 
 __all__ = ["SnapfmtError", "Writer", "__version__", "open"]
 __version__ = "0.1.0"
@@ -17,7 +17,7 @@ __version__ = "0.1.0"
 def __getattr__(name: str) -> Any:
     """``snapfmt.Writer`` is imported on first use: commands that only read skip it."""
     if name == "Writer":
-        from snapfmt.writer import Writer
+        from snapfmt.native.writer import Writer
 
         return Writer
     raise AttributeError(f"module 'snapfmt' has no attribute {name!r}")

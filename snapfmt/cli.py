@@ -15,9 +15,10 @@ from typing import Any
 
 import click
 
-from snapfmt import __version__, inspect, render
+from snapfmt import __version__, render
 from snapfmt.errors import SnapfmtError
-from snapfmt.reader import open_pair, open_snapshot
+from snapfmt.opener import open_pair, open_snapshot
+from snapfmt.ops import inspect
 
 EXIT_OK, EXIT_DIFFERENT, EXIT_BAD_INPUT = 0, 1, 2
 
@@ -118,7 +119,7 @@ def extract_cmd(
       snapfmt extract samples/basic.snap /pc.ram -o pc.ram.bin
       snapfmt extract samples/basic.snap --all -d out/
     """
-    from snapfmt import extract
+    from snapfmt.ops import extract
 
     if everything == bool(selector) or everything != bool(directory) or bool(output) == everything:
         raise click.UsageError("give either SELECTOR -o OUT, or --all -d DIR")
@@ -151,7 +152,7 @@ def verify(file: str, as_json: bool, quiet: bool) -> int:
     Example:
       snapfmt verify samples/basic.snap
     """
-    from snapfmt.verify import verify as verify_snapshot
+    from snapfmt.ops.verify import verify as verify_snapshot
 
     with open_snapshot(file) as snap:
         total = sum(s.size for s in snap.sections if s.kind_name == "ram-block")
@@ -174,7 +175,7 @@ def write(manifest_file: str, output: str, quiet: bool) -> int:
     Example:
       snapfmt write samples/manifests/basic.toml -o basic.snap
     """
-    from snapfmt import manifest
+    from snapfmt.ops import manifest
 
     loaded = manifest.load(manifest_file)
     with progress(manifest.ram_bytes(loaded), "writing", quiet) as tick:
@@ -204,7 +205,7 @@ def convert_cmd(source: str, target: str, to: str | None, quiet: bool) -> int:
       snapfmt convert samples/qemu/pc.mig pc.snap
       snapfmt convert pc.snap pc.mig --to qemu
     """
-    from snapfmt import convert as convert_mod
+    from snapfmt.ops import convert as convert_mod
 
     with open_snapshot(source) as snap:
         total = sum(s.size for s in snap.sections if s.kind_name == "ram-block")
@@ -235,7 +236,7 @@ def diff_cmd(
       snapfmt diff before.snap after.mig
       snapfmt diff a.mig b.mig --stat
     """
-    from snapfmt import diff as diff_mod
+    from snapfmt.ops import diff as diff_mod
 
     left, right = open_pair(a, b)
     with left, right:
@@ -274,8 +275,8 @@ def validate_cmd(snapshot: str, target: str, as_json: bool) -> int:
       snapfmt machine capture -o target.json -- qemu-system-x86_64 -M pc -m 1G
       snapfmt validate vm.mig --target target.json
     """
-    from snapfmt import machine as machine_mod
-    from snapfmt import validate as validate_mod
+    from snapfmt.ops import machine as machine_mod
+    from snapfmt.ops import validate as validate_mod
 
     description = machine_mod.load(target)
     with open_snapshot(snapshot) as snap:
@@ -312,7 +313,7 @@ def machine_capture(output: str, command: tuple[str, ...]) -> int:
     Example:
       snapfmt machine capture -o target.json -- qemu-system-x86_64 -M pc -m 1G -device e1000
     """
-    from snapfmt import machine as machine_mod
+    from snapfmt.ops import machine as machine_mod
 
     binary, *args = command
     description = machine_mod.capture(args, binary=binary)
@@ -333,7 +334,7 @@ def machine_from_snapshot(snapshot: str, output: str) -> int:
     Example:
       snapfmt machine from-snapshot samples/qemu/pc.mig -o pc.json
     """
-    from snapfmt import machine as machine_mod
+    from snapfmt.ops import machine as machine_mod
 
     with open_snapshot(snapshot) as snap:
         description = machine_mod.from_snapshot(snap)
@@ -345,7 +346,7 @@ def machine_from_snapshot(snapshot: str, output: str) -> int:
 
 
 def _write_json(path: str, data: object) -> None:
-    from snapfmt import _atomic as atomic
+    from snapfmt import _io as atomic
 
     with atomic.replace(path, "w") as f:
         json.dump(data, f, indent=1)

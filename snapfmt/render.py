@@ -9,15 +9,15 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from snapfmt.inspect import Container, DeviceDump, Dump, Info, MetadataDump, RamDump
 from snapfmt.model import Configuration
+from snapfmt.ops.inspect import Container, DeviceDump, Dump, Info, MetadataDump, RamDump
 from snapfmt.vmstate import Field
 
 if TYPE_CHECKING:  # annotations only: importing these costs every command start-up time
-    from snapfmt.diff import Diff
-    from snapfmt.extract import Extracted
-    from snapfmt.validate import Validation
-    from snapfmt.verify import Report
+    from snapfmt.ops.diff import Diff
+    from snapfmt.ops.extract import Extracted
+    from snapfmt.ops.validate import Validation
+    from snapfmt.ops.verify import Report
 
 HEX_ROW = 16
 SHOWN_BYTES = 32

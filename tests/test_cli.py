@@ -34,7 +34,7 @@ def test_every_command_has_help_with_an_example(run: Run, words: tuple[str, ...]
 
 
 def test_convert_choices_match_the_library() -> None:
-    from snapfmt.convert import FORMATS
+    from snapfmt.ops.convert import FORMATS
 
     choice = next(p for p in cli.commands["convert"].params if p.name == "to")
     assert tuple(choice.type.choices) == FORMATS  # type: ignore[attr-defined]

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 import snapfmt
-from snapfmt.writer import Writer
+from snapfmt.native.writer import Writer
 from tests.helpers import SAMPLES, Run
 
 

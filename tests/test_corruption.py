@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 import snapfmt
 from snapfmt.errors import SnapfmtError
-from snapfmt.verify import verify
+from snapfmt.ops.verify import verify
 from tests.helpers import SAMPLES, Run
 
 TINY = (SAMPLES / "tiny.snap").read_bytes()

@@ -11,8 +11,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import snapfmt
-from snapfmt import _memcmp
-from snapfmt.diff import diff
+from snapfmt.ops.diff import diff
+from snapfmt.perf import compare as _memcmp
 from tests.helpers import SAMPLES, Run
 from tests.test_qemu_ram_walk import PAGE, build
 
@@ -67,7 +67,7 @@ def test_fields_bytes_and_pages(tmp_path: Path, run: Run) -> None:
 
 def test_native_diff_reads_only_differing_chunks(tmp_path: Path) -> None:
     edited = tmp_path / "edited.snap"
-    from snapfmt import manifest
+    from snapfmt.ops import manifest
 
     manifest.build(manifest.load(str(_edited_basic(tmp_path))), str(edited))
     with snapfmt.open(SAMPLES / "basic.snap") as a, snapfmt.open(edited) as b:

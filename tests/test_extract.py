@@ -7,8 +7,8 @@ from pathlib import Path as FsPath
 
 import pytest
 
+from snapfmt.native.writer import Writer
 from snapfmt.paths import Component, Path
-from snapfmt.writer import Writer
 from tests.helpers import Run
 
 HOSTILE = [
@@ -73,7 +73,7 @@ def test_symlink_inside_the_folder_is_not_followed(tmp_path: FsPath, run: Run) -
 def test_pwrite_all_goes_on_after_short_writes(
     tmp_path: FsPath, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from snapfmt import model
+    from snapfmt import _io
 
     real = os.pwrite
     calls = []
@@ -82,12 +82,12 @@ def test_pwrite_all_goes_on_after_short_writes(
         calls.append(len(data))
         return real(fd, data[: max(1, len(data) // 3)], offset)  # a third at most
 
-    data = os.urandom(3 * model.WRITE_PIECE + 12345)
+    data = os.urandom(3 * _io.WRITE_PIECE + 12345)
     monkeypatch.setattr(os, "pwrite", short)
     fd = os.open(tmp_path / "out", os.O_WRONLY | os.O_CREAT)
     try:
-        model.pwrite_all(fd, [memoryview(data)[:1000], memoryview(data)[1000:]], 7)
+        _io.pwrite_all(fd, [memoryview(data)[:1000], memoryview(data)[1000:]], 7)
     finally:
         os.close(fd)
     assert (tmp_path / "out").read_bytes() == bytes(7) + data
-    assert max(calls) <= model.WRITE_PIECE
+    assert max(calls) <= _io.WRITE_PIECE

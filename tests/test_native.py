@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 import snapfmt
 from snapfmt.errors import ChecksumError, SnapfmtError, UnsupportedError
 from snapfmt.formats import native as nf
+from snapfmt.native.writer import Writer
 from snapfmt.paths import Component, Path
-from snapfmt.writer import Writer
 
 FS_SETTINGS = settings(
     max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
@@ -385,7 +385,7 @@ def _chunks(draw: st.DrawFn) -> tuple[int, bytes]:
 def test_every_chunk_encoding_decodes_to_its_bytes(chunk: tuple[int, bytes]) -> None:
     """encode -> decode_into is the identity, whichever encoding encode picks (pages with
     zero pages left out, raw or zstd; whole chunks raw or zstd; all zero)."""
-    from snapfmt.chunks import ChunkCodec
+    from snapfmt.native.chunks import ChunkCodec
 
     page, plain = chunk
     codec = ChunkCodec(page)
@@ -396,7 +396,7 @@ def test_every_chunk_encoding_decodes_to_its_bytes(chunk: tuple[int, bytes]) -> 
 
 
 def test_bad_page_bitmaps_are_reported_not_raised() -> None:
-    from snapfmt.chunks import ChunkCodec
+    from snapfmt.native.chunks import ChunkCodec
 
     codec = ChunkCodec(4096)
     dest = memoryview(bytearray(3 * 4096 + 100))  # four pages, the last short

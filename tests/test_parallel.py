@@ -1,20 +1,20 @@
-"""forked_map (a second process for page-fault-bound work) and open_pair built on it."""
+"""forked_map (a second process for page-fault-bound work), the diffs built on it, and open_pair."""
 
 from __future__ import annotations
 
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 import snapfmt
-from snapfmt import reader
-from snapfmt._parallel import forked_map
-from snapfmt.diff import diff
+from snapfmt import opener
 from snapfmt.errors import FormatError, SnapfmtError
+from snapfmt.ops.diff import diff
+from snapfmt.perf.parallel import forked_map
 from tests.helpers import SAMPLES
 from tests.test_qemu_ram_walk import PAGE, build
 
@@ -131,52 +131,15 @@ def test_no_fork_while_threads_run() -> None:
         worker.join()
 
 
-def test_open_pair_walks_the_second_stream_elsewhere(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(reader, "_PAIR_MIN", 0)
-    pc, q35 = SAMPLES / "qemu" / "pc.mig", SAMPLES / "qemu" / "q35.mig"
-    left, right = reader.open_pair(pc, q35)
-    with left, right, snapfmt.open(q35) as plain:
-        assert [s.key for s in right.sections] == [s.key for s in plain.sections]
-        for path in (s.path for s in plain.sections if s.path):
-            if plain.section_for(path).kind_name == "device":
-                assert right.device(path).data == plain.device(path).data
-            else:
-                block = right.ram_block(path)
-                assert block.read(0, block.length) == plain.ram_block(path).read(0, block.length)
-        assert not diff(right, plain).sections
-
-
-@pytest.mark.parametrize("moved", [{0}, {1}, {0, 1}, set()])
-def test_open_pair_attaches_whichever_stream_the_child_walked(
-    monkeypatch: pytest.MonkeyPatch, moved: set[int]
-) -> None:
-    """Which process walks which stream is not fixed: a stream that came back pickled
-    (walked by the child) gets its file again, one walked here keeps its own."""
-    import pickle
-
-    def shared(job: Callable[[int], object], items: list[int]) -> Iterator[object]:
-        for i in items:
-            made = job(i)
-            yield pickle.loads(pickle.dumps(made)) if i in moved else made
-
-    monkeypatch.setattr(reader, "_PAIR_MIN", 0)
-    monkeypatch.setattr(reader, "forked_map", shared)
-    pc, q35 = SAMPLES / "qemu" / "pc.mig", SAMPLES / "qemu" / "q35.mig"
-    left, right = reader.open_pair(pc, q35)
-    with left, right, snapfmt.open(pc) as a, snapfmt.open(q35) as b:
-        assert not diff(left, a).sections and not diff(right, b).sections
-
-
 def test_open_pair_reports_the_second_file_as_open_would(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(reader, "_PAIR_MIN", 0)
     cut = tmp_path / "cut.mig"
     cut.write_bytes((SAMPLES / "qemu" / "pc.mig").read_bytes()[:500_000])
     with pytest.raises(SnapfmtError) as alone:
         snapfmt.open(cut)
     with pytest.raises(SnapfmtError) as paired:
-        reader.open_pair(SAMPLES / "qemu" / "pc.mig", cut)
+        opener.open_pair(SAMPLES / "qemu" / "pc.mig", cut)
     assert str(paired.value) == str(alone.value)
 
 
@@ -206,7 +169,7 @@ def test_native_diff_over_several_pieces(tmp_path: Path, monkeypatch: pytest.Mon
     byte-by-byte comparison."""
     import random
 
-    from snapfmt import diff as diff_module
+    from snapfmt.ops import diff as diff_module
 
     monkeypatch.setattr(diff_module, "_TABLE_STEP", 64)  # 256 chunks: 4 pieces
 
@@ -258,12 +221,11 @@ def test_open_pair_leaks_no_descriptor_on_a_bad_second_file(
 ) -> None:
     import gc
 
-    monkeypatch.setattr(reader, "_PAIR_MIN", 0)
     gc.collect()  # files other tests left for the collector close now, not during the test
     before = set(os.listdir("/proc/self/fd"))
     for bad in (tmp_path / "missing.mig", tmp_path):
         with pytest.raises(SnapfmtError):
-            reader.open_pair(SAMPLES / "qemu" / "pc.mig", bad)
+            opener.open_pair(SAMPLES / "qemu" / "pc.mig", bad)
     assert not set(os.listdir("/proc/self/fd")) - before
 
 

@@ -16,9 +16,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import snapfmt
-from snapfmt import qemu_reader
 from snapfmt.errors import SnapfmtError
 from snapfmt.paths import Path as DevPath
+from snapfmt.qemu import snapshot as qemu_reader
 
 PAGE = 4096
 CONTINUE, PAGE_FLAG, ZERO, MEM_SIZE, EOS = 0x20, 0x08, 0x02, 0x04, 0x10
@@ -283,7 +283,7 @@ def test_mutated_runs_raise_only_snapfmt_errors(
                 finally:
                     os.close(fd)
                 assert out.stat().st_size == block.length
-            from snapfmt.diff import diff
+            from snapfmt.ops.diff import diff
 
             diff(stream, clean)
     except SnapfmtError:
@@ -304,7 +304,7 @@ def test_stream_cut_after_a_zero_record_header(tmp_path: Path, n: int) -> None:
 def test_diff_where_files_cannot_be_mapped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Some file systems refuse mmap: the walk reads with preadv and diff compares
     copies, with the same result."""
-    from snapfmt.diff import diff
+    from snapfmt.ops.diff import diff
 
     records = [("pc.ram", i, i + 1) for i in range(60)]
     changed = [*records[:10], ("pc.ram", 10, 999), *records[11:]]

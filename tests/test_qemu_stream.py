@@ -12,7 +12,7 @@ import snapfmt
 from snapfmt.errors import SnapfmtError
 from snapfmt.formats import qemu as qf
 from snapfmt.paths import Path as DevPath
-from snapfmt.qemu_paths import PathMapper
+from snapfmt.qemu.paths import PathMapper
 from tests.helpers import SAMPLES, Run
 
 QEMU = SAMPLES / "qemu"
@@ -257,8 +257,8 @@ def test_hostile_ram_declaration_is_refused(tmp_path: Path) -> None:
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from snapfmt.inspect import dump  # noqa: E402
-from snapfmt.verify import verify  # noqa: E402
+from snapfmt.ops.inspect import dump  # noqa: E402
+from snapfmt.ops.verify import verify  # noqa: E402
 
 _Q35 = (QEMU / "q35.mig").read_bytes()
 

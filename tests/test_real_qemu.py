@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 
 import snapfmt
-from snapfmt import qmp
-from snapfmt.diff import diff
-from snapfmt.verify import verify
+from snapfmt.ops.diff import diff
+from snapfmt.ops.verify import verify
+from snapfmt.qemu import qmp
 
 
 @pytest.fixture(scope="module")

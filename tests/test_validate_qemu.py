@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from snapfmt import qmp
+from snapfmt.qemu import qmp
 from tests.helpers import Run
 
 E1000 = "e1000,addr=05.0,mac=52:54:00:00:00:05"

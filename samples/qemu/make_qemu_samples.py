@@ -22,7 +22,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent.parent))
 
 import snapfmt  # noqa: E402
-from snapfmt.qmp import BINARY, Qemu  # noqa: E402
+from snapfmt.qemu.qmp import BINARY, Qemu  # noqa: E402
 
 RAM_MIB = 16
 

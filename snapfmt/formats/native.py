@@ -32,6 +32,7 @@ MIN_PAGE_SIZE = 1024
 MAX_PAGE_SIZE = 1 << 21
 MAX_BODY = 1 << 28  # a configuration, device or metadata body; RAM lives in RAM blocks
 MAX_INDEX = 1 << 26
+INDEX_ENTRY_MIN = 58  # an IndexEntry with an empty key (§4)
 
 
 def xxh3_64(data: bytes | bytearray | memoryview) -> int:

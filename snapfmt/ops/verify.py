@@ -8,9 +8,9 @@ from dataclasses import dataclass, field
 from snapfmt.errors import FormatError, LayoutError
 from snapfmt.formats import native as nf
 from snapfmt.model import SectionInfo, Snapshot
-from snapfmt.qemu_reader import QemuStream
-from snapfmt.ramblock import NativeRamBlock
-from snapfmt.reader import NativeSnapshot
+from snapfmt.native.ramblock import NativeRamBlock
+from snapfmt.native.reader import NativeSnapshot
+from snapfmt.qemu.snapshot import QemuStream
 
 
 @dataclass(frozen=True)

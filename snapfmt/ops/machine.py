@@ -24,7 +24,7 @@ from snapfmt.errors import SnapfmtError
 from snapfmt.formats.native import SectionKind
 from snapfmt.model import Snapshot
 from snapfmt.paths import escape
-from snapfmt.qmp import BINARY, Qemu, QemuError
+from snapfmt.qemu.qmp import BINARY, Qemu, QemuError
 
 FORMAT = "snapfmt-machine"
 VERSION = 1
@@ -248,7 +248,7 @@ def from_dump_vmstate(dump: dict[str, Any]) -> Machine:
 def capture(argv: Sequence[str], binary: str = BINARY) -> Machine:
     """Start *argv* paused, probe it with a migration to a temporary file, and add the
     minimum versions and subsections from -dump-vmstate of the same binary and machine."""
-    from snapfmt.reader import open_snapshot
+    from snapfmt.opener import open_snapshot
 
     with tempfile.TemporaryDirectory(prefix="snapfmt-capture-") as tmp:
         probe = os.path.join(tmp, "probe.mig")

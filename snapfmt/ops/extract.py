@@ -19,7 +19,7 @@ from typing import IO, Any
 
 import tomli_w
 
-from snapfmt._atomic import replace
+from snapfmt._io import replace
 from snapfmt.errors import SnapfmtError
 from snapfmt.formats.native import DEFAULT_CHUNK_SIZE, SectionKind
 from snapfmt.model import Snapshot

@@ -7,8 +7,8 @@ from collections.abc import Callable
 from snapfmt.errors import SnapfmtError
 from snapfmt.formats.native import SectionKind
 from snapfmt.model import Snapshot
-from snapfmt.qemu_writer import write_qemu
-from snapfmt.writer import Writer
+from snapfmt.native.writer import Writer
+from snapfmt.qemu.writer import write_qemu
 
 FORMATS = ("native", "qemu")
 Progress = Callable[[int], None] | None

@@ -22,12 +22,12 @@ from typing import IO, Any
 
 import xxhash
 
-from snapfmt import _atomic as atomic
-from snapfmt._parallel import ordered_map
-from snapfmt.chunks import ChunkCodec, Encoded
+from snapfmt import _io as atomic
 from snapfmt.errors import SnapfmtError
 from snapfmt.formats import native as nf
+from snapfmt.native.chunks import ChunkCodec, Encoded
 from snapfmt.paths import Path
+from snapfmt.perf.parallel import ordered_map
 
 __all__ = ["RamSource", "Writer", "WrittenBlock"]
 

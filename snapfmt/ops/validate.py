@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from snapfmt.machine import PCI_COMPARED, Machine, TargetDevice, from_snapshot
 from snapfmt.model import Snapshot
+from snapfmt.ops.machine import PCI_COMPARED, Machine, TargetDevice, from_snapshot
 
 
 @dataclass(frozen=True)

@@ -13,14 +13,14 @@ import re
 from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
-from snapfmt._memcmp import page_changes
-from snapfmt._parallel import forked_map
 from snapfmt.errors import LayoutError
 from snapfmt.formats.native import CHUNK_ENTRY, SectionKind
 from snapfmt.model import ChunkInfo, DeviceState, RamBlock, Snapshot
+from snapfmt.native.ramblock import NativeRamBlock
 from snapfmt.paths import Path
-from snapfmt.qemu_reader import QemuRamBlock, differing_pages
-from snapfmt.ramblock import NativeRamBlock
+from snapfmt.perf.compare import page_changes
+from snapfmt.perf.parallel import forked_map
+from snapfmt.qemu.snapshot import QemuRamBlock, differing_pages
 from snapfmt.vmstate import Field
 
 Buffer = bytes | bytearray | memoryview

@@ -14,15 +14,15 @@ from typing import TYPE_CHECKING, Any
 import xxhash
 from xxhash import xxh3_64_intdigest
 
-from snapfmt._parallel import WORKERS, ordered_map
-from snapfmt.chunks import ChunkCodec, zero_hash
 from snapfmt.errors import ChecksumError, FormatError, UnsupportedError
 from snapfmt.formats import native as nf
 from snapfmt.model import ChunkInfo, RamBlock, SectionInfo
+from snapfmt.native.chunks import ChunkCodec, zero_hash
 from snapfmt.paths import Path
+from snapfmt.perf.parallel import WORKERS, ordered_map
 
 if TYPE_CHECKING:
-    from snapfmt.reader import NativeSnapshot
+    from snapfmt.native.reader import NativeSnapshot
 
 BATCH_BYTES = 1 << 22
 _RING_BUDGET = 1 << 25  # bytes of reusable output buffers iter_spans may hold
@@ -41,7 +41,7 @@ class NativeRamBlock(RamBlock):
         self.path = Path.parse(section.key)
         self._verify_descriptor()
         peek = snapshot.pread(section.offset, min(section.length, 2 * 65535 + 64), "RAM block head")
-        head = snapshot._parse(nf.RamBlockHead, peek, section.offset, f"RAM block {self.path}")
+        head = snapshot.parse(nf.RamBlockHead, peek, section.offset, f"RAM block {self.path}")
         self.qemu_idstr = head.qemu_idstr or None
         self.length: int = head.length
         self.page_size: int = head.page_size

@@ -13,7 +13,7 @@ import json
 from collections.abc import Callable
 from typing import IO, Any
 
-from snapfmt._atomic import replace
+from snapfmt._io import replace
 from snapfmt.errors import SnapfmtError
 from snapfmt.formats import qemu as qf
 from snapfmt.model import DeviceState, RamBlock, Snapshot

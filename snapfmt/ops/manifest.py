@@ -13,9 +13,9 @@ from typing import Any
 
 from snapfmt.errors import LayoutError, ManifestError, PathSyntaxError, SnapfmtError
 from snapfmt.formats import native as nf
+from snapfmt.native.writer import RamSource, Writer
 from snapfmt.paths import Path
 from snapfmt.vmstate import encode_fields
-from snapfmt.writer import RamSource, Writer
 
 __all__ = ["build", "load"]
 

@@ -20,9 +20,7 @@ from array import array
 from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
-from snapfmt import _memcmp
-from snapfmt._parallel import forked_map
-from snapfmt.chunks import zero_hash
+from snapfmt._io import pwrite_all
 from snapfmt.errors import FormatError, UnsupportedError
 from snapfmt.formats import qemu as qf
 from snapfmt.formats.native import ChunkEncoding, SectionKind, xxh3_64
@@ -33,10 +31,12 @@ from snapfmt.model import (
     RamBlock,
     SectionInfo,
     Snapshot,
-    pwrite_all,
 )
+from snapfmt.native.chunks import zero_hash
 from snapfmt.paths import Path
-from snapfmt.qemu_paths import PathMapper
+from snapfmt.perf import compare as _memcmp
+from snapfmt.perf.parallel import forked_map
+from snapfmt.qemu.paths import PathMapper
 
 _WINDOW = 1 << 23  # footer searches
 _MAP_WINDOW = 1 << 25  # RAM walk: every page of it is touched, so this much is resident
@@ -243,9 +243,11 @@ class _Block:
 class QemuStream(Snapshot):
     format_name = "qemu"
 
-    def __init__(self, reader: Any, start: int = 0, wrapper: Any = None) -> None:
+    def __init__(
+        self, reader: Any, start: int = 0, wrapper: Any = None, origin: str | None = None
+    ) -> None:
         self._io = reader
-        self._origin = reader.name
+        self.origin = origin or reader.name
         self.wrapper = wrapper  # a wrappers.Wrapper when the stream came inside another file
         if wrapper is not None:
             self.format_name = "libvirt" if wrapper.kind == "libvirt" else "qemu"

@@ -1,0 +1,1 @@
+"""The native container (spec/format.md): reader, RAM blocks, chunk encodings, writer."""
