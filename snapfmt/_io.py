@@ -60,13 +60,13 @@ class FileReader:
             self.fd = -1
 
 
-def parse(con: construct.Construct, data: bytes, *, file: str, offset: int, what: str) -> Any:
-    """Parse *data* with the declaration *con*: the one place where construct's errors
-    become snapfmt errors, located at *offset* of *file*."""
+def parse(con: construct.Construct, data: Any, *, file: str, offset: int, what: str) -> Any:
+    """Parse *data* (bytes, or a binary stream positioned at *offset* of *file*) with the
+    declaration *con*: the one place where construct's errors become snapfmt errors."""
     import construct  # loaded with the first declaration used (snapfmt.formats)
 
     try:
-        return con.parse(data)
+        return con.parse(data) if isinstance(data, bytes | bytearray) else con.parse_stream(data)
     except construct.ChecksumError:
         raise ChecksumError(
             f"{what} checksum does not match its bytes", file=file, offset=offset

@@ -10,12 +10,18 @@ import abc
 import os
 from collections.abc import Callable, Iterator, Mapping
 from types import MappingProxyType
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from snapfmt._io import pwrite_all
 from snapfmt.formats.native import SectionKind
 from snapfmt.paths import Path, resolve, resolve_one
+from snapfmt.perf.compare import page_changes
 from snapfmt.vmstate import Field, decode, iter_decode
+
+if TYPE_CHECKING:
+    from snapfmt.wrappers import Wrapper
+
+Buffer = bytes | bytearray | memoryview
 
 
 class Configuration(NamedTuple):
@@ -84,6 +90,24 @@ class DeviceState(NamedTuple):
         )
 
 
+class Problem(NamedTuple):
+    """One thing wrong in a file, as a snapshot's check finds it."""
+
+    section: str | None  # the section's path or name; None for the file as a whole
+    offset: int | None
+    message: str
+    range: tuple[int, int] | None = None  # bytes of a RAM block, inclusive
+
+
+class CheckResult(NamedTuple):
+    """What a snapshot's check covered, and what it found."""
+
+    sections: int
+    chunks: int  # RAM chunks (for QEMU streams: pages, the stream's unit)
+    bytes: int
+    problems: list[Problem]
+
+
 class ChunkInfo(NamedTuple):
     index: int  # type: ignore[assignment]  # (shadows tuple.index, as it should here)
     offset: int  # within the block
@@ -115,8 +139,8 @@ class RamBlock(abc.ABC):
         A view is valid until the next step of the iteration: its buffer is reused."""
 
     @abc.abstractmethod
-    def chunks(self) -> Iterator[ChunkInfo]:
-        """The chunk table, in block order."""
+    def summary(self) -> tuple[int, int, int]:
+        """(chunks, all-zero chunks, bytes stored) without reading the contents."""
 
     def write_into(self, fd: int, progress: Callable[[int], None] | None = None) -> None:
         """Write the whole block into the regular file *fd* from its offset 0, leaving
@@ -130,14 +154,54 @@ class RamBlock(abc.ABC):
                 progress(len(view))
         os.ftruncate(fd, self.length)
 
-    def summary(self) -> tuple[int, int, int]:
-        """(chunks, all-zero chunks, bytes stored) without reading the contents."""
-        chunks = zeros = stored = 0
-        for chunk in self.chunks():
-            chunks += 1
-            zeros += chunk.stored_length == 0
-            stored += chunk.stored_length
-        return chunks, zeros, stored
+    def differing_pages(
+        self, other: RamBlock, length: int, progress: Callable[[int], None] | None = None
+    ) -> Iterator[tuple[int, int, int]]:
+        """(offset, size, bytes that differ) for each page of [0, *length*) that differs
+        from *other*'s, in order.  This reads both blocks whole; back ends compare blocks
+        of their own kind more cheaply (chunk hashes, page maps)."""
+        scratch = bytearray()
+        for offset, span_a, span_b in _paired_spans(self, other, length):
+            n = len(span_a)
+            if len(scratch) != n:
+                scratch = bytearray(n)
+            yield from page_changes(
+                offset, _whole_bytearray(span_a, scratch), span_b, self.page_size
+            )
+            if progress:
+                progress(n)
+
+
+def _paired_spans(a: RamBlock, b: RamBlock, common: int) -> Iterator[tuple[int, Buffer, Buffer]]:
+    """Both blocks over [0, common) in equal pieces."""
+    step = 1 << 22
+    if max(a.chunk_size, b.chunk_size) > step:  # spans would not line up: read both alike
+        for lo in range(0, common, step):
+            n = min(step, common - lo)
+            yield lo, a.read(lo, n), b.read(lo, n)
+        return
+    # Both yield 4 MiB spans from offset 0 (chunks and pages divide 4 MiB), so they pair up.
+    for (offset, span_a), (_, span_b) in zip(a.iter_spans(step), b.iter_spans(step), strict=False):
+        if offset >= common:
+            break
+        n = min(len(span_a), len(span_b), common - offset)
+        yield offset, span_a[:n], span_b[:n]
+
+
+def _whole_bytearray(view: Buffer, scratch: bytearray) -> bytearray:
+    """A bytearray holding the bytes of *view*: the one the view covers whole (its
+    ``obj``), else *scratch* (of the same length) filled with a copy."""
+    if isinstance(view, bytearray):
+        return view
+    if (
+        isinstance(view, memoryview)
+        and isinstance(view.obj, bytearray)
+        and view.contiguous
+        and view.nbytes == len(view.obj)
+    ):
+        return view.obj
+    scratch[:] = view
+    return scratch
 
 
 class Snapshot(abc.ABC):
@@ -147,6 +211,7 @@ class Snapshot(abc.ABC):
     origin: str  # the file the user named
     format_name: str
     version: str
+    wrapper: Wrapper | None = None  # a libvirt save image or compression around the stream
 
     @property
     @abc.abstractmethod
@@ -166,7 +231,16 @@ class Snapshot(abc.ABC):
     def metadata(self, name: str) -> Any: ...
 
     @abc.abstractmethod
+    def check(self, progress: Callable[[int], None] | None = None) -> CheckResult:
+        """Check the structure and every checksum the format has (verify's work)."""
+
+    @abc.abstractmethod
     def close(self) -> None: ...
+
+    def iterative_sections(self) -> list[str]:
+        """QEMU id strings of iterative sections other than RAM (block migration, dirty
+        bitmaps): their parts are merged when read, and cannot be written back as one."""
+        return []
 
     def __enter__(self) -> Snapshot:
         return self

@@ -50,7 +50,7 @@ def test_qemu_to_native_and_back(tmp_path: Path, run: Run, name: str) -> None:
     assert contents(source) == contents(native) == contents(back)
     with snapfmt.open(source) as a, snapfmt.open(back) as b:
         assert a.configuration == b.configuration
-        assert a.vmdesc == b.vmdesc  # type: ignore[attr-defined]
+        assert a.layout.vmdesc == b.layout.vmdesc  # type: ignore[attr-defined]
 
 
 @pytest.mark.parametrize("name", ["basic", "tiny"])

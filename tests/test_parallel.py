@@ -169,9 +169,9 @@ def test_native_diff_over_several_pieces(tmp_path: Path, monkeypatch: pytest.Mon
     byte-by-byte comparison."""
     import random
 
-    from snapfmt.ops import diff as diff_module
+    from snapfmt.native import ramblock
 
-    monkeypatch.setattr(diff_module, "_TABLE_STEP", 64)  # 256 chunks: 4 pieces
+    monkeypatch.setattr(ramblock, "DIFF_STEP", 64)  # 256 chunks: 4 pieces
 
     rng = random.Random(3)
     image = bytearray(rng.randbytes(256 * PAGE))

@@ -1,8 +1,9 @@
 """The RAM walk of QEMU streams against a model of the records, for streams built here.
 
-The walk checks runs of records at once (``qemu_reader._run``), the page maps are split
-into runs (``_runs``) and counted over their bytes (``_sent``): every shortcut is held
-equal to the plain reading of the records, across window boundaries and without mmap."""
+The walk checks runs of records at once (``perf.runs.run_length``), the page maps are
+split into runs (``pagemap.runs``) and counted over their bytes (``pagemap.count_sent``):
+every shortcut is held equal to its plain version and to the plain reading of the
+records, across window boundaries and without mmap."""
 
 from __future__ import annotations
 
@@ -18,7 +19,9 @@ from hypothesis import strategies as st
 import snapfmt
 from snapfmt.errors import SnapfmtError
 from snapfmt.paths import Path as DevPath
-from snapfmt.qemu import snapshot as qemu_reader
+from snapfmt.perf import runs as perf_runs
+from snapfmt.qemu import pagemap
+from snapfmt.qemu import records as ram_records
 
 PAGE = 4096
 CONTINUE, PAGE_FLAG, ZERO, MEM_SIZE, EOS = 0x20, 0x08, 0x02, 0x04, 0x10
@@ -129,7 +132,7 @@ def test_walk_across_small_windows(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, window: int
 ) -> None:
     """Runs cut by window ends, records straddling them."""
-    monkeypatch.setattr(qemu_reader, "_MAP_WINDOW", window)
+    monkeypatch.setattr(ram_records, "_MAP_WINDOW", window)
     blocks = {"pc.ram": 200, "vga.vram": 9}
     sections = [
         [("pc.ram", i, i + 1) for i in range(200)],
@@ -145,7 +148,7 @@ def test_walk_without_mmap(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     def refuse(*args: object, **kwargs: object) -> mmap.mmap:
         raise OSError("no mmap here")
 
-    monkeypatch.setattr(qemu_reader.mmap, "mmap", refuse)
+    monkeypatch.setattr(ram_records.mmap, "mmap", refuse)
     blocks = {"pc.ram": 120, "vga.vram": 3}
     sections = [[("pc.ram", i, i + 1) for i in range(120)], [("vga.vram", 1, None)]]
     target = tmp_path / "s.mig"
@@ -213,17 +216,19 @@ def test_runs_split_like_the_plain_loop(pieces: list[tuple[str, int, int]]) -> N
                 values.append(-1 if kind == "zero" else 0)
         pos += gap * 4101
     where = array("q", values)
-    assert list(qemu_reader._runs(where, 4104)) == naive_runs(where, 4104)
+    assert list(pagemap.runs(where, 4104)) == naive_runs(where, 4104)
+    assert list(pagemap.runs_plain(where, 4104)) == naive_runs(where, 4104)
 
 
 @given(st.lists(st.one_of(st.just(0), st.just(-1), st.integers(1, 1 << 62)), max_size=500))
 def test_sent_counts_offsets(values: list[int]) -> None:
-    step = qemu_reader._COUNT_STEP
+    step = pagemap._COUNT_STEP
     try:
-        for qemu_reader._COUNT_STEP in (step, 7):  # one piece, and many
-            assert qemu_reader._sent(array("q", values)) == sum(v > 0 for v in values)
+        for pagemap._COUNT_STEP in (step, 7):  # one piece, and many
+            expected = pagemap.count_sent_plain(array("q", values))
+            assert pagemap.count_sent(array("q", values)) == expected == sum(v > 0 for v in values)
     finally:
-        qemu_reader._COUNT_STEP = step
+        pagemap._COUNT_STEP = step
 
 
 @given(
@@ -240,7 +245,8 @@ def test_progression_is_the_terms_packed(
     if terms[-1] >= 1 << (8 * width):
         return
     packed = b"".join(t.to_bytes(width, order) for t in terms)  # type: ignore[arg-type]
-    assert qemu_reader._progression(first, stride, n, width, order) == packed  # type: ignore[arg-type]
+    assert perf_runs.progression(first, stride, n, width, order) == packed  # type: ignore[arg-type]
+    assert perf_runs.progression_plain(first, stride, n, width, order) == packed  # type: ignore[arg-type]
 
 
 _RUNS = build(
@@ -317,7 +323,7 @@ def test_diff_where_files_cannot_be_mapped(tmp_path: Path, monkeypatch: pytest.M
     def refuse(*args: object, **kwargs: object) -> mmap.mmap:
         raise OSError(19, "No such device")
 
-    monkeypatch.setattr(qemu_reader.mmap, "mmap", refuse)
+    monkeypatch.setattr(ram_records.mmap, "mmap", refuse)
     with snapfmt.open(a) as sa, snapfmt.open(b) as sb:
         copied = diff(sa, sb)
     assert (
@@ -325,3 +331,24 @@ def test_diff_where_files_cannot_be_mapped(tmp_path: Path, monkeypatch: pytest.M
         == [(s.path, s.pages, s.ranges) for s in mapped.sections]
         == [("/pc.ram", 1, [(10 * PAGE, 11 * PAGE - 1)])]
     )
+
+
+@given(
+    st.sampled_from([9, PAGE + 8]),
+    st.integers(1, 300),
+    st.lists(st.tuples(st.integers(0, 299), st.integers(0, 8)), max_size=3),
+)
+def test_run_length_equals_its_plain_version(
+    step: int, limit: int, edits: list[tuple[int, int]]
+) -> None:
+    """Runs of zero or whole-page records, broken anywhere (a header byte or a zero
+    record's fill byte changed)."""
+    word = (7 * PAGE) | (CONTINUE | (ZERO if step == 9 else PAGE_FLAG))
+    buf = bytearray()
+    for i in range(limit):
+        buf += (word + i * PAGE).to_bytes(8, "big") + bytes(step - 8)
+    for record, byte in edits:
+        if 0 < record < limit:
+            buf[record * step + byte] ^= 0x40
+    fast = perf_runs.run_length(buf, 0, word, PAGE, step, limit)
+    assert fast == perf_runs.run_length_plain(buf, 0, word, PAGE, step, limit)

@@ -114,7 +114,7 @@ def test_stream_without_vmdesc_still_reads(tmp_path: Path, run: Run) -> None:
     target = tmp_path / "novmdesc.mig"
     target.write_bytes(data[: cut + 1])  # up to and including EOF
     with snapfmt.open(target) as bare, snapfmt.open(QEMU / "pc.mig") as full:
-        assert bare.vmdesc is None
+        assert bare.layout.vmdesc is None
         assert [s.key for s in bare.sections] == [s.key for s in full.sections]
         path = DevPath.parse(f"{E1000}/vmstate")
         assert bare.device(path).data == full.device(path).data
@@ -291,7 +291,7 @@ def test_packaged_stream(tmp_path: Path) -> None:
     built here from the q35 sample (QEMU writes this only to a live destination)."""
     data = (QEMU / "q35.mig").read_bytes()
     with snapfmt.open(QEMU / "q35.mig") as stream:
-        records = stream._order  # type: ignore[attr-defined]
+        records = stream.layout.sections  # type: ignore[attr-defined]
         first_device = next(r for r in records if r.idstr != "ram").header_offset
     eof = data.rindex(b'{"page_size"') - 6  # EOF, then 0x06 and the vmdesc length
     assert data[eof] == 0 and data[eof + 1] == 6
@@ -351,7 +351,7 @@ def test_packaged_stream_as_postcopy_writes_it(tmp_path: Path) -> None:
     EOF inside; the outer stream then ends with its own EOF."""
     data = (QEMU / "q35.mig").read_bytes()
     with snapfmt.open(QEMU / "q35.mig") as stream:
-        first_device = next(r for r in stream._order if r.idstr != "ram").header_offset  # type: ignore[attr-defined]
+        first_device = next(r for r in stream.layout.sections if r.idstr != "ram").header_offset  # type: ignore[attr-defined]
     eof = data.rindex(b'{"page_size"') - 6
 
     def command(number: int, payload: bytes = b"") -> bytes:
@@ -364,7 +364,7 @@ def test_packaged_stream_as_postcopy_writes_it(tmp_path: Path) -> None:
     )
     with snapfmt.open(target) as packaged, snapfmt.open(QEMU / "q35.mig") as plain:
         assert [s.key for s in packaged.sections] == [s.key for s in plain.sections]
-        commands = [c for _, c in packaged.commands]  # type: ignore[attr-defined]
+        commands = [c for _, c in packaged.layout.commands]  # type: ignore[attr-defined]
         assert commands == [7, 4, 2, 5]
 
 
@@ -372,7 +372,7 @@ def test_postcopy_block_list_gives_huge_page_sizes(tmp_path: Path, run: Run) -> 
     """pc-postcopy.mig: saved with postcopy-ram on, pc.ram in 2 MiB huge pages, so its
     entry in the block list carries a page size (the other blocks' do not)."""
     with snapfmt.open(QEMU / "pc-postcopy.mig") as stream:
-        assert qf.Command.POSTCOPY_ADVISE in [c for _, c in stream.commands]  # type: ignore[attr-defined]
+        assert qf.Command.POSTCOPY_ADVISE in [c for _, c in stream.layout.commands]  # type: ignore[attr-defined]
         sizes = {b.qemu_idstr: b.host_page_size for b in stream.ram_blocks()}
         assert sizes["pc.ram"] == 2 << 20
         assert {v for k, v in sizes.items() if k != "pc.ram"} == {None}

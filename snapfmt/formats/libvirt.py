@@ -45,6 +45,7 @@ def _declare() -> dict[str, Any]:
 
     HeaderLE = _header(Int32ul)
     HeaderBE = _header(Int32ub)
+    STRUCTURES = {"HeaderLE": HeaderLE, "HeaderBE": HeaderBE}
     return locals()
 
 

@@ -1,10 +1,11 @@
 """QEMU's migration stream (QEVM version 3) and its trailing vmdesc -- declarations only.
 
 Follows QEMU's migration/savevm.c, migration/ram.c and migration/vmstate.c as summarised
-in shared/reference/qemu-stream.md (facts checked against QEMU 7.2 streams in
-samples/qemu/).  Every integer is big-endian.  Walking, bounds and error policy live in
-snapfmt/qemu_reader.py; RAM page records are the hot path and are read there with
-``struct``, following the declarations below.
+in shared/reference/qemu-stream.md; the § numbers below are that document's sections
+(facts checked against real QEMU 7.2 and 10.0 streams, samples/qemu/).  Every integer is
+big-endian.  Walking, bounds and error policy live in snapfmt/qemu/; RAM page records
+are the hot path and are read and written there with the ``struct`` layouts below, which
+a test keeps equal to their declarations.
 """
 
 from __future__ import annotations
@@ -62,9 +63,8 @@ class RamFlag(IntFlag):
 
 RAM_FLAGS_MASK = 0x3FF  # flags stay below the smallest target page (1 KiB)
 
-# The hot paths of qemu_reader, kept equal to RamRecordHead and MappedRamHeader by a test.
+# The hot path of the RAM walk and writer: RamRecordHead (a test keeps them equal).
 RAM_WORD = struct.Struct(">Q")
-MAPPED_RAM_HEADER = struct.Struct(">IQQQ")  # = MappedRamHeader (packed, 28 bytes)
 
 
 def _declare() -> dict[str, Any]:
@@ -81,28 +81,34 @@ def _declare() -> dict[str, Any]:
         Struct,
     )
 
-    # Counted strings: a u8 length, then the bytes, no terminator.
+    # §0: a counted string is a u8 length, then the bytes, no terminator.
     CountedString = PascalString(Int8ub, "latin-1")
 
+    # §1: the stream starts with the magic and the format version.
     FileHeader = Struct(
         "magic" / Const(MAGIC),
         "version" / Int32ub,
     )
 
-    # The configuration section: u8 0x07, then vmstate_configuration (version 1).
-    ConfigurationHead = Struct(
-        "name_length" / Int32ub,
-        "name" / Bytes(lambda this: this.name_length),
+    # §1 "Configuration payload": after the type byte 0x07, vmstate_configuration
+    # (version 1): the machine type name with a be32 length, then subsections.
+    Configuration = Struct(
+        "name" / PascalString(Int32ub, "latin-1"),
     )
 
-    SubsectionHead = Struct(
+    # §1 "VMState payloads": a subsection header; its fields follow.
+    Subsection = Struct(
         "marker" / Const(bytes([SectionType.SUBSECTION])),
         "name" / CountedString,
         "version_id" / Int32ub,
     )
 
-    Capabilities = PrefixedArray(Int32ub, CountedString)
+    # §1 "Configuration payload": the configuration subsections' fields.
+    TargetPageBits = Struct("page_bits" / Int32ub)
+    Capabilities = Struct("names" / PrefixedArray(Int32ub, CountedString))
+    Uuid = Struct("uuid" / Bytes(16))
 
+    # §1 "Section header and footer": after the type byte of a START or FULL section ...
     SectionStartFull = Struct(
         "section_id" / Int32ub,
         "idstr" / CountedString,
@@ -110,35 +116,55 @@ def _declare() -> dict[str, Any]:
         "version_id" / Int32ub,
     )
 
+    # ... and of a PART or END section.
     SectionPartEnd = Struct(
         "section_id" / Int32ub,
     )
 
+    # §1: after every section's payload (when send-section-footer is on).
     SectionFooter = Struct(
         "marker" / Const(bytes([SectionType.FOOTER])),
         "section_id" / Int32ub,
     )
 
+    # §1 "COMMAND": after the type byte 0x08; `length` bytes of data follow.
     CommandHead = Struct(
         "command" / Int16ub,
         "length" / Int16ub,
     )
 
-    VmDescriptionHead = Struct(
+    # §1 COMMAND data: POSTCOPY_ADVISE's long form and PACKAGED's nested stream length.
+    PostcopyAdvise = Struct(
+        "host_page_sizes" / Int64ub,  # the OR of the source's RAM block page sizes
+        "target_page_size" / Int64ub,
+    )
+    Packaged = Struct(
         "length" / Int32ub,
     )
 
-    # RAM: every record starts with be64 (offset | flags).
+    # §1: after EOF, the type byte 0x06 and the vmdesc JSON's length; the JSON follows.
+    VmDescriptionHead = Struct(
+        "marker" / Const(bytes([SectionType.VMDESCRIPTION])),
+        "length" / Int32ub,
+    )
+
+    # §2: every RAM record starts with be64 (offset | flags).
     RamRecordHead = Struct(
         "word" / Int64ub,
     )
 
-    # One entry of the MEM_SIZE block list.
+    # §2 "MEM_SIZE record": one entry of the block list.
     MemSizeEntry = Struct(
         "idstr" / CountedString,
         "used_length" / Int64ub,
     )
 
+    # §2 "MEM_SIZE record", with postcopy-ram or x-ignore-shared: a be64 after the entry.
+    BlockWord = Struct(
+        "value" / Int64ub,
+    )
+
+    # §6 "mapped-ram": packed, 28 bytes.
     MappedRamHeader = Struct(
         "version" / Int32ub,
         "page_size" / Int64ub,
@@ -146,10 +172,11 @@ def _declare() -> dict[str, Any]:
         "pages_offset" / Int64ub,
     )
 
-    XbzrleHead = Struct(
-        "encoding" / Int8ub,
-        "length" / Int16ub,
-    )
+    STRUCTURES = {
+        name: value
+        for name, value in locals().items()
+        if isinstance(value, Struct) and name != "CountedString"
+    }
     return locals()
 
 

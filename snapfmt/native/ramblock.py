@@ -7,8 +7,9 @@ release the GIL), so a full read allocates nothing per chunk and memory stays bo
 from __future__ import annotations
 
 import os
+import re
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import xxhash
@@ -19,12 +20,17 @@ from snapfmt.formats import native as nf
 from snapfmt.model import ChunkInfo, RamBlock, SectionInfo
 from snapfmt.native.chunks import ChunkCodec, zero_hash
 from snapfmt.paths import Path
-from snapfmt.perf.parallel import WORKERS, ordered_map
+from snapfmt.perf.compare import page_changes
+from snapfmt.perf.parallel import WORKERS, forked_map, ordered_map
 
 if TYPE_CHECKING:
     from snapfmt.native.reader import NativeSnapshot
 
 BATCH_BYTES = 1 << 22
+DIFF_STEP = 2048  # chunk table entries per piece of a diff (forked_map shares out pieces)
+_PAIRS = 32  # differing chunk pairs decoded at a time
+_SCREEN = 1 << 14  # bytes of two differing chunks compared at once, then their pages
+_NONZERO = re.compile(rb"[^\x00]")
 _RING_BUDGET = 1 << 25  # bytes of reusable output buffers iter_spans may hold
 _TABLE_STEP = 8192
 _ZERO, _RAW = int(nf.ChunkEncoding.ZERO), int(nf.ChunkEncoding.RAW)
@@ -182,8 +188,69 @@ class NativeRamBlock(RamBlock):
         )
 
     def chunks(self) -> Iterator[ChunkInfo]:
+        """The chunk table, in block order (each entry checked)."""
         for first in range(0, self.chunk_count, _TABLE_STEP):
             yield from self._entries(first, min(_TABLE_STEP, self.chunk_count - first))
+
+    def summary(self) -> tuple[int, int, int]:
+        chunks = zeros = stored = 0
+        for chunk in self.chunks():
+            chunks += 1
+            zeros += chunk.stored_length == 0
+            stored += chunk.stored_length
+        return chunks, zeros, stored
+
+    def differing_pages(
+        self, other: RamBlock, length: int, progress: Callable[[int], None] | None = None
+    ) -> Iterator[tuple[int, int, int]]:
+        """As RamBlock.differing_pages; against another native block of this chunk size,
+        a piece of the chunk tables at a time: chunks with equal hashes are never read,
+        differing ones are decoded (each checked against its hash) and compared.  The
+        pieces are shared with a forked process: decoding is Python around zstd, so
+        threads would queue for the GIL."""
+        if not isinstance(other, NativeRamBlock) or other.chunk_size != self.chunk_size:
+            yield from super().differing_pages(other, length, progress)
+            return
+        count = -(-length // self.chunk_size)
+
+        def piece(first: int) -> tuple[int, list[tuple[int, int, int]]]:
+            n = min(DIFF_STEP, count - first)
+            pairs = self._differing_pairs(other, first, n)
+            out = []
+            for at in range(0, len(pairs), _PAIRS):
+                batch = pairs[at : at + _PAIRS]
+                left = self.decode([ca for ca, _ in batch], reuse=True)
+                right = other.decode([cb for _, cb in batch], reuse=True)
+                for (ca, _), x, y in zip(batch, left, right, strict=True):
+                    size = min(len(x), len(y), length - ca.offset)
+                    if size < len(x) or size < len(y):
+                        x, y = x[:size], y[:size]
+                    out += page_changes(ca.offset, x, y, self.page_size, _SCREEN)
+            return min(n * self.chunk_size, length - first * self.chunk_size), out
+
+        for covered, changes in forked_map(piece, range(0, count, DIFF_STEP)):
+            yield from changes
+            if progress:
+                progress(covered)
+
+    def _differing_pairs(
+        self, other: NativeRamBlock, first: int, n: int
+    ) -> list[tuple[ChunkInfo, ChunkInfo]]:
+        """The pairs of chunks [first, first + n) whose hashes differ.
+
+        Hashes are compared in the raw tables, in C: byte k of every entry's hash is one
+        strided slice, and the OR of the XORs of those planes (as big integers) is
+        non-zero exactly at the entries that differ.  Only those become ChunkInfo."""
+        size = nf.CHUNK_ENTRY.size
+        raw_a, raw_b = self.table_raw(first, n), other.table_raw(first, n)
+        merged = 0
+        for k in range(size - 8, size):  # the hash ends each entry
+            merged |= int.from_bytes(raw_a[k::size], "big") ^ int.from_bytes(raw_b[k::size], "big")
+        if not merged:
+            return []
+        picks = [m.start() for m in _NONZERO.finditer(merged.to_bytes(n, "big"))]
+        return list(zip(self.entries_at(first, raw_a, picks),
+                        other.entries_at(first, raw_b, picks), strict=True))  # fmt: skip
 
     # -- contents --------------------------------------------------------------------------
 
@@ -202,16 +269,16 @@ class NativeRamBlock(RamBlock):
             section=str(self.path),
         )
 
-    def _stored(self, batch: list[ChunkInfo]) -> tuple[memoryview, int]:
-        """The stored bytes of *batch* as one view, and the file offset it starts at."""
+    def _stored(self, batch: list[ChunkInfo]) -> tuple[memoryview, int] | None:
+        """The stored bytes of *batch* as one view, and the file offset it starts at; None
+        for chunks too far apart to read in one go (a hand-made file)."""
         kept = [c for c in batch if c.stored_length]
         if not kept:
             return memoryview(b""), 0
         lo = min(c.file_offset for c in kept)
         hi = max(c.file_offset + c.stored_length for c in kept)
         if len(kept) > 1 and hi - lo > 2 * sum(c.stored_length for c in kept) + (1 << 16):
-            # A hand-made file with chunks far apart: read them one at a time instead.
-            raise _Scattered
+            return None
         return self._read_at(lo, hi - lo), lo
 
     def _read_at(self, offset: int, length: int) -> memoryview:
@@ -252,13 +319,14 @@ class NativeRamBlock(RamBlock):
 
     def _sources(self, batch: list[ChunkInfo]) -> Iterator[tuple[ChunkInfo, memoryview]]:
         """Each chunk of *batch* with its stored bytes, read in one go where possible."""
-        try:
-            stored, base = self._stored(batch)
-        except _Scattered:
+        together = self._stored(batch)
+        if together is None:
             for c in batch:
-                stored, base = self._stored([c])
-                yield c, stored
+                alone = self._stored([c])
+                assert alone is not None  # (one chunk is never scattered)
+                yield c, alone[0]
             return
+        stored, base = together
         for c in batch:
             yield c, stored[c.file_offset - base : c.file_offset - base + c.stored_length]
 
@@ -383,7 +451,3 @@ class NativeRamBlock(RamBlock):
                     expected=f"{end:#x}",
                 ),
             )
-
-
-class _Scattered(Exception):
-    """Raised inside _stored when a batch's chunks are too far apart to read in one go."""

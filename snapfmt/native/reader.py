@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from snapfmt._io import FileReader, parse, short
@@ -20,7 +21,7 @@ from snapfmt.errors import (
     UnsupportedError,
 )
 from snapfmt.formats import native as nf
-from snapfmt.model import Configuration, DeviceState, SectionInfo, Snapshot
+from snapfmt.model import CheckResult, Configuration, DeviceState, SectionInfo, Snapshot
 from snapfmt.paths import Path
 
 _KINDS = frozenset(int(k) for k in nf.SectionKind)
@@ -405,6 +406,11 @@ class NativeSnapshot(Snapshot):
         con = nf.DeviceState if section.kind == nf.SectionKind.DEVICE else nf.RamBlockHead
         parsed = self.parse(con, head, section.offset, f"section {section.key}")
         return str(parsed.qemu_idstr)
+
+    def check(self, progress: Callable[[int], None] | None = None) -> CheckResult:
+        from snapfmt.native.check import check
+
+        return check(self, progress)
 
     def pread(self, offset: int, length: int, what: str) -> bytes:
         return self._io.pread(offset, length, what)

@@ -16,7 +16,7 @@ Progress = Callable[[int], None] | None
 
 def to_native(snap: Snapshot, target: str, progress: Progress = None) -> None:
     """Every section, in order, with QEMU identities and field layouts kept."""
-    iterative: list[str] = getattr(snap, "iterative_devices", list)()
+    iterative = snap.iterative_sections()
     if iterative:
         raise SnapfmtError(
             f"iterative sections other than RAM cannot be converted yet: {', '.join(iterative)}"

@@ -2,35 +2,24 @@
 
 Returns data (render.py prints it).  Sections are matched by path.  Device state is
 compared field by field through the field layout when both sides decode, else as
-differing byte ranges.  RAM blocks are compared page by page; when both sides are native
-snapshots with the same chunk size, chunks with equal hashes are skipped unread.
+differing byte ranges.  RAM blocks are compared page by page (RamBlock.differing_pages: two native blocks skip
+chunks of equal hashes unread, two QEMU blocks compare their pages in place).
 """
 
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
 from snapfmt.errors import LayoutError
-from snapfmt.formats.native import CHUNK_ENTRY, SectionKind
-from snapfmt.model import ChunkInfo, DeviceState, RamBlock, Snapshot
-from snapfmt.native.ramblock import NativeRamBlock
+from snapfmt.formats.native import SectionKind
+from snapfmt.model import DeviceState, RamBlock, Snapshot
 from snapfmt.paths import Path
-from snapfmt.perf.compare import page_changes
-from snapfmt.perf.parallel import forked_map
-from snapfmt.qemu.snapshot import QemuRamBlock, differing_pages
 from snapfmt.vmstate import Field
-
-Buffer = bytes | bytearray | memoryview
 
 Progress = Callable[[int], None] | None
 MAX_RANGES = 10_000  # differing ranges kept per section; the counts stay exact
-_TABLE_STEP = 2048  # chunk table entries per piece (forked_map shares out pieces)
-_PAIRS = 32  # differing chunk pairs decoded at a time
-_SCREEN = 1 << 14  # bytes of two differing chunks compared at once, then their pages
-_NONZERO = re.compile(rb"[^\x00]")
 
 
 class Change(NamedTuple):
@@ -250,11 +239,6 @@ def _byte_ranges(a: bytes, b: bytes) -> Iterator[tuple[int, int]]:
 def _ram(a: RamBlock, b: RamBlock, progress: Progress) -> SectionDiff | None:
     section = SectionDiff(str(a.path), "ram-block", "changed")
     common = min(a.length, b.length)
-    native = (
-        isinstance(a, NativeRamBlock)
-        and isinstance(b, NativeRamBlock)
-        and a.chunk_size == b.chunk_size
-    )
     run: list[int] = []  # the open range [start, end]
 
     def note(lo: int, hi: int, nbytes: int) -> None:
@@ -267,7 +251,7 @@ def _ram(a: RamBlock, b: RamBlock, progress: Progress) -> SectionDiff | None:
             _close(section, run)
         run[:] = [lo, hi]
 
-    for offset, size, nbytes in _differing(a, b, common, native, progress):
+    for offset, size, nbytes in a.differing_pages(b, common, progress):
         note(offset, offset + size - 1, nbytes)
     if run:
         _close(section, run)
@@ -285,118 +269,8 @@ def _ram(a: RamBlock, b: RamBlock, progress: Progress) -> SectionDiff | None:
     return section
 
 
-def _differing(
-    a: RamBlock, b: RamBlock, common: int, native: bool, progress: Progress
-) -> Iterator[tuple[int, int, int]]:
-    """(offset, size, bytes that differ) for the pages of [0, common) that differ."""
-    page = a.page_size
-    if (
-        isinstance(a, QemuRamBlock)
-        and isinstance(b, QemuRamBlock)
-        and a.page_size == b.page_size
-        and common % page == 0
-    ):
-        yield from differing_pages(a, b, common, progress)
-        return
-    if native:
-        yield from _native_changes(a, b, common, progress)
-        return
-    scratch = bytearray()
-    for offset, span_a, span_b in _spans(a, b, common):
-        n = len(span_a)
-        if len(scratch) != n:
-            scratch = bytearray(n)
-        yield from page_changes(offset, _whole_bytearray(span_a, scratch), span_b, page)
-        if progress:
-            progress(n)
-
-
-def _native_changes(
-    a: RamBlock, b: RamBlock, common: int, progress: Progress
-) -> Iterator[tuple[int, int, int]]:
-    """Two native blocks, a piece of the chunk table at a time: chunks with equal hashes
-    are never read; differing ones are decoded (each checked against its hash) and
-    compared.  The pieces are shared with a forked process (forked_map): decoding is
-    Python around zstd, so threads would queue for the GIL."""
-    assert isinstance(a, NativeRamBlock) and isinstance(b, NativeRamBlock)
-    count = -(-common // a.chunk_size)
-
-    def piece(first: int) -> tuple[int, list[tuple[int, int, int]]]:
-        n = min(_TABLE_STEP, count - first)
-        pairs = _differing_pairs(a, b, first, n)
-        out = []
-        for at in range(0, len(pairs), _PAIRS):
-            batch = pairs[at : at + _PAIRS]
-            left = a.decode([ca for ca, _ in batch], reuse=True)
-            right = b.decode([cb for _, cb in batch], reuse=True)
-            for (ca, _), x, y in zip(batch, left, right, strict=True):
-                size = min(len(x), len(y), common - ca.offset)
-                if size < len(x) or size < len(y):
-                    x, y = x[:size], y[:size]
-                out += page_changes(ca.offset, x, y, a.page_size, _SCREEN)
-        return min(n * a.chunk_size, common - first * a.chunk_size), out
-
-    for covered, changes in forked_map(piece, range(0, count, _TABLE_STEP)):
-        yield from changes
-        if progress:
-            progress(covered)
-
-
-def _whole_bytearray(view: Buffer, scratch: bytearray) -> bytearray:
-    """A bytearray holding the bytes of *view*: the one the view covers whole (its
-    ``obj``), else *scratch* (of the same length) filled with a copy."""
-    if isinstance(view, bytearray):
-        return view
-    if (
-        isinstance(view, memoryview)
-        and isinstance(view.obj, bytearray)
-        and view.contiguous
-        and view.nbytes == len(view.obj)
-    ):
-        return view.obj
-    scratch[:] = view
-    return scratch
-
-
 def _close(section: SectionDiff, run: list[int]) -> None:
     if len(section.ranges) < MAX_RANGES:
         section.ranges.append((run[0], run[1]))
     else:
         section.ranges_truncated = True
-
-
-def _differing_pairs(
-    a: NativeRamBlock, b: NativeRamBlock, first: int, n: int
-) -> list[tuple[ChunkInfo, ChunkInfo]]:
-    """The pairs of chunks [first, first + n) whose hashes differ.
-
-    Hashes are compared in the raw tables, in C: byte k of every entry's hash is one
-    strided slice, and the OR of the XORs of those planes (as big integers) is non-zero
-    exactly at the entries that differ.  Only those become (checked) ChunkInfo objects."""
-    size = CHUNK_ENTRY.size
-    raw_a, raw_b = a.table_raw(first, n), b.table_raw(first, n)
-    merged = 0
-    for k in range(size - 8, size):  # the hash ends each entry
-        merged |= int.from_bytes(raw_a[k::size], "big") ^ int.from_bytes(raw_b[k::size], "big")
-    if not merged:
-        return []
-    picks = [m.start() for m in _NONZERO.finditer(merged.to_bytes(n, "big"))]
-    return list(
-        zip(a.entries_at(first, raw_a, picks), b.entries_at(first, raw_b, picks), strict=True)
-    )
-
-
-def _spans(a: RamBlock, b: RamBlock, common: int) -> Iterator[tuple[int, Buffer, Buffer]]:
-    """Both blocks over [0, common) in equal pieces."""
-    step = 1 << 22
-    if max(a.chunk_size, b.chunk_size) > step:  # spans would not line up: read both alike
-        for lo in range(0, common, step):
-            n = min(step, common - lo)
-            yield lo, a.read(lo, n), b.read(lo, n)
-        return
-    # Both yield 4 MiB spans from offset 0 (chunks and pages divide 4 MiB), so they pair up.
-    for (offset, span_a), (_, span_b) in zip(a.iter_spans(step), b.iter_spans(step), strict=False):
-        if offset >= common:
-            break
-        n = min(len(span_a), len(span_b), common - offset)
-        yield offset, span_a[:n], span_b[:n]

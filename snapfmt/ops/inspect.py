@@ -43,7 +43,7 @@ class Container(NamedTuple):
 
 
 def container(snap: Snapshot) -> Container | None:
-    wrapper = getattr(snap, "wrapper", None)
+    wrapper = snap.wrapper
     if wrapper is None:
         return None
     xml = wrapper.domain_xml

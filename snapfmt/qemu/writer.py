@@ -26,31 +26,15 @@ _ZERO, _PAGE, _CONTINUE = int(qf.RamFlag.ZERO), int(qf.RamFlag.PAGE), int(qf.Ram
 _MEM_SIZE, _EOS = int(qf.RamFlag.MEM_SIZE), int(qf.RamFlag.EOS)
 
 
-def _counted(text: str, what: str) -> bytes:
+def _name(text: str, what: str) -> str:
+    """*text*, checked to fit a counted string (reference §0)."""
     try:
         raw = text.encode("latin-1")
     except UnicodeEncodeError:
         raise SnapfmtError(f"{what} {text!r} has characters a QEMU stream cannot hold") from None
     if not 0 < len(raw) <= 255:
         raise SnapfmtError(f"{what} {text!r} does not fit a counted string (1-255 bytes)")
-    return bytes([len(raw)]) + raw
-
-
-class _Out:
-    def __init__(self, f: IO[bytes]) -> None:
-        self.f = f
-
-    def u8(self, v: int) -> None:
-        self.f.write(bytes([v]))
-
-    def be32(self, v: int) -> None:
-        self.f.write(v.to_bytes(4, "big"))
-
-    def be64(self, v: int) -> None:
-        self.f.write(v.to_bytes(8, "big"))
-
-    def raw(self, data: bytes | bytearray | memoryview) -> None:
-        self.f.write(data)
+    return text
 
 
 def _vmdesc_entry(device: DeviceState) -> dict[str, Any]:
@@ -70,12 +54,12 @@ def _vmdesc_entry(device: DeviceState) -> dict[str, Any]:
 def write_qemu(snap: Snapshot, target: str, progress: Progress = None) -> None:
     """Write *snap* as a QEMU stream to *target* (temp file beside it, fsync, rename)."""
     with replace(target, buffering=1 << 20) as f:
-        _write(snap, _Out(f), progress)
+        _write(snap, f, progress)
 
 
-def _write(snap: Snapshot, out: _Out, progress: Progress) -> None:
+def _check(snap: Snapshot) -> tuple[list[DeviceState], list[RamBlock]]:
+    """The devices and RAM blocks to write, checked to fit a stream before a byte is."""
     config = snap.configuration
-    page = config.page_size
     if "x-ignore-shared" in config.capabilities or "mapped-ram" in config.capabilities:
         raise SnapfmtError("writing streams with x-ignore-shared or mapped-ram is not supported")
     devices = list(snap.devices())
@@ -85,98 +69,96 @@ def _write(snap: Snapshot, out: _Out, progress: Progress) -> None:
             raise SnapfmtError(
                 f"device {device.path} has no QEMU identifier; a QEMU stream cannot name it"
             )
+        _name(device.qemu_idstr, "section id string")
     for block in blocks:
         if not block.qemu_idstr:
             raise SnapfmtError(
                 f"RAM block {block.path} has no QEMU identifier; a QEMU stream cannot name it"
             )
-        if block.length % page:
-            raise SnapfmtError(f"RAM block {block.path} is not a whole number of {page}-byte pages")
-    out.raw(qf.MAGIC)
-    out.be32(qf.VERSION)
+        _name(block.qemu_idstr, "RAM block name")
+        if block.length % config.page_size:
+            raise SnapfmtError(
+                f"RAM block {block.path} is not a whole number of {config.page_size}-byte pages"
+            )
+    return devices, blocks
+
+
+def _write(snap: Snapshot, out: IO[bytes], progress: Progress) -> None:
+    config = snap.configuration
+    page = config.page_size
+    devices, blocks = _check(snap)
+    out.write(qf.FileHeader.build({"version": qf.VERSION}))
     _configuration(out, config.machine, page, config.capabilities, config.metadata.get("uuid"))
     # Section ids start at 1: QEMU finds the handler of a PART/END section by its load
     # section id, which is 0 for every handler not loaded yet, so id 0 would be ambiguous.
     ram_id = 1
     if blocks:
         _section_head(out, qf.SectionType.START, ram_id, "ram", 0, 4)
-        out.be64(sum(b.length for b in blocks) | _MEM_SIZE)
+        out.write(qf.RAM_WORD.pack(sum(b.length for b in blocks) | _MEM_SIZE))
         for block in blocks:
-            out.raw(_counted(str(block.qemu_idstr), "RAM block name"))
-            out.be64(block.length)
-        out.be64(_EOS)
+            entry = {"idstr": block.qemu_idstr, "used_length": block.length}
+            out.write(qf.MemSizeEntry.build(entry))
+        out.write(qf.RAM_WORD.pack(_EOS))
         _footer(out, ram_id)
-        out.u8(qf.SectionType.END)
-        out.be32(ram_id)
+        out.write(bytes([qf.SectionType.END]) + qf.SectionPartEnd.build({"section_id": ram_id}))
         for block in blocks:
             _pages(out, block, page, progress)
-        out.be64(_EOS)
+        out.write(qf.RAM_WORD.pack(_EOS))
         _footer(out, ram_id)
     for number, device in enumerate(devices, start=ram_id + 1):
-        _section_head(
-            out,
-            qf.SectionType.FULL,
-            number,
-            str(device.qemu_idstr),
-            device.instance_id,
-            device.version_id,
-        )
-        out.raw(device.data)
+        _section_head(out, qf.SectionType.FULL, number, str(device.qemu_idstr),
+                      device.instance_id, device.version_id)  # fmt: skip
+        out.write(device.data)
         _footer(out, number)
-    out.u8(qf.SectionType.EOF)
+    out.write(bytes([qf.SectionType.EOF]))
     # Devices without a field layout are left out of the vmdesc rather than described
     # by a made-up one; readers then show their state as bytes.
     described = [_vmdesc_entry(d) for d in devices if d.layout is not None]
     desc = json.dumps({"page_size": page, "devices": described}, separators=(",", ":"))
-    out.u8(qf.SectionType.VMDESCRIPTION)
-    out.be32(len(desc))
-    out.raw(desc.encode("utf-8"))
+    data = desc.encode("utf-8")
+    out.write(qf.VmDescriptionHead.build({"length": len(data)}) + data)
 
 
 def _configuration(
-    out: _Out, machine: str, page: int, capabilities: tuple[str, ...], uuid: Any
+    out: IO[bytes], machine: str, page: int, capabilities: tuple[str, ...], uuid: Any
 ) -> None:
-    out.u8(qf.SectionType.CONFIGURATION)
-    name = _counted(machine, "machine type")[1:]  # a be32 length here, but QEMU reads at most 255
-    out.be32(len(name))
-    out.raw(name)
+    out.write(bytes([qf.SectionType.CONFIGURATION]))
+    # a be32 length here, but QEMU reads at most 255 bytes of it
+    out.write(qf.Configuration.build({"name": _name(machine, "machine type")}))
     if page != 4096:
-        out.raw(
-            bytes([qf.SectionType.SUBSECTION]) + _counted("configuration/target-page-bits", "name")
-        )
-        out.be32(1)
-        out.be32(page.bit_length() - 1)
+        _subsection(out, "configuration/target-page-bits")
+        out.write(qf.TargetPageBits.build({"page_bits": page.bit_length() - 1}))
     if capabilities:
-        out.raw(bytes([qf.SectionType.SUBSECTION]) + _counted("configuration/capabilities", "name"))
-        out.be32(1)
-        out.be32(len(capabilities))
-        for capability in capabilities:
-            out.raw(_counted(capability, "capability"))
+        _subsection(out, "configuration/capabilities")
+        names = [_name(c, "capability") for c in capabilities]
+        out.write(qf.Capabilities.build({"names": names}))
     if isinstance(uuid, str) and len(uuid) == 32:
-        out.raw(bytes([qf.SectionType.SUBSECTION]) + _counted("configuration/uuid", "name"))
-        out.be32(1)
-        out.raw(bytes.fromhex(uuid))
+        _subsection(out, "configuration/uuid")
+        out.write(qf.Uuid.build({"uuid": bytes.fromhex(uuid)}))
+
+
+def _subsection(out: IO[bytes], name: str) -> None:
+    out.write(qf.Subsection.build({"name": name, "version_id": 1}))
 
 
 def _section_head(
-    out: _Out, kind: int, section_id: int, idstr: str, instance_id: int, version_id: int
+    out: IO[bytes], kind: int, section_id: int, idstr: str, instance_id: int, version_id: int
 ) -> None:
-    out.u8(kind)
-    out.be32(section_id)
-    out.raw(_counted(idstr, "section id string"))
-    out.be32(instance_id)
-    out.be32(version_id)
+    head = {"section_id": section_id, "idstr": idstr, "instance_id": instance_id,
+            "version_id": version_id}  # fmt: skip
+    out.write(bytes([kind]) + qf.SectionStartFull.build(head))
 
 
-def _footer(out: _Out, section_id: int) -> None:
-    out.u8(qf.SectionType.FOOTER)
-    out.be32(section_id)
+def _footer(out: IO[bytes], section_id: int) -> None:
+    out.write(qf.SectionFooter.build({"section_id": section_id}))
 
 
-def _pages(out: _Out, block: RamBlock, page: int, progress: Progress) -> None:
-    """Every page of *block*: ZERO records for zero pages, PAGE records for the rest."""
+def _pages(out: IO[bytes], block: RamBlock, page: int, progress: Progress) -> None:
+    """Every page of *block*: ZERO records for zero pages, PAGE records for the rest (the
+    hot path: RamRecordHead words written with its struct, formats.qemu.RAM_WORD)."""
     zero = bytes(page)
-    name = _counted(str(block.qemu_idstr), "RAM block name")
+    name = bytes([len(str(block.qemu_idstr))]) + str(block.qemu_idstr).encode("latin-1")
+    word = qf.RAM_WORD.pack
     first = True
     for offset, span in block.iter_spans():
         records = bytearray()
@@ -185,11 +167,11 @@ def _pages(out: _Out, block: RamBlock, page: int, progress: Progress) -> None:
             flags = _ZERO if zero.startswith(data) else _PAGE
             if not first:
                 flags |= _CONTINUE
-            records += (offset + at | flags).to_bytes(8, "big")
+            records += word(offset + at | flags)
             if first:
                 records += name
                 first = False
             records += b"\x00" if flags & _ZERO else data
-        out.raw(records)
+        out.write(records)
         if progress:
             progress(len(span))

@@ -1,0 +1,56 @@
+"""verify's work for a QEMU stream: its structure and footers were checked when it was
+walked; here the vmdesc must agree with the sections (same versions, same page size,
+every described payload decodes to exactly its length, no section it describes
+missing)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from snapfmt.errors import LayoutError
+from snapfmt.formats.native import SectionKind
+from snapfmt.model import CheckResult, Problem
+
+if TYPE_CHECKING:
+    from snapfmt.qemu.snapshot import QemuStream
+
+
+def check(stream: QemuStream) -> CheckResult:
+    desc, desc_at = stream.layout.vmdesc, stream.layout.vmdesc_offset
+    problems: list[Problem] = []
+    described: set[tuple[object, object]] = set()
+    if desc is not None:
+        if desc.get("page_size", stream.page_size) != stream.page_size:
+            problems.append(Problem(None, desc_at,
+                f"vmdesc page size {desc.get('page_size')} differs from the stream's {stream.page_size}"))  # fmt: skip
+        described = {(d.get("name"), d.get("instance_id"))
+                     for d in desc.get("devices", []) if isinstance(d, dict)}  # fmt: skip
+    present: set[tuple[object, object]] = set()
+    sections = chunks = size = 0
+    for section in stream.sections:
+        sections += 1
+        size += section.size
+        path = section.path
+        if path is not None and section.kind == SectionKind.RAM_BLOCK:
+            chunks += section.size // stream.page_size  # pages, the stream's unit
+        if path is None or section.kind != SectionKind.DEVICE:
+            continue
+        device = stream.device(path)
+        present.add((device.qemu_idstr or "", device.instance_id))
+        entry = stream.layout_entry(path)
+        if desc is None or entry is None:  # other writers may describe nothing: bytes
+            continue
+        where = f"{path} ({device.qemu_idstr} instance {device.instance_id})"
+        if entry.get("version") != device.version_id:
+            problems.append(Problem(where, device.data_offset,
+                f"section version {device.version_id} differs from the vmdesc's {entry.get('version')}"))  # fmt: skip
+        try:
+            device.fields()
+        except LayoutError as e:
+            problems.append(
+                Problem(where, device.data_offset, f"payload does not match the vmdesc: {e}")
+            )
+    for name, instance in sorted(described - present, key=str):
+        problems.append(Problem(f"{name} instance {instance}", desc_at,
+                                "vmdesc describes a section the stream does not have"))  # fmt: skip
+    return CheckResult(sections, chunks, size, problems)
