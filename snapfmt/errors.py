@@ -66,6 +66,16 @@ class UnsupportedError(FormatError):
     """A structurally valid file uses a feature or version this snapfmt cannot read."""
 
 
+class WriteError(SnapfmtError):
+    """What was to be written cannot be: the message reads ``FILE: offset 0x…: what``,
+    FILE being the file being written and the offset where the refused part would go."""
+
+    def __init__(self, what: str, *, file: str, offset: int | None = None) -> None:
+        self.what, self.file, self.offset = what, file, offset
+        where = f"{file}: offset {offset:#x}" if offset is not None else file
+        super().__init__(f"{where}: {what}")
+
+
 class SelectorError(SnapfmtError):
     """A path or selector is malformed, or names no section, or several where one is needed."""
 

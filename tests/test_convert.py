@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -71,9 +72,23 @@ def test_missing_qemu_identity_is_refused(tmp_path: Path, run: Run) -> None:
     assert result.code == 2
     assert (
         result.err
-        == "snapfmt: error: device /dev/vmstate has no QEMU identifier; a QEMU stream cannot name it\n"
+        == f"snapfmt: error: {target}: device /dev/vmstate has no QEMU identifier; a QEMU stream cannot name it\n"
     )
     assert not target.exists() and [p.name for p in tmp_path.iterdir()] == ["s.snap"]
+
+
+def test_converting_a_file_onto_itself_is_refused(tmp_path: Path, run: Run) -> None:
+    source = tmp_path / "x.snap"
+    source.write_bytes((SAMPLES / "basic.snap").read_bytes())
+    link = tmp_path / "y.snap"
+    os.link(source, link)
+    for target in (source, link, tmp_path / "." / "x.snap"):
+        result = run("convert", source, target)
+        assert (result.code, result.out) == (2, "")
+        assert result.err == (
+            f"snapfmt: error: {target}: is the file being converted; name another output\n"
+        )
+    assert source.read_bytes() == (SAMPLES / "basic.snap").read_bytes()
 
 
 def test_ignore_shared_streams_are_not_written(tmp_path: Path, run: Run) -> None:
@@ -82,5 +97,5 @@ def test_ignore_shared_streams_are_not_written(tmp_path: Path, run: Run) -> None
     )  # q35.snap has x-ignore-shared
     assert (result.code, result.err) == (
         2,
-        "snapfmt: error: writing streams with x-ignore-shared or mapped-ram is not supported\n",
+        f"snapfmt: error: {tmp_path / 'x.mig'}: writing streams with x-ignore-shared or mapped-ram is not supported\n",
     )

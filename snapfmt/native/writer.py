@@ -16,14 +16,13 @@ import os
 import tempfile
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from types import TracebackType
-from typing import IO, Any
+from typing import IO, Any, NamedTuple
 
 import xxhash
 
 from snapfmt import _io as atomic
-from snapfmt.errors import SnapfmtError
+from snapfmt.errors import WriteError
 from snapfmt.formats import native as nf
 from snapfmt.native.chunks import ChunkCodec, Encoded
 from snapfmt.paths import Path
@@ -36,8 +35,7 @@ _BATCH_BYTES = 1 << 22
 _STR16_MAX = 0xFFFF
 
 
-@dataclass(frozen=True, slots=True)
-class WrittenBlock:
+class WrittenBlock(NamedTuple):
     path: Path
     length: int
     chunks: int
@@ -49,9 +47,9 @@ def _as_path(path: Path | str) -> Path:
     return path if isinstance(path, Path) else Path.parse(path)
 
 
-def _str16(value: str, what: str) -> str:
+def _str16(value: str, what: str, target: str) -> str:
     if len(value.encode("utf-8")) > _STR16_MAX:
-        raise SnapfmtError(f"{what} is longer than {_STR16_MAX} bytes")
+        raise WriteError(f"{what} is longer than {_STR16_MAX} bytes", file=target)
     return value
 
 
@@ -76,11 +74,12 @@ class Writer:
         threads: int | None = None,
     ) -> None:
         if page_size & (page_size - 1) or not nf.MIN_PAGE_SIZE <= page_size <= nf.MAX_PAGE_SIZE:
-            raise SnapfmtError(
+            raise WriteError(
                 f"page size {page_size} is not a power of two from "
-                f"{nf.MIN_PAGE_SIZE} to {nf.MAX_PAGE_SIZE}"
+                f"{nf.MIN_PAGE_SIZE} to {nf.MAX_PAGE_SIZE}",
+                file=os.fspath(path),
             )
-        _check_chunk_size(chunk_size, page_size)
+        _check_chunk_size(chunk_size, page_size, os.fspath(path))
         self.target = os.fspath(path)
         self.page_size = page_size
         self.chunk_size = chunk_size
@@ -108,9 +107,9 @@ class Writer:
             self._write(nf.Header.build(header))
             body = nf.Configuration.build(
                 {
-                    "machine": _str16(machine, "machine type"),
+                    "machine": _str16(machine, "machine type", self.target),
                     "page_size": page_size,
-                    "capabilities": [_str16(c, "capability") for c in capabilities],
+                    "capabilities": [_str16(c, "capability", self.target) for c in capabilities],
                     "metadata": json.dumps(
                         dict(metadata or {}), sort_keys=True, separators=(",", ":")
                     ),
@@ -131,18 +130,20 @@ class Writer:
         """Keys are unique per namespace: one for paths (devices and RAM blocks), one for
         metadata names (spec/format.md §3)."""
         if self._closed:
-            raise SnapfmtError("the writer is closed")
+            raise WriteError("the writer is closed", file=self.target)
         if kind == nf.SectionKind.METADATA and not key:
-            raise SnapfmtError("a metadata section needs a name")
+            raise WriteError("a metadata section needs a name", file=self.target)
         space = "metadata" if kind == nf.SectionKind.METADATA else "path"
         if (space, key) in self._keys:
-            raise SnapfmtError(f"{space} {key!r} is used by two sections")
+            raise WriteError(f"{space} {key!r} is used by two sections", file=self.target)
         self._keys.add((space, key))
 
     def _add_section(self, kind: nf.SectionKind, key: str, body: bytes, size: int) -> None:
         if len(body) > nf.MAX_BODY:
-            raise SnapfmtError(
-                f"section {key!r} would take {len(body)} bytes, more than {nf.MAX_BODY}"
+            raise WriteError(
+                f"section {key!r} would take {len(body)} bytes, more than {nf.MAX_BODY}",
+                file=self.target,
+                offset=self._pos,
             )
         offset = self._pos
         self._write(body)
@@ -178,22 +179,24 @@ class Writer:
         """Add a device's state.  *driver* defaults to the name of the device node the
         path ends in (``e1000`` for ``…/e1000@05.0/vmstate``), *vmstate_name* to *driver*."""
         path = _as_path(path)
-        key = _str16(str(path), "path")
+        key = _str16(str(path), "path", self.target)
         self._claim(nf.SectionKind.DEVICE, key)
         if driver is None:
             node = path.parent if path.leaf.name == "vmstate" and path.parent else path
             driver = node.leaf.name
         if not 0 <= instance_id <= 0xFFFFFFFF or not 0 <= version_id <= 0xFFFFFFFF:
-            raise SnapfmtError(f"device {key}: instance and version ids must fit in 32 bits")
+            raise WriteError(
+                f"device {key}: instance and version ids must fit in 32 bits", file=self.target
+            )
         head = nf.DeviceState.build(
             {
                 "path": key,
-                "driver": _str16(driver, "driver"),
-                "vmstate_name": _str16(vmstate_name or driver, "vmstate name"),
+                "driver": _str16(driver, "driver", self.target),
+                "vmstate_name": _str16(vmstate_name or driver, "vmstate name", self.target),
                 "instance_id": instance_id,
                 "version_id": version_id,
                 "flags": 0,
-                "qemu_idstr": _str16(qemu_idstr or "", "QEMU identifier"),
+                "qemu_idstr": _str16(qemu_idstr or "", "QEMU identifier", self.target),
                 "layout": json.dumps(layout, sort_keys=True, separators=(",", ":"))
                 if layout
                 else "",
@@ -204,7 +207,7 @@ class Writer:
 
     def add_metadata(self, name: str, document: Any) -> None:
         """Add a free JSON document under *name*."""
-        self._claim(nf.SectionKind.METADATA, _str16(name, "metadata name"))
+        self._claim(nf.SectionKind.METADATA, _str16(name, "metadata name", self.target))
         text = json.dumps(document, sort_keys=True, separators=(",", ":"))
         body = nf.Metadata.build({"document": text})
         self._add_section(nf.SectionKind.METADATA, name, body, len(text.encode("utf-8")))
@@ -224,9 +227,9 @@ class Writer:
         overrides the writer's for this block."""
         path = _as_path(path)
         chunk_size = chunk_size or self.chunk_size
-        _check_chunk_size(chunk_size, self.page_size)
+        _check_chunk_size(chunk_size, self.page_size, self.target)
         encode = functools.partial(self._encode_batch, chunk_size=chunk_size)
-        key = _str16(str(path), "path")
+        key = _str16(str(path), "path", self.target)
         self._claim(nf.SectionKind.RAM_BLOCK, key)
         data_offset = self._pos
         total = chunks = zeros = 0
@@ -247,14 +250,16 @@ class Writer:
                 if progress:
                     progress(len(batch))
             if length is not None and total != length:
-                raise SnapfmtError(
-                    f"RAM block {key}: the source gave {total} bytes, expected {length}"
+                raise WriteError(
+                    f"RAM block {key}: the source gave {total} bytes, expected {length}",
+                    file=self.target,
+                    offset=data_offset,
                 )
             data_length = self._pos - data_offset
             head = nf.RamBlockHead.build(
                 {
                     "path": key,
-                    "qemu_idstr": _str16(qemu_idstr or "", "QEMU identifier"),
+                    "qemu_idstr": _str16(qemu_idstr or "", "QEMU identifier", self.target),
                     "length": total,
                     "page_size": self.page_size,
                     "chunk_size": chunk_size,
@@ -343,15 +348,16 @@ class Writer:
             self.abort()
 
 
-def _check_chunk_size(chunk_size: int, page_size: int) -> None:
+def _check_chunk_size(chunk_size: int, page_size: int, target: str) -> None:
     if (
         chunk_size & (chunk_size - 1)
         or chunk_size % page_size
         or not nf.MIN_CHUNK_SIZE <= chunk_size <= nf.MAX_CHUNK_SIZE
     ):
-        raise SnapfmtError(
+        raise WriteError(
             f"chunk size {chunk_size} is not a power of two, a multiple of the page size "
-            f"{page_size}, from {nf.MIN_CHUNK_SIZE} to {nf.MAX_CHUNK_SIZE}"
+            f"{page_size}, from {nf.MIN_CHUNK_SIZE} to {nf.MAX_CHUNK_SIZE}",
+            file=target,
         )
 
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
-from snapfmt.errors import SnapfmtError
+from snapfmt.errors import SnapfmtError, WriteError
 from snapfmt.formats.native import SectionKind
 from snapfmt.model import Snapshot
 from snapfmt.native.writer import Writer
@@ -54,7 +55,10 @@ def to_native(snap: Snapshot, target: str, progress: Progress = None) -> None:
 
 
 def convert(snap: Snapshot, target: str, to: str | None = None, progress: Progress = None) -> str:
-    """Write *snap* to *target* in format *to* (default: the other one); returns it."""
+    """Write *snap* to *target* in format *to* (default: the other one); returns it.
+    *target* may not be the file *snap* is read from (it would be replaced while read)."""
+    if os.path.exists(target) and os.path.samefile(snap.origin, target):
+        raise WriteError("is the file being converted; name another output", file=target)
     to = to or ("qemu" if snap.format_name == "native" else "native")
     if to == "native":
         to_native(snap, target, progress)

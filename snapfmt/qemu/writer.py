@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import IO, Any
 
 from snapfmt._io import replace
-from snapfmt.errors import SnapfmtError
+from snapfmt.errors import WriteError
 from snapfmt.formats import qemu as qf
 from snapfmt.model import DeviceState, RamBlock, Snapshot
 
@@ -26,14 +26,18 @@ _ZERO, _PAGE, _CONTINUE = int(qf.RamFlag.ZERO), int(qf.RamFlag.PAGE), int(qf.Ram
 _MEM_SIZE, _EOS = int(qf.RamFlag.MEM_SIZE), int(qf.RamFlag.EOS)
 
 
-def _name(text: str, what: str) -> str:
+def _name(text: str, what: str, target: str) -> str:
     """*text*, checked to fit a counted string (reference §0)."""
     try:
         raw = text.encode("latin-1")
     except UnicodeEncodeError:
-        raise SnapfmtError(f"{what} {text!r} has characters a QEMU stream cannot hold") from None
+        raise WriteError(
+            f"{what} {text!r} has characters a QEMU stream cannot hold", file=target
+        ) from None
     if not 0 < len(raw) <= 255:
-        raise SnapfmtError(f"{what} {text!r} does not fit a counted string (1-255 bytes)")
+        raise WriteError(
+            f"{what} {text!r} does not fit a counted string (1-255 bytes)", file=target
+        )
     return text
 
 
@@ -53,40 +57,54 @@ def _vmdesc_entry(device: DeviceState) -> dict[str, Any]:
 
 def write_qemu(snap: Snapshot, target: str, progress: Progress = None) -> None:
     """Write *snap* as a QEMU stream to *target* (temp file beside it, fsync, rename)."""
+    devices, blocks = _check(snap, target)
     with replace(target, buffering=1 << 20) as f:
-        _write(snap, f, progress)
+        _write(snap, devices, blocks, f, progress)
 
 
-def _check(snap: Snapshot) -> tuple[list[DeviceState], list[RamBlock]]:
+def _check(snap: Snapshot, target: str) -> tuple[list[DeviceState], list[RamBlock]]:
     """The devices and RAM blocks to write, checked to fit a stream before a byte is."""
     config = snap.configuration
     if "x-ignore-shared" in config.capabilities or "mapped-ram" in config.capabilities:
-        raise SnapfmtError("writing streams with x-ignore-shared or mapped-ram is not supported")
+        raise WriteError(
+            "writing streams with x-ignore-shared or mapped-ram is not supported", file=target
+        )
+    _name(config.machine, "machine type", target)
+    for capability in config.capabilities:
+        _name(capability, "capability", target)
     devices = list(snap.devices())
     blocks = list(snap.ram_blocks())
     for device in devices:
         if not device.qemu_idstr:
-            raise SnapfmtError(
-                f"device {device.path} has no QEMU identifier; a QEMU stream cannot name it"
+            raise WriteError(
+                f"device {device.path} has no QEMU identifier; a QEMU stream cannot name it",
+                file=target,
             )
-        _name(device.qemu_idstr, "section id string")
+        _name(device.qemu_idstr, "section id string", target)
     for block in blocks:
         if not block.qemu_idstr:
-            raise SnapfmtError(
-                f"RAM block {block.path} has no QEMU identifier; a QEMU stream cannot name it"
+            raise WriteError(
+                f"RAM block {block.path} has no QEMU identifier; a QEMU stream cannot name it",
+                file=target,
             )
-        _name(block.qemu_idstr, "RAM block name")
+        _name(block.qemu_idstr, "RAM block name", target)
         if block.length % config.page_size:
-            raise SnapfmtError(
-                f"RAM block {block.path} is not a whole number of {config.page_size}-byte pages"
+            raise WriteError(
+                f"RAM block {block.path} is not a whole number of {config.page_size}-byte pages",
+                file=target,
             )
     return devices, blocks
 
 
-def _write(snap: Snapshot, out: IO[bytes], progress: Progress) -> None:
+def _write(
+    snap: Snapshot,
+    devices: list[DeviceState],
+    blocks: list[RamBlock],
+    out: IO[bytes],
+    progress: Progress,
+) -> None:
     config = snap.configuration
     page = config.page_size
-    devices, blocks = _check(snap)
     out.write(qf.FileHeader.build({"version": qf.VERSION}))
     _configuration(out, config.machine, page, config.capabilities, config.metadata.get("uuid"))
     # Section ids start at 1: QEMU finds the handler of a PART/END section by its load
@@ -124,14 +142,13 @@ def _configuration(
 ) -> None:
     out.write(bytes([qf.SectionType.CONFIGURATION]))
     # a be32 length here, but QEMU reads at most 255 bytes of it
-    out.write(qf.Configuration.build({"name": _name(machine, "machine type")}))
+    out.write(qf.Configuration.build({"name": machine}))
     if page != 4096:
         _subsection(out, "configuration/target-page-bits")
         out.write(qf.TargetPageBits.build({"page_bits": page.bit_length() - 1}))
     if capabilities:
         _subsection(out, "configuration/capabilities")
-        names = [_name(c, "capability") for c in capabilities]
-        out.write(qf.Capabilities.build({"names": names}))
+        out.write(qf.Capabilities.build({"names": list(capabilities)}))
     if isinstance(uuid, str) and len(uuid) == 32:
         _subsection(out, "configuration/uuid")
         out.write(qf.Uuid.build({"uuid": bytes.fromhex(uuid)}))
