@@ -70,28 +70,22 @@ CHUNK_ENTRY = struct.Struct("<B3xIQQ")
 
 
 def _declare() -> dict[str, Any]:
-    """The construct declarations (see snapfmt.formats)."""
-    from construct import (
-        Array,
-        Bytes,
-        Checksum,
-        Const,
-        Int8ul,
-        Int16ul,
-        Int32ul,
-        Int64ul,
-        PascalString,
-        PrefixedArray,
-        RawCopy,
-        Struct,
-        this,
-    )
+    """The construct declarations (see snapfmt.formats), by spec section."""
+    declared = {**_header(), **_sections(), **_ram_blocks(), **_index_and_footer()}
+    declared["STRUCTURES"] = dict(declared)
+    return declared
 
-    # Strings: a little-endian length, then UTF-8 bytes, no terminator.
-    Str16 = PascalString(Int16ul, "utf8")
-    Str32 = PascalString(Int32ul, "utf8")
 
-    # §2 Header -----------------------------------------------------------------------------
+def _strings() -> tuple[Any, Any]:
+    """§1: strings are a little-endian length, then UTF-8 bytes, no terminator."""
+    from construct import Int16ul, Int32ul, PascalString
+
+    return PascalString(Int16ul, "utf8"), PascalString(Int32ul, "utf8")
+
+
+def _header() -> dict[str, Any]:
+    """§2 Header."""
+    from construct import Bytes, Checksum, Const, Int16ul, Int32ul, Int64ul, RawCopy, Struct, this
 
     HeaderFields = Struct(
         "magic" / Const(MAGIC),
@@ -106,8 +100,20 @@ def _declare() -> dict[str, Any]:
         "fields" / RawCopy(HeaderFields),
         "header_hash" / Checksum(Int64ul, xxh3_64, this.fields.data),
     )
+    return {"Header": Header, "HeaderFields": HeaderFields}
 
-    # §3 Sections ---------------------------------------------------------------------------
+
+def _sections() -> dict[str, Any]:
+    """§3 Sections."""
+    from construct import (
+        Int16ul,
+        Int32ul,
+        Int64ul,
+        PrefixedArray,
+        Struct,
+    )
+
+    Str16, Str32 = _strings()
 
     Configuration = Struct(
         "machine" / Str16,
@@ -128,6 +134,18 @@ def _declare() -> dict[str, Any]:
         "state_length" / Int64ul,
     )
     # The state bytes follow DeviceState directly: state_length of them, read as one span.
+
+    Metadata = Struct(
+        "document" / Str32,
+    )
+    return {"Configuration": Configuration, "DeviceState": DeviceState, "Metadata": Metadata}
+
+
+def _ram_blocks() -> dict[str, Any]:
+    """§3 Sections: RAM blocks."""
+    from construct import Array, Bytes, Int8ul, Int32ul, Int64ul, Struct, this
+
+    Str16, _ = _strings()
 
     ChunkEntry = Struct(
         "encoding" / Int8ul,
@@ -151,11 +169,28 @@ def _declare() -> dict[str, Any]:
         "chunks" / Array(this.head.chunk_count, ChunkEntry),
     )
 
-    Metadata = Struct(
-        "document" / Str32,
+    return {
+        "ChunkEntry": ChunkEntry,
+        "RamBlockHead": RamBlockHead,
+        "RamBlockDescriptor": RamBlockDescriptor,
+    }
+
+
+def _index_and_footer() -> dict[str, Any]:
+    """§4 Index and footer."""
+    from construct import (
+        Checksum,
+        Const,
+        Int16ul,
+        Int32ul,
+        Int64ul,
+        PrefixedArray,
+        RawCopy,
+        Struct,
+        this,
     )
 
-    # §4 Index and footer -------------------------------------------------------------------
+    Str16, _ = _strings()
 
     IndexEntry = Struct(
         "kind" / Int16ul,
@@ -188,22 +223,12 @@ def _declare() -> dict[str, Any]:
         "footer_hash" / Checksum(Int64ul, xxh3_64, this.fields.data),
         "magic" / Const(FOOTER_MAGIC),
     )
-
-    STRUCTURES = {
-        "Header": Header,
-        "HeaderFields": HeaderFields,
-        "Configuration": Configuration,
-        "DeviceState": DeviceState,
-        "RamBlockHead": RamBlockHead,
-        "RamBlockDescriptor": RamBlockDescriptor,
-        "ChunkEntry": ChunkEntry,
-        "Metadata": Metadata,
+    return {
         "IndexEntry": IndexEntry,
         "Index": Index,
         "FooterFields": FooterFields,
         "Footer": Footer,
     }
-    return locals()
 
 
 def __getattr__(name: str) -> Any:

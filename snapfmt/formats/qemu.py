@@ -68,72 +68,89 @@ RAM_WORD = struct.Struct(">Q")
 
 
 def _declare() -> dict[str, Any]:
-    """The construct declarations (see snapfmt.formats)."""
+    """The construct declarations (see snapfmt.formats), by reference section."""
+    declared = {**_stream(), **_sections(), **_ram()}
+    declared["STRUCTURES"] = dict(declared)
+    return declared
+
+
+def _counted_string() -> Any:
+    """§0: a counted string is a u8 length, then the bytes, no terminator."""
+    from construct import Int8ub, PascalString
+
+    return PascalString(Int8ub, "latin-1")
+
+
+def _stream() -> dict[str, Any]:
+    """§1: the stream as a whole."""
     from construct import (
         Bytes,
         Const,
-        Int8ub,
-        Int16ub,
         Int32ub,
-        Int64ub,
         PascalString,
         PrefixedArray,
         Struct,
     )
 
-    # §0: a counted string is a u8 length, then the bytes, no terminator.
-    CountedString = PascalString(Int8ub, "latin-1")
+    CountedString = _counted_string()
 
-    # §1: the stream starts with the magic and the format version.
+    # the stream starts with the magic and the format version
     FileHeader = Struct(
         "magic" / Const(MAGIC),
         "version" / Int32ub,
     )
 
-    # §1 "Configuration payload": after the type byte 0x07, vmstate_configuration
-    # (version 1): the machine type name with a be32 length, then subsections.
+    # "Configuration payload": after the type byte 0x07, vmstate_configuration
+    # (version 1): the machine type name with a be32 length, then subsections
     Configuration = Struct(
         "name" / PascalString(Int32ub, "latin-1"),
     )
 
-    # §1 "VMState payloads": a subsection header; its fields follow.
+    # "VMState payloads": a subsection header; its fields follow
     Subsection = Struct(
         "marker" / Const(bytes([SectionType.SUBSECTION])),
         "name" / CountedString,
         "version_id" / Int32ub,
     )
 
-    # §1 "Configuration payload": the configuration subsections' fields.
+    # "Configuration payload": the configuration subsections' fields
     TargetPageBits = Struct("page_bits" / Int32ub)
     Capabilities = Struct("names" / PrefixedArray(Int32ub, CountedString))
     Uuid = Struct("uuid" / Bytes(16))
 
-    # §1 "Section header and footer": after the type byte of a START or FULL section ...
+    return {name: value for name, value in locals().items() if isinstance(value, Struct)}
+
+
+def _sections() -> dict[str, Any]:
+    """§1: sections, commands and the vmdesc framing."""
+    from construct import Const, Int16ub, Int32ub, Int64ub, Struct
+
+    # "Section header and footer": after the type byte of a START or FULL section ...
     SectionStartFull = Struct(
         "section_id" / Int32ub,
-        "idstr" / CountedString,
+        "idstr" / _counted_string(),
         "instance_id" / Int32ub,
         "version_id" / Int32ub,
     )
 
-    # ... and of a PART or END section.
+    # ... and of a PART or END section
     SectionPartEnd = Struct(
         "section_id" / Int32ub,
     )
 
-    # §1: after every section's payload (when send-section-footer is on).
+    # after every section's payload (when send-section-footer is on)
     SectionFooter = Struct(
         "marker" / Const(bytes([SectionType.FOOTER])),
         "section_id" / Int32ub,
     )
 
-    # §1 "COMMAND": after the type byte 0x08; `length` bytes of data follow.
+    # "COMMAND": after the type byte 0x08; `length` bytes of data follow
     CommandHead = Struct(
         "command" / Int16ub,
         "length" / Int16ub,
     )
 
-    # §1 COMMAND data: POSTCOPY_ADVISE's long form and PACKAGED's nested stream length.
+    # COMMAND data: POSTCOPY_ADVISE's long form and PACKAGED's nested stream length
     PostcopyAdvise = Struct(
         "host_page_sizes" / Int64ub,  # the OR of the source's RAM block page sizes
         "target_page_size" / Int64ub,
@@ -142,42 +159,42 @@ def _declare() -> dict[str, Any]:
         "length" / Int32ub,
     )
 
-    # §1: after EOF, the type byte 0x06 and the vmdesc JSON's length; the JSON follows.
+    # after EOF, the type byte 0x06 and the vmdesc JSON's length; the JSON follows (§3)
     VmDescriptionHead = Struct(
         "marker" / Const(bytes([SectionType.VMDESCRIPTION])),
         "length" / Int32ub,
     )
+    return {name: value for name, value in locals().items() if isinstance(value, Struct)}
 
-    # §2: every RAM record starts with be64 (offset | flags).
+
+def _ram() -> dict[str, Any]:
+    """§2: the RAM section, and §6: mapped-ram."""
+    from construct import Int32ub, Int64ub, Struct
+
+    # every RAM record starts with be64 (offset | flags)
     RamRecordHead = Struct(
         "word" / Int64ub,
     )
 
-    # §2 "MEM_SIZE record": one entry of the block list.
+    # "MEM_SIZE record": one entry of the block list
     MemSizeEntry = Struct(
-        "idstr" / CountedString,
+        "idstr" / _counted_string(),
         "used_length" / Int64ub,
     )
 
-    # §2 "MEM_SIZE record", with postcopy-ram or x-ignore-shared: a be64 after the entry.
+    # "MEM_SIZE record", with postcopy-ram or x-ignore-shared: a be64 after the entry
     BlockWord = Struct(
         "value" / Int64ub,
     )
 
-    # §6 "mapped-ram": packed, 28 bytes.
+    # §6 "mapped-ram": packed, 28 bytes
     MappedRamHeader = Struct(
         "version" / Int32ub,
         "page_size" / Int64ub,
         "bitmap_offset" / Int64ub,
         "pages_offset" / Int64ub,
     )
-
-    STRUCTURES = {
-        name: value
-        for name, value in locals().items()
-        if isinstance(value, Struct) and name != "CountedString"
-    }
-    return locals()
+    return {name: value for name, value in locals().items() if isinstance(value, Struct)}
 
 
 def __getattr__(name: str) -> Any:

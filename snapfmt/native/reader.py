@@ -154,47 +154,51 @@ class NativeSnapshot(Snapshot):
             )
         return entries
 
+    def _check_entry(self, number: int, e: Any, paths: set[str]) -> bool:
+        """Check index entry *number* against the rules of spec/format.md §4 (adding its
+        path to *paths*); returns whether this reader knows its kind."""
+        where = f"section {number} ({e.key or 'configuration'})"
+
+        def bad(what: str, cls: type[FormatError] = FormatError) -> FormatError:
+            return cls(f"{where} {what}", file=self.file, offset=self.index_offset)
+
+        known = e.kind in _KINDS
+        if not known and not e.flags & nf.SectionFlag.OPTIONAL:
+            raise bad(
+                f"has kind {e.kind}, unknown to this reader and not optional", UnsupportedError
+            )
+        for start, length in ((e.offset, e.length), (e.data_offset, e.data_length)):
+            if length and (start < nf.HEADER_SIZE or start + length > self.index_offset):
+                raise bad(
+                    f"lies outside the section area {nf.HEADER_SIZE:#x}-{self.index_offset:#x}: {start:#x}+{length:#x}"
+                )
+        if e.kind in (nf.SectionKind.DEVICE, nf.SectionKind.RAM_BLOCK):
+            try:
+                canonical = str(Path.parse(e.key))
+            except PathSyntaxError as err:
+                raise bad(f"has a bad path: {err}") from None
+            if canonical != e.key:
+                raise bad(f"has a path not in canonical form, expected {canonical}")
+            if e.key in paths:
+                raise bad("uses a path another section has")
+            paths.add(e.key)
+        elif e.kind == nf.SectionKind.CONFIGURATION and e.key:
+            raise bad("is a configuration with a key; expected an empty key")
+        elif e.kind == nf.SectionKind.METADATA and not e.key:
+            raise bad("is a metadata section without a name")
+        if (e.kind, e.key) in self._by_key:
+            raise bad("appears twice")
+        if e.kind != nf.SectionKind.RAM_BLOCK and (e.data_offset or e.data_length):
+            raise bad("has a data region, which only RAM blocks have")
+        return known
+
     def _check_entries(self, entries: list[Any]) -> list[SectionInfo]:
         sections: list[SectionInfo] = []
         self._by_key: dict[tuple[int, str], SectionInfo] = {}
         paths: set[str] = set()
         for number, e in enumerate(entries):
-            where = f"section {number} ({e.key or 'configuration'})"
-
-            def bad(
-                what: str, cls: type[FormatError] = FormatError, where: str = where
-            ) -> FormatError:
-                return cls(f"{where} {what}", file=self.file, offset=self.index_offset)
-
-            known = e.kind in _KINDS
+            known = self._check_entry(number, e, paths)
             optional = bool(e.flags & nf.SectionFlag.OPTIONAL)
-            if not known and not optional:
-                raise bad(
-                    f"has kind {e.kind}, unknown to this reader and not optional", UnsupportedError
-                )
-            for start, length in ((e.offset, e.length), (e.data_offset, e.data_length)):
-                if length and (start < nf.HEADER_SIZE or start + length > self.index_offset):
-                    raise bad(
-                        f"lies outside the section area {nf.HEADER_SIZE:#x}-{self.index_offset:#x}: {start:#x}+{length:#x}"
-                    )
-            if e.kind in (nf.SectionKind.DEVICE, nf.SectionKind.RAM_BLOCK):
-                try:
-                    canonical = str(Path.parse(e.key))
-                except PathSyntaxError as err:
-                    raise bad(f"has a bad path: {err}") from None
-                if canonical != e.key:
-                    raise bad(f"has a path not in canonical form, expected {canonical}")
-                if e.key in paths:
-                    raise bad("uses a path another section has")
-                paths.add(e.key)
-            elif e.kind == nf.SectionKind.CONFIGURATION and e.key:
-                raise bad("is a configuration with a key; expected an empty key")
-            elif e.kind == nf.SectionKind.METADATA and not e.key:
-                raise bad("is a metadata section without a name")
-            if (e.kind, e.key) in self._by_key:
-                raise bad("appears twice")
-            if e.kind != nf.SectionKind.RAM_BLOCK and (e.data_offset or e.data_length):
-                raise bad("has a data region, which only RAM blocks have")
             info = SectionInfo(
                 kind=nf.SectionKind(e.kind) if known else e.kind,
                 key=e.key,

@@ -228,27 +228,12 @@ class Writer:
         path = _as_path(path)
         chunk_size = chunk_size or self.chunk_size
         _check_chunk_size(chunk_size, self.page_size, self.target)
-        encode = functools.partial(self._encode_batch, chunk_size=chunk_size)
         key = _str16(str(path), "path", self.target)
+        qemu_idstr = _str16(qemu_idstr or "", "QEMU identifier", self.target)
         self._claim(nf.SectionKind.RAM_BLOCK, key)
         data_offset = self._pos
-        total = chunks = zeros = 0
         with tempfile.SpooledTemporaryFile(max_size=8 << 20) as table:
-            for batch, results in ordered_map(
-                encode, _batches(source, max(_BATCH_BYTES, chunk_size)), self._threads
-            ):
-                for encoding, payload, digest in results:
-                    stored = len(payload) if payload is not None else 0
-                    table.write(
-                        nf.CHUNK_ENTRY.pack(encoding, stored, self._pos if stored else 0, digest)
-                    )
-                    if payload is not None:
-                        self._write(payload)
-                    zeros += encoding == nf.ChunkEncoding.ZERO
-                chunks += len(results)
-                total += len(batch)
-                if progress:
-                    progress(len(batch))
+            total, chunks, zeros = self._chunks(source, chunk_size, table, progress)
             if length is not None and total != length:
                 raise WriteError(
                     f"RAM block {key}: the source gave {total} bytes, expected {length}",
@@ -256,38 +241,53 @@ class Writer:
                     offset=data_offset,
                 )
             data_length = self._pos - data_offset
-            head = nf.RamBlockHead.build(
-                {
-                    "path": key,
-                    "qemu_idstr": _str16(qemu_idstr or "", "QEMU identifier", self.target),
-                    "length": total,
-                    "page_size": self.page_size,
-                    "chunk_size": chunk_size,
-                    "chunk_count": chunks,
-                }
-            )
-            hasher = xxhash.xxh3_64(head)
-            offset = self._pos
-            self._write(head)
-            table.seek(0)
-            while piece := table.read(1 << 20):
-                hasher.update(piece)
-                self._write(piece)
+            head = {"path": key, "qemu_idstr": qemu_idstr, "length": total,
+                    "page_size": self.page_size, "chunk_size": chunk_size, "chunk_count": chunks}  # fmt: skip
+            offset, checksum = self._pos, self._descriptor(nf.RamBlockHead.build(head), table)
         self._entries.append(
-            {
-                "kind": nf.SectionKind.RAM_BLOCK,
-                "flags": 0,
-                "reserved": 0,
-                "offset": offset,
-                "length": self._pos - offset,
-                "checksum": hasher.intdigest(),
-                "data_offset": data_offset,
-                "data_length": data_length,
-                "size": total,
-                "key": key,
-            }
-        )
+            {"kind": nf.SectionKind.RAM_BLOCK, "flags": 0, "reserved": 0, "offset": offset,
+             "length": self._pos - offset, "checksum": checksum, "data_offset": data_offset,
+             "data_length": data_length, "size": total, "key": key}
+        )  # fmt: skip
         return WrittenBlock(path, total, chunks, zeros, data_length)
+
+    def _chunks(
+        self,
+        source: RamSource,
+        chunk_size: int,
+        table: IO[bytes],
+        progress: Callable[[int], None] | None,
+    ) -> tuple[int, int, int]:
+        """Encode *source* chunk by chunk on the pool, writing the stored chunks and
+        spooling their table entries to *table*; returns (bytes, chunks, zero chunks)."""
+        encode = functools.partial(self._encode_batch, chunk_size=chunk_size)
+        total = chunks = zeros = 0
+        batches = _batches(source, max(_BATCH_BYTES, chunk_size))
+        for batch, results in ordered_map(encode, batches, self._threads):
+            for encoding, payload, digest in results:
+                stored = len(payload) if payload is not None else 0
+                table.write(
+                    nf.CHUNK_ENTRY.pack(encoding, stored, self._pos if stored else 0, digest)
+                )
+                if payload is not None:
+                    self._write(payload)
+                zeros += encoding == nf.ChunkEncoding.ZERO
+            chunks += len(results)
+            total += len(batch)
+            if progress:
+                progress(len(batch))
+        return total, chunks, zeros
+
+    def _descriptor(self, head: bytes, table: IO[bytes]) -> int:
+        """Write a RAM block's descriptor (its head, then the spooled chunk table);
+        returns its checksum."""
+        hasher = xxhash.xxh3_64(head)
+        self._write(head)
+        table.seek(0)
+        while piece := table.read(1 << 20):
+            hasher.update(piece)
+            self._write(piece)
+        return int(hasher.intdigest())
 
     def _encode_batch(self, batch: bytes, chunk_size: int) -> list[Encoded]:
         """Encode each chunk of *batch* (runs on a pool thread)."""

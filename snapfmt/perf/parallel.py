@@ -71,133 +71,153 @@ def forked_map(job: Callable[[T], R], items: Iterable[T]) -> Iterator[R]:
     address space queue for its page-table lock, and for the GIL; a second process has
     neither.  Items are claimed as the two processes come to them (each reads the next
     token from one pipe, an atomic read), so neither waits on the other when items cost
-    unlike amounts or one core runs slower: with every other item fixed to the child,
-    the parent (which also handles the results) often finished 0.1 s after it.  Which
-    process does an item is not fixed.  The child sees the parent's objects as they
-    were at the fork.  An item's exception is raised here when its turn comes, as if
-    raised here; no item after it is started here, and the child stops at its own.  At
-    most _AHEAD results are held here (the child then waits on a full pipe).  Where fork
-    is missing, or other threads are running (forking them is unsafe), everything runs
-    here, one item after another."""
+    unlike amounts or one core runs slower.  Which process does an item is not fixed.
+    The child sees the parent's objects as they were at the fork.  An item's exception
+    is raised here when its turn comes, as if raised here; no item after it is started
+    here, and the child stops at its own.  At most _AHEAD results are held here (the
+    child then waits on a full pipe).  Where fork is missing, or other threads are
+    running (forking them is unsafe), everything runs here, one item after another:
+    the plain version, ``map(job, items)``, which the tests hold this equal to."""
     items = list(items)
     if len(items) < 2 or not hasattr(os, "fork") or threading.active_count() > 1:
         yield from map(job, items)
         return
-    import pickle  # (here: commands that never fork do not pay for the imports)
-    import select
-    import signal
-
-    per = -(-len(items) // _TOKENS)  # items per token
-    tokens = -(-len(items) // per)
-    claims_r, claims_w = os.pipe()
+    fork = _Fork(job, items)
     try:
-        os.write(claims_w, b"".join(t.to_bytes(4, "little") for t in range(tokens)))
+        yield from fork.results()
     finally:
-        os.close(claims_w)  # once the tokens are gone, a read gets end-of-file
+        fork.close()
 
-    def claimed() -> range:
-        token = os.read(claims_r, 4)
-        t = int.from_bytes(token, "little") if token else tokens
-        return range(t * per, min((t + 1) * per, len(items)))
 
-    try:
-        results_r, results_w = os.pipe()
-    except BaseException:
-        os.close(claims_r)
-        raise
-    try:
-        pid = os.fork()
-    except BaseException:
-        for fd in (claims_r, results_r, results_w):
-            os.close(fd)
-        raise
-    if pid == 0:  # the child: claims until none is left, then leaves without clean-up
-        os.close(results_r)
+class _Fork:
+    """One forked_map: the claims pipe, the results pipe and the child."""
+
+    def __init__(self, job: Callable[[T], R], items: list[T]) -> None:
+        self.job, self.items = job, items
+        self.per = -(-len(items) // _TOKENS)  # items per token
+        self.tokens = -(-len(items) // self.per)
+        self.claims, claims_w = os.pipe()
         try:
-            with os.fdopen(results_w, "wb") as out:
-                while claim := claimed():
-                    for index in claim:
-                        try:
-                            message: tuple[int, str, Any] = (index, "ok", job(items[index]))
-                        except BaseException as e:  # raised again in the parent
-                            message = (index, "error", e)
-                        try:
-                            data = pickle.dumps(message)
-                            pickle.loads(data)  # what will not come back whole is sent as text
-                        except Exception as e:
-                            what = message[2] if message[1] == "error" else e
-                            text = RuntimeError(f"{type(what).__name__}: {what}")
-                            data = pickle.dumps((index, "error", text))
-                        out.write(len(data).to_bytes(8, "little") + data)
-                        out.flush()
-                        if message[1] == "error":
-                            return
+            tokens = b"".join(t.to_bytes(4, "little") for t in range(self.tokens))
+            os.write(claims_w, tokens)
         finally:
-            os._exit(0)
-    os.close(results_w)
-    done: dict[int, tuple[str, Any]] = {}
-    ended = False
+            os.close(claims_w)  # once the tokens are gone, a read gets end-of-file
+        fds = [self.claims]
+        try:
+            self.inbox, outbox = os.pipe()
+            fds += [self.inbox, outbox]
+            self.pid = os.fork()
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+        if self.pid == 0:  # the child: claims until none is left, then leaves
+            os.close(self.inbox)
+            try:
+                self._child(outbox)
+            finally:
+                os._exit(0)  # (no clean-up: the parent's objects are not the child's)
+        os.close(outbox)
+        self.done: dict[int, tuple[str, Any]] = {}
+        self.ended = False
 
-    def read_exactly(n: int) -> bytes:
+    def claim(self) -> range:
+        """The next claimed run of items; empty once every token is gone."""
+        token = os.read(self.claims, 4)
+        t = int.from_bytes(token, "little") if token else self.tokens
+        return range(t * self.per, min((t + 1) * self.per, len(self.items)))
+
+    def _child(self, outbox: int) -> None:
+        import pickle
+
+        with os.fdopen(outbox, "wb") as out:
+            while claim := self.claim():
+                for index in claim:
+                    try:
+                        message: tuple[int, str, Any] = (index, "ok", self.job(self.items[index]))
+                    except BaseException as e:  # raised again in the parent
+                        message = (index, "error", e)
+                    try:
+                        data = pickle.dumps(message)
+                        pickle.loads(data)  # what will not come back whole is sent as text
+                    except Exception as e:
+                        what = message[2] if message[1] == "error" else e
+                        text = RuntimeError(f"{type(what).__name__}: {what}")
+                        data = pickle.dumps((index, "error", text))
+                    out.write(len(data).to_bytes(8, "little") + data)
+                    out.flush()
+                    if message[1] == "error":
+                        return
+
+    def _read(self, n: int) -> bytes:
         """n bytes from the results pipe (unbuffered, so that select tells the truth),
         or fewer where the child ended first."""
         parts, left = [], n
         while left:
-            part = os.read(results_r, min(left, 1 << 20))
+            part = os.read(self.inbox, min(left, 1 << 20))
             if not part:
                 break
             parts.append(part)
             left -= len(part)
         return b"".join(parts)
 
-    def receive(block: bool) -> None:
+    def receive(self, block: bool) -> None:
         """Take the child's results: one, waiting for it if *block*, then any more
         already sent while fewer than _AHEAD are held (so that the child seldom waits)."""
-        nonlocal ended
-        while not ended and (
-            block or (len(done) < _AHEAD and select.select([results_r], [], [], 0)[0])
+        import pickle
+        import select
+
+        while not self.ended and (
+            block or (len(self.done) < _AHEAD and select.select([self.inbox], [], [], 0)[0])
         ):
-            head = read_exactly(8)
+            head = self._read(8)
             size = int.from_bytes(head, "little")
-            data = read_exactly(size) if len(head) == 8 else b""
+            data = self._read(size) if len(head) == 8 else b""
             if not data or len(data) != size:  # (a pickle is never empty)
-                ended = True
+                self.ended = True
                 break
             index, kind, value = pickle.loads(data)
-            done[index] = (kind, value)
+            self.done[index] = (kind, value)
             block = False
-        if block and ended:
+        if block and self.ended:
             raise RuntimeError("the worker process ended without its results")
 
-    try:
+    def results(self) -> Iterator[Any]:
+        done = self.done
         work: range = range(0)
-        failed = len(items)  # no item from here on is started in this process
-        for wanted in range(len(items)):
+        failed = len(self.items)  # no item from here on is started in this process
+        for wanted in range(len(self.items)):
             while wanted not in done:
                 # Tokens are claimed in order, and each process does its items in order:
-                # an item not done, nor in the parent's hands, is the child's.
+                # an item not done, nor in this process's hands, is the child's.
                 if work and work[0] < failed and (work[0] == wanted or len(done) < _AHEAD):
                     index, work = work[0], work[1:]
                     try:
-                        done[index] = ("ok", job(items[index]))
+                        done[index] = ("ok", self.job(self.items[index]))
                     except Exception as e:
                         done[index] = ("error", e)
                         failed = index
-                    receive(False)
+                    self.receive(False)
                 elif (
-                    not work and failed == len(items) and len(done) < _AHEAD and (work := claimed())
+                    not work
+                    and failed == len(self.items)
+                    and len(done) < _AHEAD
+                    and (work := self.claim())
                 ):
                     continue
                 else:  # the child has it
-                    receive(True)
+                    self.receive(True)
             kind, value = done.pop(wanted)
             if kind == "error":
                 raise value
             yield value
-    finally:
-        os.close(claims_r)
-        os.close(results_r)
+
+    def close(self) -> None:
+        import signal
+
+        os.close(self.claims)
+        os.close(self.inbox)
         with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+            os.kill(self.pid, signal.SIGKILL)
         with contextlib.suppress(ChildProcessError):  # reaped already (SIGCHLD ignored)
-            os.waitpid(pid, 0)
+            os.waitpid(self.pid, 0)
