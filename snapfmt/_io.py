@@ -16,7 +16,7 @@ from snapfmt.errors import ChecksumError, FormatError, SnapfmtError, TruncatedEr
 if TYPE_CHECKING:
     import construct
 
-WRITE_PIECE = 1 << 20  # bytes per pwrite: larger writes were slower here (page cache)
+WRITE_PIECE = 1 << 20  # bytes per pwrite: much larger writes go slower through the page cache
 
 
 class FileReader:

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 import snapfmt
 from snapfmt.ops.diff import diff
-from snapfmt.perf import compare as _memcmp
+from snapfmt.perf import compare
 from tests.helpers import SAMPLES, Run
 from tests.test_qemu_ram_walk import PAGE, build
 
@@ -140,7 +140,7 @@ def _edits(draw: st.DrawFn) -> tuple[bytes, bytes]:
     return bytes(a), bytes(b)
 
 
-available = _memcmp.IN_PLACE
+available = compare.IN_PLACE
 
 
 def _expected(a: bytes, b: bytes) -> tuple[int, int, list[tuple[int, int]]]:
@@ -190,14 +190,14 @@ def test_ram_differences_are_exact(
     the formats (native chunk hashes, QEMU runs of records compared in place or read
     into buffers, or one of each)."""
     a, b = images
-    _memcmp.IN_PLACE = in_place
+    compare.IN_PLACE = in_place
     left = (_native if kinds != "qemu" else _qemu)(tmp_path / "a.x", a)
     right = (_qemu if kinds != "native" else _native)(tmp_path / "b.y", b)
     try:
         with snapfmt.open(left) as sa, snapfmt.open(right) as sb:
             result = diff(sa, sb)
     finally:
-        _memcmp.IN_PLACE = available
+        compare.IN_PLACE = available
     ram = [s for s in result.sections if s.path == "/pc.ram"]
     pages, changed, ranges = _expected(a, b)
     if not pages:
@@ -212,11 +212,11 @@ def test_count_changed_equals_its_plain_version(a: bytes, data: st.DataObject) -
     b = bytearray(a)
     for at in data.draw(st.lists(st.integers(0, max(0, len(a) - 1)), max_size=8 if a else 0)):
         b[at] = data.draw(st.integers(0, 255))
-    expected = _memcmp.count_changed_plain(a, b)
+    expected = compare.count_changed_plain(a, b)
     assert expected == sum(x != y for x, y in zip(a, b, strict=True))
-    assert _memcmp.count_changed(a, b) == expected
-    assert _memcmp.count_changed(memoryview(b), memoryview(a)) == expected
-    assert _memcmp.count_changed(bytearray(a), bytes(b)) == expected
+    assert compare.count_changed(a, b) == expected
+    assert compare.count_changed(memoryview(b), memoryview(a)) == expected
+    assert compare.count_changed(bytearray(a), bytes(b)) == expected
 
 
 @given(st.binary(max_size=5000), st.data(), st.sampled_from([1, 7, 1024]))
@@ -224,5 +224,5 @@ def test_page_changes_equals_its_plain_version(a: bytes, data: st.DataObject, pa
     b = bytearray(a)
     for at in data.draw(st.lists(st.integers(0, max(0, len(a) - 1)), max_size=8 if a else 0)):
         b[at] = data.draw(st.integers(0, 255))
-    plain = _memcmp.page_changes_plain(16, bytearray(a), b, page)
-    assert _memcmp.page_changes(16, bytearray(a), memoryview(b), page, block=2048) == plain
+    plain = compare.page_changes_plain(16, bytearray(a), b, page)
+    assert compare.page_changes(16, bytearray(a), memoryview(b), page, block=2048) == plain
