@@ -20,11 +20,12 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from snapfmt.errors import SnapfmtError
+from snapfmt.errors import DescriptionError as DescriptionError  # re-exported here
+from snapfmt.errors import QemuError, SnapfmtError
 from snapfmt.formats.native import SectionKind
 from snapfmt.model import Snapshot
 from snapfmt.paths import escape
-from snapfmt.qemu.qmp import BINARY, Qemu, QemuError
+from snapfmt.qemu.qmp import BINARY, Qemu
 
 FORMAT = "snapfmt-machine"
 VERSION = 1
@@ -35,10 +36,6 @@ PCI_IDENTITY = {  # offset, size in PCI config space
 # What QEMU's pci_init_cmask (plus each capability's bytes) makes it compare on load; the
 # subsystem ids are recorded but not compared by QEMU.
 PCI_COMPARED = frozenset({"vendor", "device", "revision", "class", "header_type", "capabilities"})
-
-
-class DescriptionError(SnapfmtError):
-    """A machine description is malformed; the message names the JSON path."""
 
 
 @dataclass
