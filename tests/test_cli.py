@@ -88,6 +88,21 @@ def test_info_json(run: Run, samples: Path) -> None:
     }
 
 
+@pytest.mark.parametrize("name", ["basic.snap", "qemu/pc.mig"])
+def test_info_json_gives_qemu_id_on_ram_blocks(run: Run, samples: Path, name: str) -> None:
+    import snapfmt
+
+    result = run("info", samples / name, "--json")
+    rows = [s for s in json.loads(result.out)["sections"] if s["kind"] == "ram-block"]
+    with snapfmt.open(samples / name) as snap:
+        expected = [snap.ram_block(snap.select_one(r["path"])).qemu_idstr for r in rows]
+    assert rows and [r["qemu_id"] for r in rows] == expected
+    assert list(rows[0]) == ["kind", "path", "size", "stored", "qemu_id"]
+    if name == "basic.snap":
+        assert rows[0] == {"kind": "ram-block", "path": "/pc.ram", "size": 8388608,
+                           "stored": 266054, "qemu_id": "pc.ram"}  # fmt: skip
+
+
 def test_dump_json_and_selectors(run: Run, samples: Path) -> None:
     result = run("dump", samples / "q35.snap", "virtio-net-pci", "/pc.bios", "--json")
     assert result.code == 0
