@@ -86,7 +86,7 @@ def dump(file: str, selectors: tuple[str, ...], as_json: bool) -> int:
     \b
     Examples:
       snapfmt dump samples/basic.snap
-      snapfmt dump samples/basic.snap e1000 pci.0/06.0 --json
+      snapfmt dump samples/basic.snap e1000 pci.0/07.0 --json
     """
     with open_snapshot(file) as snap:
         result = inspect.dump(snap, selectors)

@@ -166,11 +166,12 @@ def test_extract_to_stdout(samples: Path) -> None:
 
 
 def test_extract_ambiguous_selector(run: Run, samples: Path, tmp_path: Path) -> None:
-    result = run("extract", samples / "basic.snap", "e1000", "-o", tmp_path / "x")
+    result = run("extract", samples / "basic.snap", "pci.0", "-o", tmp_path / "x")
     assert result.code == 2
     assert result.err == (
-        "snapfmt: error: selector 'e1000' is ambiguous: it names 2 sections: "
-        "/i440FX-pcihost/pci.0/e1000@05.0/rom, /i440FX-pcihost/pci.0/e1000@05.0/vmstate\n"
+        "snapfmt: error: selector 'pci.0' is ambiguous: it names 3 sections: "
+        "/i440FX-pcihost/pci.0/e1000@05.0/rom, /i440FX-pcihost/pci.0/e1000@05.0/vmstate, "
+        "/i440FX-pcihost/pci.0/lsi53c895a@07.0/vmstate\n"
     )
     assert not (tmp_path / "x").exists()
 
