@@ -24,6 +24,7 @@ from snapfmt.vmstate import Field
 if TYPE_CHECKING:  # annotations only: importing these costs every command start-up time
     from snapfmt.ops.diff import Diff
     from snapfmt.ops.extract import Extracted
+    from snapfmt.ops.machine import Machine
     from snapfmt.ops.validate import Validation
     from snapfmt.ops.verify import Report
 
@@ -410,6 +411,16 @@ def diff_json(d: Diff) -> dict[str, Any]:
         ],
         "same_sections": d.same_sections,
     }
+
+
+# -- machine descriptions ---------------------------------------------------------------------
+
+
+def machine_written(output: str, description: Machine) -> str:
+    return (
+        f"wrote {output}: {description.machine}, {len(description.devices)} device sections, "
+        f"{len(description.ram_blocks)} RAM blocks"
+    )
 
 
 # -- validate -----------------------------------------------------------------------------------

@@ -105,6 +105,11 @@ def info(snap: Snapshot) -> Info:
     )
 
 
+def ram_bytes(snap: Snapshot) -> int:
+    """How many RAM bytes *snap* holds (the length of a progress bar over its RAM)."""
+    return sum(s.size for s in snap.sections if s.kind == SectionKind.RAM_BLOCK)
+
+
 class DeviceDump(NamedTuple):
     device: DeviceState
     fields: list[Field] | None  # None: no layout, show the bytes
