@@ -86,7 +86,7 @@ def dump(file: str, selectors: tuple[str, ...], as_json: bool) -> int:
     \b
     Examples:
       snapfmt dump samples/basic.snap
-      snapfmt dump samples/basic.snap e1000 pci.0/06.0 --json
+      snapfmt dump samples/basic.snap e1000 pci.0/07.0 --json
     """
     with open_snapshot(file) as snap:
         result = inspect.dump(snap, selectors)
@@ -123,18 +123,16 @@ def extract_cmd(
 
     if everything == bool(selector) or everything != bool(directory) or bool(output) == everything:
         raise click.UsageError("give either SELECTOR -o OUT, or --all -d DIR")
-    with open_snapshot(file) as snap:
-        total = sum(s.size for s in snap.sections if s.kind_name == "ram-block")
-        with progress(total, "extracting", quiet) as tick:
-            if everything:
-                assert directory is not None
-                items = extract.extract_all(snap, directory, tick)
-                emit(render.extracted_text(items))
-            else:
-                assert selector is not None and output is not None
-                item = extract.extract_one(snap, selector, output, tick)
-                if output != "-":
-                    emit(render.extracted_text([item]))
+    with (
+        open_snapshot(file) as snap,
+        progress(inspect.ram_bytes(snap), "extracting", quiet) as tick,
+    ):
+        if directory:
+            emit(render.extracted_text(extract.extract_all(snap, directory, tick)))
+        elif selector and output:
+            item = extract.extract_one(snap, selector, output, tick)
+            if output != "-":  # (the section went to standard output)
+                emit(render.extracted_text([item]))
     return EXIT_OK
 
 
@@ -154,10 +152,8 @@ def verify(file: str, as_json: bool, quiet: bool) -> int:
     """
     from snapfmt.ops.verify import verify as verify_snapshot
 
-    with open_snapshot(file) as snap:
-        total = sum(s.size for s in snap.sections if s.kind_name == "ram-block")
-        with progress(total, "verifying", quiet) as tick:
-            report = verify_snapshot(snap, tick)
+    with open_snapshot(file) as snap, progress(inspect.ram_bytes(snap), "verifying", quiet) as tick:
+        report = verify_snapshot(snap, tick)
     emit(render.to_json(render.verify_json(report)) if as_json else render.verify_text(report))
     return EXIT_OK if report.ok else EXIT_DIFFERENT
 
@@ -207,10 +203,11 @@ def convert_cmd(source: str, target: str, to: str | None, quiet: bool) -> int:
     """
     from snapfmt.ops import convert as convert_mod
 
-    with open_snapshot(source) as snap:
-        total = sum(s.size for s in snap.sections if s.kind_name == "ram-block")
-        with progress(total, "converting", quiet) as tick:
-            made = convert_mod.convert(snap, target, to, tick)
+    with (
+        open_snapshot(source) as snap,
+        progress(inspect.ram_bytes(snap), "converting", quiet) as tick,
+    ):
+        made = convert_mod.convert(snap, target, to, tick)
     emit(f"wrote {target} ({made}, {render.human(os.path.getsize(target))})")
     return EXIT_OK
 
@@ -239,10 +236,8 @@ def diff_cmd(
     from snapfmt.ops import diff as diff_mod
 
     left, right = open_pair(a, b)
-    with left, right:
-        total = sum(s.size for s in left.sections if s.kind_name == "ram-block")
-        with progress(total, "comparing", quiet) as tick:
-            result = diff_mod.diff(left, right, fields=not no_fields, progress=tick)
+    with left, right, progress(inspect.ram_bytes(left), "comparing", quiet) as tick:
+        result = diff_mod.diff(left, right, fields=not no_fields, progress=tick)
     if as_json:
         emit(render.to_json(render.diff_json(result)))
     elif stat:
@@ -318,9 +313,7 @@ def machine_capture(output: str, command: tuple[str, ...]) -> int:
     binary, *args = command
     description = machine_mod.capture(args, binary=binary)
     _write_json(output, description.to_json())
-    emit(
-        f"wrote {output}: {description.machine}, {len(description.devices)} device sections, {len(description.ram_blocks)} RAM blocks"
-    )
+    emit(render.machine_written(output, description))
     return EXIT_OK
 
 
@@ -339,9 +332,7 @@ def machine_from_snapshot(snapshot: str, output: str) -> int:
     with open_snapshot(snapshot) as snap:
         description = machine_mod.from_snapshot(snap)
     _write_json(output, description.to_json())
-    emit(
-        f"wrote {output}: {description.machine}, {len(description.devices)} device sections, {len(description.ram_blocks)} RAM blocks"
-    )
+    emit(render.machine_written(output, description))
     return EXIT_OK
 
 

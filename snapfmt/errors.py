@@ -90,3 +90,11 @@ class ManifestError(SnapfmtError):
 
 class LayoutError(SnapfmtError):
     """A field layout is malformed, or state bytes do not fit it."""
+
+
+class DescriptionError(SnapfmtError):
+    """A machine description is malformed; the message names the JSON path."""
+
+
+class QemuError(SnapfmtError):
+    """QEMU could not be started, or refused a command."""

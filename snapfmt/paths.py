@@ -150,6 +150,7 @@ class Path(_PathFields):
 # -- selectors -------------------------------------------------------------------------
 
 _ANY = "..."
+STATE_LEAF = "vmstate"  # the leaf holding a device node's state (its other leaves: rom, …)
 
 
 class _Glob:
@@ -296,12 +297,37 @@ def _nearest(selector: str, pool: Sequence[Path], count: int = 3) -> list[str]:
     return [str(p) for p in sorted(pool, key=lambda p: (-score(p), p))[:count]]
 
 
+def _device_state(selector: str, found: Sequence[Path]) -> Path | None:
+    """The `vmstate` leaf among *found* when they are all leaves of one device node that
+    *selector* names (and it names none of the leaves themselves): ``e1000`` picks the
+    e1000's state over its ROM.  None when they are not (several devices, no state)."""
+    node = found[0].parent
+    if node is None or any(p.parent != node for p in found):
+        return None
+    state = node / STATE_LEAF
+    if state not in found:
+        return None
+    try:
+        sel = Selector.parse(selector)
+    except SelectorError:  # a QEMU identifier that is no selector
+        return None
+    if not sel.matches(node) or any(sel.matches(p) for p in found):
+        return None
+    return state
+
+
 def resolve_one(selector: str, paths: Iterable[Path], aliases: Aliases = None) -> Path:
-    """The one path *selector* names; an error lists every candidate or the nearest paths."""
+    """The one path *selector* names; an error lists every candidate or the nearest paths.
+
+    Of the leaves of one device node named by the selector, the node's `vmstate` wins
+    (spec/paths.md §Resolving, rule 3)."""
     pool = sorted(set(paths))
     found = resolve(selector, pool, aliases)
     if len(found) == 1:
         return found[0]
+    state = _device_state(selector, found) if found else None
+    if state is not None:
+        return state
     if found:
         listed = ", ".join(str(p) for p in found)
         raise SelectorError(

@@ -10,12 +10,21 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from snapfmt.model import Configuration
-from snapfmt.ops.inspect import Container, DeviceDump, Dump, Info, MetadataDump, RamDump
+from snapfmt.ops.inspect import (
+    Container,
+    DeviceDump,
+    Dump,
+    Info,
+    MetadataDump,
+    RamDump,
+    SectionRow,
+)
 from snapfmt.vmstate import Field
 
 if TYPE_CHECKING:  # annotations only: importing these costs every command start-up time
     from snapfmt.ops.diff import Diff
     from snapfmt.ops.extract import Extracted
+    from snapfmt.ops.machine import Machine
     from snapfmt.ops.validate import Validation
     from snapfmt.ops.verify import Report
 
@@ -132,27 +141,23 @@ def info_json(info: Info) -> dict[str, Any]:
         "file_size": info.file_size,
         "container": _container_json(info.container),
         "configuration": _config_json(info.configuration),
-        "sections": [
-            {
-                "kind": r.kind,
-                "path" if r.kind != "metadata" else "name": r.key,
-                "size": r.size,
-                "stored": r.stored,
-                **(
-                    {
-                        "driver": r.driver,
-                        "vmstate_name": r.vmstate_name,
-                        "version": r.version,
-                        "instance_id": r.instance_id,
-                        "qemu_id": r.qemu_id,
-                    }
-                    if r.kind == "device"
-                    else {}
-                ),
-            }
-            for r in info.rows
-        ],
+        "sections": [_row_json(r) for r in info.rows],
     }
+
+
+def _row_json(r: SectionRow) -> dict[str, Any]:
+    row: dict[str, Any] = {
+        "kind": r.kind,
+        "path" if r.kind != "metadata" else "name": r.key,
+        "size": r.size,
+        "stored": r.stored,
+    }
+    if r.kind == "device":
+        row.update(driver=r.driver, vmstate_name=r.vmstate_name, version=r.version,
+                   instance_id=r.instance_id)  # fmt: skip
+    if r.kind in ("device", "ram-block"):
+        row["qemu_id"] = r.qemu_id
+    return row
 
 
 # -- dump ------------------------------------------------------------------------------------
@@ -406,6 +411,16 @@ def diff_json(d: Diff) -> dict[str, Any]:
         ],
         "same_sections": d.same_sections,
     }
+
+
+# -- machine descriptions ---------------------------------------------------------------------
+
+
+def machine_written(output: str, description: Machine) -> str:
+    return (
+        f"wrote {output}: {description.machine}, {len(description.devices)} device sections, "
+        f"{len(description.ram_blocks)} RAM blocks"
+    )
 
 
 # -- validate -----------------------------------------------------------------------------------

@@ -25,7 +25,13 @@ COMPRESSED = {
 
 
 class Wrapper:
-    """What was around a QEMU stream (a plain class: see paths.Component)."""
+    """What was around a QEMU stream.
+
+    A value, with the NamedTuple API the other records have (``_replace``, ``_asdict``),
+    but still a plain class whose attributes can be assigned: the opener sets
+    ``domain_xml`` after the header is parsed.  Once it uses ``_replace`` this becomes a
+    NamedTuple of the same fields.
+    """
 
     _FIELDS = ("kind", "compression", "version", "was_running", "byte_order", "domain_xml", "extra")
     __slots__ = _FIELDS
@@ -47,6 +53,16 @@ class Wrapper:
     def __repr__(self) -> str:
         fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self._FIELDS)
         return f"Wrapper({fields})"
+
+    def _asdict(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self._FIELDS}
+
+    def _replace(self, **changes: Any) -> Wrapper:
+        """A copy with *changes*, as NamedTuple._replace (which refuses unknown names)."""
+        unknown = [name for name in changes if name not in self._FIELDS]
+        if unknown:
+            raise ValueError(f"Got unexpected field names: {unknown!r}")
+        return Wrapper(**{**self._asdict(), **changes})
 
 
 def compression_of(head: bytes) -> str | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import subprocess
@@ -31,6 +32,37 @@ def test_every_command_has_help_with_an_example(run: Run, words: tuple[str, ...]
     result = run(*words, "--help")
     assert result.code == 0
     assert "Example" in result.out and f"snapfmt {' '.join(words)}" in result.out
+
+
+def test_every_command_and_option_says_what_it_does() -> None:
+    """A command's help starts with what it does, before its example; every option has help."""
+    for command in _registered():
+        summary = (command.help or "").strip().splitlines()
+        assert summary and summary[0] and not summary[0].startswith(("Example", "\b")), command.name
+        assert "Example" in (command.help or ""), command.name
+        for param in command.params:
+            if isinstance(param, click.Option):
+                assert param.help, f"{command.name} {param.opts[0]}"
+
+
+READ_ONLY = ("info", "dump", "verify")
+
+
+@pytest.mark.parametrize(
+    "example",
+    [
+        line.strip()
+        for name in READ_ONLY
+        for line in (cli.commands[name].help or "").splitlines()
+        if line.strip().startswith("snapfmt ")
+    ],
+)
+def test_read_only_examples_work_on_the_samples(
+    run: Run, monkeypatch: pytest.MonkeyPatch, example: str
+) -> None:
+    monkeypatch.chdir(ROOT)
+    result = run(*example.split()[1:])
+    assert (result.code, result.err) == (0, "")
 
 
 def test_convert_choices_match_the_library() -> None:
@@ -86,6 +118,21 @@ def test_info_json(run: Run, samples: Path) -> None:
         "size": 66,
         "stored": 70,
     }
+
+
+@pytest.mark.parametrize("name", ["basic.snap", "qemu/pc.mig"])
+def test_info_json_gives_qemu_id_on_ram_blocks(run: Run, samples: Path, name: str) -> None:
+    import snapfmt
+
+    result = run("info", samples / name, "--json")
+    rows = [s for s in json.loads(result.out)["sections"] if s["kind"] == "ram-block"]
+    with snapfmt.open(samples / name) as snap:
+        expected = [snap.ram_block(snap.select_one(r["path"])).qemu_idstr for r in rows]
+    assert rows and [r["qemu_id"] for r in rows] == expected
+    assert list(rows[0]) == ["kind", "path", "size", "stored", "qemu_id"]
+    if name == "basic.snap":
+        assert rows[0] == {"kind": "ram-block", "path": "/pc.ram", "size": 8388608,
+                           "stored": 266054, "qemu_id": "pc.ram"}  # fmt: skip
 
 
 def test_dump_json_and_selectors(run: Run, samples: Path) -> None:
@@ -151,11 +198,12 @@ def test_extract_to_stdout(samples: Path) -> None:
 
 
 def test_extract_ambiguous_selector(run: Run, samples: Path, tmp_path: Path) -> None:
-    result = run("extract", samples / "basic.snap", "e1000", "-o", tmp_path / "x")
+    result = run("extract", samples / "basic.snap", "pci.0", "-o", tmp_path / "x")
     assert result.code == 2
     assert result.err == (
-        "snapfmt: error: selector 'e1000' is ambiguous: it names 2 sections: "
-        "/i440FX-pcihost/pci.0/e1000@05.0/rom, /i440FX-pcihost/pci.0/e1000@05.0/vmstate\n"
+        "snapfmt: error: selector 'pci.0' is ambiguous: it names 3 sections: "
+        "/i440FX-pcihost/pci.0/e1000@05.0/rom, /i440FX-pcihost/pci.0/e1000@05.0/vmstate, "
+        "/i440FX-pcihost/pci.0/lsi53c895a@07.0/vmstate\n"
     )
     assert not (tmp_path / "x").exists()
 
@@ -213,10 +261,94 @@ def test_python_dash_m_and_version() -> None:
     assert done.returncode == 0 and done.stdout.startswith("snapfmt, version ")
 
 
-def test_commands_are_thin(run: Run) -> None:
-    """Every registered command is a click command with a docstring (sqlite-utils habit)."""
-    for command in cli.commands.values():
-        assert isinstance(command, click.Command)
+MAX_STATEMENTS = 12  # in a command body, at every depth, docstring and imports aside
+LOOPS = (
+    ast.For,
+    ast.AsyncFor,
+    ast.While,
+    ast.ListComp,
+    ast.SetComp,
+    ast.DictComp,
+    ast.GeneratorExp,
+)
+
+
+def _registered(group: click.Group = cli) -> list[click.Command]:
+    found: list[click.Command] = [group]
+    for command in group.commands.values():
+        if isinstance(command, click.Group):
+            found += _registered(command)
+        else:
+            found.append(command)
+    return found
+
+
+def _body(function: ast.FunctionDef) -> list[ast.AST]:
+    """Every node of a command function's body, docstring and imports aside."""
+    statements = function.body[1:] if ast.get_docstring(function) else function.body
+    return [
+        node
+        for statement in statements
+        if not isinstance(statement, ast.Import | ast.ImportFrom)
+        for node in ast.walk(statement)
+    ]
+
+
+def fat_parts(source: str) -> list[str]:
+    """What makes the commands in *source* (cli.py's text) more than thin wrappers over
+    the library: work over data (loops, comprehensions), printing past emit, bodies longer
+    than MAX_STATEMENTS, or a command that calls neither an operation nor render."""
+    functions = {n.name: n for n in ast.parse(source).body if isinstance(n, ast.FunctionDef)}
+    problems = []
+    for command in _registered():
+        assert command.callback is not None and command.callback.__module__ == "snapfmt.cli"
+        function = functions[command.callback.__name__]
+        nodes = _body(function)
+        statements = sum(isinstance(n, ast.stmt) for n in nodes)
+        if statements > MAX_STATEMENTS:
+            problems.append(f"{function.name}: {statements} statements")
+        problems += [
+            f"{function.name}: a loop at line {n.lineno}" for n in nodes if isinstance(n, LOOPS)
+        ]
+        names = {n.id for n in nodes if isinstance(n, ast.Name)}
+        if "print" in names:
+            problems.append(f"{function.name}: print (use emit)")
+        imported = {
+            alias.asname or alias.name
+            for statement in function.body
+            if isinstance(statement, ast.ImportFrom) and statement.module
+            and statement.module.startswith("snapfmt.ops")
+            for alias in statement.names
+        }  # fmt: skip
+        library = {"render", "inspect", *imported}
+        if not isinstance(command, click.Group) and not names & library:
+            problems.append(f"{function.name}: calls no operation and no render function")
+    return problems
+
+
+def test_commands_are_thin() -> None:
+    """Commands are thin click wrappers over the library (sqlite-utils habit; DESIGN.md §2)."""
+    assert fat_parts((ROOT / "snapfmt" / "cli.py").read_text()) == []
+
+
+def test_a_fat_command_is_caught() -> None:
+    source = (ROOT / "snapfmt" / "cli.py").read_text()
+    thin = "        result = inspect.info(snap)\n"
+    assert thin in source
+    looping = (
+        thin
+        + "        rows = [s.key for s in snap.sections]\n        for row in rows:\n            print(row)\n"
+    )
+    long = thin + "        x = 1\n" * MAX_STATEMENTS
+    line = source[: source.index(thin)].count("\n") + 2  # where the comprehension goes
+    assert sorted(fat_parts(source.replace(thin, looping))) == [
+        f"info: a loop at line {line}",
+        f"info: a loop at line {line + 1}",
+        "info: print (use emit)",
+    ]
+    assert fat_parts(source.replace(thin, long)) == [f"info: {MAX_STATEMENTS + 4} statements"]
+    bare = source.replace("render.", "shown.").replace(thin, "        result = snap.sections\n")
+    assert "info: calls no operation and no render function" in fat_parts(bare)
 
 
 def test_write_into_missing_folder_is_one_line(run: Run, samples: Path, tmp_path: Path) -> None:

@@ -91,3 +91,23 @@ def test_pwrite_all_goes_on_after_short_writes(
         os.close(fd)
     assert (tmp_path / "out").read_bytes() == bytes(7) + data
     assert max(calls) <= _io.WRITE_PIECE
+
+
+@pytest.mark.parametrize("selector", ["e1000", "pci.0/05.0"])
+def test_readme_selectors_pick_the_device_state(tmp_path: FsPath, run: Run, selector: str) -> None:
+    """A device node's state wins over its ROM where one section is needed (spec/paths.md)."""
+    from tests.helpers import SAMPLES
+
+    out = tmp_path / "x"
+    result = run("extract", SAMPLES / "basic.snap", selector, "-o", out)
+    assert (result.code, result.err) == (0, "")
+    assert result.out.splitlines()[1].split()[:2] == [
+        "/i440FX-pcihost/pci.0/e1000@05.0/vmstate",
+        "device",
+    ]
+    assert out.stat().st_size == 48
+    dumped = run("dump", SAMPLES / "basic.snap", selector)  # several allowed: both are shown
+    assert [line.split(":")[0] for line in dumped.out.splitlines()[2:] if line.startswith("/")] == [
+        "/i440FX-pcihost/pci.0/e1000@05.0/vmstate",
+        "/i440FX-pcihost/pci.0/e1000@05.0/rom",
+    ]

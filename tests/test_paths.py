@@ -113,10 +113,45 @@ def test_qemu_identifier_alias() -> None:
 
 def test_ambiguous_selector_lists_every_candidate() -> None:
     with pytest.raises(SelectorError) as info:
-        resolve_one("e1000", SECTIONS)
+        resolve_one("rom", SECTIONS)
     assert str(info.value) == (
-        f"selector 'e1000' is ambiguous: it names 2 sections: {E1000}/rom, {E1000}/vmstate"
+        f"selector 'rom' is ambiguous: it names 2 sections: {E1000}/rom, "
+        "/i440FX-pcihost/pci.0/virtio-net-pci@06.0/rom"
     )
+
+
+@pytest.mark.parametrize(
+    "selector", ["e1000", "pci.0/05.0", "05.0", ".../pci.0/e1000", E1000, "e1000@*"]
+)
+def test_one_section_of_a_device_node_is_its_state(selector: str) -> None:
+    """spec/paths.md §Resolving rule 3: its vmstate leaf wins over its ROM."""
+    assert resolve(selector, SECTIONS) == [
+        Path.parse(f"{E1000}/rom"),
+        Path.parse(f"{E1000}/vmstate"),
+    ]
+    assert resolve_one(selector, SECTIONS) == Path.parse(f"{E1000}/vmstate")
+
+
+BRIDGE = "/i440FX-pcihost/pci.0/pci-bridge@08.0"
+
+
+@pytest.mark.parametrize(
+    ("selector", "paths", "count"),
+    [
+        ("e1000@05.0/*", SECTIONS, 2),  # names both leaves itself
+        ("pci.0", SECTIONS, 4),  # the bus: several devices
+        ("e1000", [*SECTIONS, Path.parse(f"{BRIDGE}/pci/e1000@03.0/vmstate")], 3),
+        (
+            "pci-bridge",
+            [Path.parse(f"{BRIDGE}/vmstate"), Path.parse(f"{BRIDGE}/pci/e1000@03.0/vmstate")],
+            2,
+        ),
+        ("cpu@0", [Path.parse("/cpu@0/cpu"), Path.parse("/cpu@0/apic")], 2),  # no vmstate leaf
+    ],
+)
+def test_different_devices_stay_ambiguous(selector: str, paths: list[Path], count: int) -> None:
+    with pytest.raises(SelectorError, match=f"is ambiguous: it names {count} sections"):
+        resolve_one(selector, paths)
 
 
 def test_selector_naming_nothing_lists_nearest() -> None:

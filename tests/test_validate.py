@@ -123,3 +123,24 @@ def test_fifo_target_does_not_hang(tmp_path: Path, run: Run) -> None:
     assert (
         run("validate", PC, "--target", fifo).err == f"snapfmt: error: {fifo}: not a regular file\n"
     )
+
+
+def test_the_json_shape_is_the_one_the_readme_documents(run: Run) -> None:
+    import re
+
+    from tests.helpers import ROOT
+
+    readme = (ROOT / "README.md").read_text()
+    shape = re.search(r"`validate --json`: `(\{.*?\}\]\})`", readme, re.DOTALL)
+    assert shape is not None, "README.md's JSON output section documents validate --json"
+    documented = re.findall(r'"(\w+)"', shape.group(1))
+    result = run("validate", PC, "--target", SAMPLES / "qemu" / "pc.vmstate.json.gz", "--json")
+    data = json.loads(result.out)
+    assert data["findings"]
+    assert documented == [*data, *data["findings"][0]]
+    codes = set(
+        re.findall(
+            r"^\| `([a-z-]+)`(?:, `([a-z-]+)`)?", (ROOT / "spec" / "machine.md").read_text(), re.M
+        )
+    )
+    assert {f["code"] for f in data["findings"]} <= {c for pair in codes for c in pair if c}

@@ -143,3 +143,17 @@ def test_no_temporary_file_survives(
     good.write_bytes(gzip.compress(STREAM))
     assert run("info", good).code == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["good.mig.gz", "vm.mig.gz"]
+
+
+def test_wrapper_replace_makes_a_copy() -> None:
+    """The NamedTuple API the opener can move to (then Wrapper becomes a NamedTuple)."""
+    from snapfmt.wrappers import Wrapper
+
+    header = Wrapper("libvirt", "gzip", 2, True, "little")
+    full = header._replace(domain_xml=XML.decode())
+    assert (header.domain_xml, full.domain_xml) == (None, XML.decode())
+    assert full._asdict() == {"kind": "libvirt", "compression": "gzip", "version": 2,
+                              "was_running": True, "byte_order": "little",
+                              "domain_xml": XML.decode(), "extra": {}}  # fmt: skip
+    with pytest.raises(ValueError, match=r"unexpected field names: \['xml'\]"):
+        header._replace(xml="")

@@ -14,8 +14,7 @@ import os
 import stat
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import IO, Any
+from typing import IO, Any, NamedTuple
 
 import tomli_w
 
@@ -30,8 +29,7 @@ __all__ = ["Extracted", "extract_all", "extract_one"]
 Progress = Callable[[int], None] | None
 
 
-@dataclass(frozen=True)
-class Extracted:
+class Extracted(NamedTuple):
     key: str
     kind: str
     file: str

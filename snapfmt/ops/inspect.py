@@ -76,7 +76,11 @@ def info(snap: Snapshot) -> Info:
         if section.kind == SectionKind.CONFIGURATION:
             continue
         row = SectionRow(section.kind_name, section.key, section.size, section.stored)
-        if section.kind == SectionKind.DEVICE:
+        if section.kind == SectionKind.RAM_BLOCK:
+            # its descriptor only (for a native file: head and chunk table, checksummed)
+            qemu_id = snap.ram_block(Path.parse(section.key)).qemu_idstr
+            row = row._replace(qemu_id=qemu_id)
+        elif section.kind == SectionKind.DEVICE:
             dev = snap.device(Path.parse(section.key))
             row = SectionRow(
                 row.kind,
@@ -99,6 +103,11 @@ def info(snap: Snapshot) -> Info:
         rows,
         container(snap),
     )
+
+
+def ram_bytes(snap: Snapshot) -> int:
+    """How many RAM bytes *snap* holds (the length of a progress bar over its RAM)."""
+    return sum(s.size for s in snap.sections if s.kind == SectionKind.RAM_BLOCK)
 
 
 class DeviceDump(NamedTuple):

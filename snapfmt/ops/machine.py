@@ -17,14 +17,14 @@ import subprocess
 import tempfile
 import zlib
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
-from snapfmt.errors import SnapfmtError
+from snapfmt.errors import DescriptionError as DescriptionError  # re-exported here
+from snapfmt.errors import QemuError, SnapfmtError
 from snapfmt.formats.native import SectionKind
-from snapfmt.model import Snapshot
+from snapfmt.model import DeviceState, Snapshot
 from snapfmt.paths import escape
-from snapfmt.qemu.qmp import BINARY, Qemu, QemuError
+from snapfmt.qemu.qmp import BINARY, Qemu
 
 FORMAT = "snapfmt-machine"
 VERSION = 1
@@ -37,12 +37,7 @@ PCI_IDENTITY = {  # offset, size in PCI config space
 PCI_COMPARED = frozenset({"vendor", "device", "revision", "class", "header_type", "capabilities"})
 
 
-class DescriptionError(SnapfmtError):
-    """A machine description is malformed; the message names the JSON path."""
-
-
-@dataclass
-class TargetDevice:
+class TargetDevice(NamedTuple):
     qemu_id: str
     instance_id: int
     vmstate: str
@@ -56,35 +51,31 @@ class TargetDevice:
     bus: str | None = None
 
 
-@dataclass
-class TargetRam:
+class TargetRam(NamedTuple):
     qemu_id: str
     size: int
     path: str | None = None
     max_size: int | None = None  # resizeable blocks accept up to this
 
 
-@dataclass
-class Machine:
+class Machine(NamedTuple):
     source: str  # capture, snapshot, dump-vmstate
     machine: str | None
     page_size: int | None
     capabilities: list[str] | None
     cpus: int | None
     topology: bool  # False: schema only (no instances, no RAM)
-    devices: list[TargetDevice] = field(default_factory=list)
-    ram_blocks: list[TargetRam] = field(default_factory=list)
-    schemas: dict[str, dict[str, Any]] = field(
-        default_factory=dict
-    )  # vmstate name -> min/subsections
+    devices: list[TargetDevice]
+    ram_blocks: list[TargetRam]
+    schemas: dict[str, dict[str, Any]]  # vmstate name -> min/subsections
 
     def to_json(self) -> dict[str, Any]:
         return {
             "format": FORMAT, "version": VERSION, "source": self.source, "machine": self.machine,
             "page_size": self.page_size, "capabilities": self.capabilities, "cpus": self.cpus,
             "topology": self.topology,
-            "devices": [{k: v for k, v in vars(d).items() if v is not None} for d in self.devices],
-            "ram_blocks": [{k: v for k, v in vars(r).items() if v is not None} for r in self.ram_blocks],
+            "devices": [{k: v for k, v in d._asdict().items() if v is not None} for d in self.devices],
+            "ram_blocks": [{k: v for k, v in r._asdict().items() if v is not None} for r in self.ram_blocks],
             "schemas": self.schemas,
         }  # fmt: skip
 
@@ -163,38 +154,39 @@ def _is_pci(qemu_id: str) -> bool:
 def from_snapshot(snap: Snapshot, source: str = "snapshot") -> Machine:
     """A description of the machine a snapshot came from (or a probe of a target)."""
     config = snap.configuration
-    machine = Machine(
-        source, config.machine, config.page_size, list(config.capabilities), None, True
-    )
-    cpus = set()
+    devices, ram_blocks = [], []
     for section in snap.sections:
         path = section.path
         if path is None:
             continue
         if section.kind == SectionKind.DEVICE:
-            d = snap.device(path)
-            if not d.qemu_idstr:
-                continue
-            subsections = [s.get("vmsd_name") for s in (d.layout or {}).get("subsections", [])]
-            device = TargetDevice(d.qemu_idstr, d.instance_id, d.vmstate_name, d.version_id, str(path), d.driver,
-                                  fields=list((d.layout or {}).get("fields", [])) or None,
-                                  subsections=subsections if d.layout is not None else None)  # fmt: skip
-            try:
-                # lazily: the config space comes first; e1000 alone has 33,000 fields
-                config_space = _pci_config(d.iter_fields()) if _is_pci(d.qemu_idstr) else None
-            except SnapfmtError:
-                config_space = None
-            if config_space:
-                device.pci = pci_identity(config_space)
-            if d.qemu_idstr == "cpu":
-                cpus.add(d.instance_id)
-            machine.devices.append(device)
+            device = _target_device(snap.device(path), str(path))
+            if device is not None:
+                devices.append(device)
         elif section.kind == SectionKind.RAM_BLOCK:
             block = snap.ram_block(path)
             if block.qemu_idstr:
-                machine.ram_blocks.append(TargetRam(block.qemu_idstr, block.length, str(path)))
-    machine.cpus = len(cpus) or None
-    return machine
+                ram_blocks.append(TargetRam(block.qemu_idstr, block.length, str(path)))
+    cpus = len({d.instance_id for d in devices if d.qemu_id == "cpu"}) or None
+    return Machine(source, config.machine, config.page_size, list(config.capabilities), cpus,
+                   True, devices, ram_blocks, {})  # fmt: skip
+
+
+def _target_device(d: DeviceState, path: str) -> TargetDevice | None:
+    """What a target offers for the device state *d* (None: a section with no QEMU id)."""
+    if not d.qemu_idstr:
+        return None
+    layout = d.layout or {}
+    subsections = [s.get("vmsd_name") for s in layout.get("subsections", [])]
+    try:
+        # lazily: the config space comes first; e1000 alone has 33,000 fields
+        config_space = _pci_config(d.iter_fields()) if _is_pci(d.qemu_idstr) else None
+    except SnapfmtError:
+        config_space = None
+    return TargetDevice(d.qemu_idstr, d.instance_id, d.vmstate_name, d.version_id, path, d.driver,
+                        fields=list(layout.get("fields", [])) or None,
+                        subsections=subsections if d.layout is not None else None,
+                        pci=pci_identity(config_space) if config_space else None)  # fmt: skip
 
 
 def _dump_schemas(dump: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -242,7 +234,7 @@ def from_dump_vmstate(dump: dict[str, Any]) -> Machine:
         if isinstance(header, dict) and isinstance(header.get("Name"), str)
         else None
     )
-    return Machine("dump-vmstate", name, None, None, None, False, schemas=_dump_schemas(dump))
+    return Machine("dump-vmstate", name, None, None, None, False, [], [], _dump_schemas(dump))
 
 
 def capture(argv: Sequence[str], binary: str = BINARY) -> Machine:
@@ -260,38 +252,44 @@ def capture(argv: Sequence[str], binary: str = BINARY) -> Machine:
         except QemuError as e:
             raise SnapfmtError(f"capture: {e}") from None
         with open_snapshot(probe) as snap:
-            machine = from_snapshot(snap, "capture")
-        _real_names(machine, qtree_devices(qtree))
-        maxima = ramblock_maxima(ramblocks)
-        for block in machine.ram_blocks:
-            if maxima.get(block.qemu_id, block.size) > block.size:
-                block.max_size = maxima[block.qemu_id]  # resizeable: up to this
+            probed = from_snapshot(snap, "capture")
         dump = os.path.join(tmp, "dump.json")
         machine_args = _machine_option(argv)
         done = subprocess.run([binary, *machine_args, "-nodefaults", "-display", "none", "-dump-vmstate", dump],
                               capture_output=True, timeout=60, check=False)  # fmt: skip
+        schemas: dict[str, dict[str, Any]] = {}
         if done.returncode == 0 and os.path.exists(dump):
             with open(dump, encoding="utf-8") as f:
-                machine.schemas = _dump_schemas(json.load(f))
-    for device in machine.devices:
-        schema = machine.schemas.get(device.vmstate)
-        if schema:
-            device.minimum_version = schema.get("minimum_version")
-    return machine
+                schemas = _dump_schemas(json.load(f))
+    names = qtree_devices(qtree)
+    devices = [_with_schema(_real_name(d, names), schemas) for d in probed.devices]
+    maxima = ramblock_maxima(ramblocks)
+    ram_blocks = [
+        block._replace(max_size=maxima[block.qemu_id])  # resizeable: up to this
+        if maxima.get(block.qemu_id, block.size) > block.size
+        else block
+        for block in probed.ram_blocks
+    ]
+    return probed._replace(devices=devices, ram_blocks=ram_blocks, schemas=schemas)
 
 
-def _real_names(machine: Machine, qtree: dict[str, tuple[str, str]]) -> None:
-    """Put the QOM type names from the qtree on PCI devices (paths and drivers)."""
-    for device in machine.devices:
-        prefix = device.qemu_id.partition("/")[0]
-        if prefix not in qtree or not device.path:
-            continue
-        qom_type, bus = qtree[prefix]
-        parts = device.path.split("/")
-        node = len(parts) - 2  # the device node is the component before the leaf
-        address = parts[node].partition("@")[2]
-        parts[node] = f"{escape(qom_type)}@{address}" if address else escape(qom_type)
-        device.path, device.driver, device.bus = "/".join(parts), qom_type, bus
+def _real_name(device: TargetDevice, qtree: dict[str, tuple[str, str]]) -> TargetDevice:
+    """A PCI device with the QOM type name from the qtree (in its path and as its driver)."""
+    prefix = device.qemu_id.partition("/")[0]
+    if prefix not in qtree or not device.path:
+        return device
+    qom_type, bus = qtree[prefix]
+    parts = device.path.split("/")
+    node = len(parts) - 2  # the device node is the component before the leaf
+    address = parts[node].partition("@")[2]
+    parts[node] = f"{escape(qom_type)}@{address}" if address else escape(qom_type)
+    return device._replace(path="/".join(parts), driver=qom_type, bus=bus)
+
+
+def _with_schema(device: TargetDevice, schemas: dict[str, dict[str, Any]]) -> TargetDevice:
+    """A device with the minimum version -dump-vmstate gives for its vmstate."""
+    schema = schemas.get(device.vmstate)
+    return device._replace(minimum_version=schema.get("minimum_version")) if schema else device
 
 
 def _machine_option(argv: Sequence[str]) -> list[str]:
@@ -346,19 +344,17 @@ def _parse(path: str, data: Any) -> Machine:
         raise DescriptionError(
             f"{path}: $.version: expected {VERSION}, found {data.get('version')!r}"
         )
-    machine = Machine(
-        _need(path, "$.source", data.get("source", "hand"), str),
-        _need(path, "$.machine", data.get("machine"), str, True),
-        _need(path, "$.page_size", data.get("page_size"), int, True),
-        _need(path, "$.capabilities", data.get("capabilities"), list, True),
-        _need(path, "$.cpus", data.get("cpus"), int, True),
-        bool(_need(path, "$.topology", data.get("topology", True), bool)),
-        schemas=_need(path, "$.schemas", data.get("schemas", {}), dict),
-    )
-    for i, capability in enumerate(machine.capabilities or []):
+    source = _need(path, "$.source", data.get("source", "hand"), str)
+    name = _need(path, "$.machine", data.get("machine"), str, True)
+    page_size = _need(path, "$.page_size", data.get("page_size"), int, True)
+    capabilities = _need(path, "$.capabilities", data.get("capabilities"), list, True)
+    cpus = _need(path, "$.cpus", data.get("cpus"), int, True)
+    topology = bool(_need(path, "$.topology", data.get("topology", True), bool))
+    schemas = _need(path, "$.schemas", data.get("schemas", {}), dict)
+    for i, capability in enumerate(capabilities or []):
         _need(path, f"$.capabilities[{i}]", capability, str)
-    for name, schema in machine.schemas.items():
-        where = f"$.schemas.{name}"
+    for key, schema in schemas.items():
+        where = f"$.schemas.{key}"
         _need(path, where, schema, dict)
         _need(path, f"{where}.version", schema.get("version"), int, True)
         _need(path, f"{where}.minimum_version", schema.get("minimum_version"), int, True)
@@ -366,28 +362,40 @@ def _parse(path: str, data: Any) -> Machine:
             _need(path, f"{where}.subsections", schema.get("subsections", []), list)
         ):
             _need(path, f"{where}.subsections[{j}]", sub, str)
-    for i, d in enumerate(_need(path, "$.devices", data.get("devices", []), list)):
-        where = f"$.devices[{i}]"
-        _need(path, where, d, dict)
-        machine.devices.append(TargetDevice(
-            _need(path, f"{where}.qemu_id", d.get("qemu_id"), str),
-            _need(path, f"{where}.instance_id", d.get("instance_id"), int),
-            _need(path, f"{where}.vmstate", d.get("vmstate"), str),
-            _need(path, f"{where}.version", d.get("version"), int),
-            _need(path, f"{where}.path", d.get("path"), str, True),
-            _need(path, f"{where}.driver", d.get("driver"), str, True),
-            _need(path, f"{where}.minimum_version", d.get("minimum_version"), int, True),
-            _need(path, f"{where}.fields", d.get("fields"), list, True),
-            _need(path, f"{where}.subsections", d.get("subsections"), list, True),
-            _need(path, f"{where}.pci", d.get("pci"), dict, True),
-        ))  # fmt: skip
-    for i, r in enumerate(_need(path, "$.ram_blocks", data.get("ram_blocks", []), list)):
-        where = f"$.ram_blocks[{i}]"
-        _need(path, where, r, dict)
-        machine.ram_blocks.append(TargetRam(
-            _need(path, f"{where}.qemu_id", r.get("qemu_id"), str),
-            _need(path, f"{where}.size", r.get("size"), int),
-            _need(path, f"{where}.path", r.get("path"), str, True),
-            _need(path, f"{where}.max_size", r.get("max_size"), int, True),
-        ))  # fmt: skip
-    return machine
+    devices = [
+        _parse_device(path, f"$.devices[{i}]", d)
+        for i, d in enumerate(_need(path, "$.devices", data.get("devices", []), list))
+    ]
+    ram_blocks = [
+        _parse_ram(path, f"$.ram_blocks[{i}]", r)
+        for i, r in enumerate(_need(path, "$.ram_blocks", data.get("ram_blocks", []), list))
+    ]
+    return Machine(
+        source, name, page_size, capabilities, cpus, topology, devices, ram_blocks, schemas
+    )
+
+
+def _parse_device(path: str, where: str, d: Any) -> TargetDevice:
+    _need(path, where, d, dict)
+    return TargetDevice(
+        _need(path, f"{where}.qemu_id", d.get("qemu_id"), str),
+        _need(path, f"{where}.instance_id", d.get("instance_id"), int),
+        _need(path, f"{where}.vmstate", d.get("vmstate"), str),
+        _need(path, f"{where}.version", d.get("version"), int),
+        _need(path, f"{where}.path", d.get("path"), str, True),
+        _need(path, f"{where}.driver", d.get("driver"), str, True),
+        _need(path, f"{where}.minimum_version", d.get("minimum_version"), int, True),
+        _need(path, f"{where}.fields", d.get("fields"), list, True),
+        _need(path, f"{where}.subsections", d.get("subsections"), list, True),
+        _need(path, f"{where}.pci", d.get("pci"), dict, True),
+    )
+
+
+def _parse_ram(path: str, where: str, r: Any) -> TargetRam:
+    _need(path, where, r, dict)
+    return TargetRam(
+        _need(path, f"{where}.qemu_id", r.get("qemu_id"), str),
+        _need(path, f"{where}.size", r.get("size"), int),
+        _need(path, f"{where}.path", r.get("path"), str, True),
+        _need(path, f"{where}.max_size", r.get("max_size"), int, True),
+    )

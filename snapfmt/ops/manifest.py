@@ -8,8 +8,7 @@ import os
 import re
 import tomllib
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from snapfmt.errors import LayoutError, ManifestError, PathSyntaxError, SnapfmtError
 from snapfmt.formats import native as nf
@@ -51,11 +50,10 @@ _SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(i?B)?\s*$", re.IGNORECASE)
 _PIECE = 1 << 20
 
 
-@dataclass
-class Manifest:
-    folder: str
-    data: dict[str, Any]
-    name: str
+class Manifest(NamedTuple):
+    folder: str  # files it names are relative to this, and must stay inside it
+    data: dict[str, Any]  # the TOML, as read
+    name: str  # the manifest's file name, for messages
 
 
 def load(path: str) -> Manifest:

@@ -7,15 +7,13 @@ so the first error is the one QEMU would report, named as QEMU names it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from snapfmt.model import Snapshot
 from snapfmt.ops.machine import PCI_COMPARED, Machine, TargetDevice, from_snapshot
 
 
-@dataclass(frozen=True)
-class Finding:
+class Finding(NamedTuple):
     code: str
     severity: str  # error, warning, info
     path: str | None
@@ -25,12 +23,11 @@ class Finding:
     qemu: str | None = None  # for errors: what QEMU would do
 
 
-@dataclass
-class Validation:
+class Validation(NamedTuple):
     snapshot: str
     target: str
     schema_only: bool
-    findings: list[Finding] = field(default_factory=list)
+    findings: list[Finding]  # in the order QEMU would meet them
 
     @property
     def errors(self) -> list[Finding]:
@@ -43,8 +40,8 @@ class Validation:
 
 def validate(snap: Snapshot, target: Machine, target_name: str = "") -> Validation:
     source = from_snapshot(snap)
-    result = Validation(snap.origin, target_name, not target.topology)
-    add = result.findings.append
+    findings: list[Finding] = []
+    add = findings.append
     if not target.topology:
         add(Finding("schema-only", "info", None, None, target.machine,
                     "the target is a -dump-vmstate schema: versions and subsections are checked, topology is not"))  # fmt: skip
@@ -52,7 +49,7 @@ def validate(snap: Snapshot, target: Machine, target_name: str = "") -> Validati
     if target.topology:
         _ram(source, target, add)
     _devices(source, target, add)
-    return result
+    return Validation(snap.origin, target_name, not target.topology, findings)
 
 
 def _configuration(source: Machine, target: Machine, add: Any) -> None:

@@ -20,13 +20,9 @@ from collections.abc import Sequence
 from types import TracebackType
 from typing import IO, Any
 
-from snapfmt.errors import SnapfmtError
+from snapfmt.errors import QemuError as QemuError  # defined in errors.py; re-exported here
 
 BINARY = "qemu-system-x86_64"
-
-
-class QemuError(SnapfmtError):
-    """QEMU could not be started, or refused a command."""
 
 
 def available(binary: str = BINARY) -> bool:
