@@ -71,7 +71,7 @@ def _open(reader: FileReader, name: str) -> Snapshot:
             raise TruncatedError(
                 "libvirt save image ends inside its XML", file=name, offset=reader.size
             )
-        wrapper.domain_xml = wrappers.domain_xml(name, start - lf.HEADER_SIZE)
+        wrapper = wrapper._replace(domain_xml=wrappers.domain_xml(name, start - lf.HEADER_SIZE))
         if wrapper.compression in ("lzop", "sparse"):
             raise UnsupportedError(
                 f"libvirt save images in {wrapper.compression} format are not supported",

@@ -7,8 +7,9 @@ payloads are decompressed, streaming, to a temporary file that is removed on clo
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
-from typing import IO, Any
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
+from typing import IO, Any, NamedTuple
 
 from snapfmt.errors import FormatError, UnsupportedError
 from snapfmt.formats import libvirt as lf
@@ -24,45 +25,16 @@ COMPRESSED = {
 }
 
 
-class Wrapper:
-    """What was around a QEMU stream.
+class Wrapper(NamedTuple):
+    """What was around a QEMU stream."""
 
-    A value, with the NamedTuple API the other records have (``_replace``, ``_asdict``),
-    but still a plain class whose attributes can be assigned: the opener sets
-    ``domain_xml`` after the header is parsed.  Once it uses ``_replace`` this becomes a
-    NamedTuple of the same fields.
-    """
-
-    _FIELDS = ("kind", "compression", "version", "was_running", "byte_order", "domain_xml", "extra")
-    __slots__ = _FIELDS
-
-    def __init__(
-        self,
-        kind: str,  # "libvirt", or a compression name for a whole compressed stream
-        compression: str = "raw",
-        version: int | None = None,
-        was_running: bool | None = None,
-        byte_order: str | None = None,
-        domain_xml: str | None = None,
-        extra: dict[str, Any] | None = None,
-    ) -> None:
-        self.kind, self.compression, self.version = kind, compression, version
-        self.was_running, self.byte_order, self.domain_xml = was_running, byte_order, domain_xml
-        self.extra: dict[str, Any] = {} if extra is None else extra
-
-    def __repr__(self) -> str:
-        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self._FIELDS)
-        return f"Wrapper({fields})"
-
-    def _asdict(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in self._FIELDS}
-
-    def _replace(self, **changes: Any) -> Wrapper:
-        """A copy with *changes*, as NamedTuple._replace (which refuses unknown names)."""
-        unknown = [name for name in changes if name not in self._FIELDS]
-        if unknown:
-            raise ValueError(f"Got unexpected field names: {unknown!r}")
-        return Wrapper(**{**self._asdict(), **changes})
+    kind: str  # "libvirt", or a compression name for a whole compressed stream
+    compression: str = "raw"
+    version: int | None = None
+    was_running: bool | None = None
+    byte_order: str | None = None
+    domain_xml: str | None = None
+    extra: Mapping[str, Any] = MappingProxyType({})
 
 
 def compression_of(head: bytes) -> str | None:

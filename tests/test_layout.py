@@ -39,7 +39,9 @@ def test_no_import_cycle() -> None:
 
     def visit(name: str, trail: list[str]) -> None:
         if name in trail:
-            raise AssertionError("import cycle: " + " -> ".join([*trail[trail.index(name) :], name]))
+            raise AssertionError(
+                "import cycle: " + " -> ".join([*trail[trail.index(name) :], name])
+            )
         for target in sorted(graph.get(name, ())):
             if target != name and not name.startswith(target + "."):  # (a package's own)
                 visit(target, [*trail, name])

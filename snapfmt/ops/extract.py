@@ -107,6 +107,13 @@ class _Folder:
         fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
         return os.path.relpath(target, self.root), os.fdopen(fd, "wb")
 
+    def save(self, parts: Sequence[str], data: bytes) -> str:
+        """Write *data* to a new file at *parts*; its name relative to the folder."""
+        name, f = self.open(parts)
+        with f:
+            f.write(data)
+        return name
+
 
 def _check_part(part: str) -> None:
     if not part or part in (".", "..") or "/" in part or "\0" in part or os.sep in part:
@@ -131,61 +138,55 @@ def extract_all(snap: Snapshot, folder: str, progress: Progress = None) -> list[
         "capabilities": list(config.capabilities),
     }
     done: list[Extracted] = []
-
-    def save(parts: list[str], data: bytes) -> str:
-        name, f = out.open(parts)
-        with f:
-            f.write(data)
-        return name
-
     if config.metadata:
-        manifest["metadata_file"] = save(["configuration.json"], _json(config.metadata))
+        manifest["metadata_file"] = out.save(["configuration.json"], _json(config.metadata))
     devices, blocks, documents = [], [], []
     for section in snap.sections:
         path = section.path
         if section.kind == SectionKind.METADATA:
-            name = save(
+            name = out.save(
                 ["documents", escape(section.key) + ".json"], _json(snap.metadata(section.key))
             )
             documents.append({"name": section.key, "file": name})
             done.append(Extracted(section.key, "metadata", name, section.size))
         elif section.kind == SectionKind.DEVICE and path is not None:
-            dev = snap.device(path)
-            entry: dict[str, Any] = {
-                "path": str(path),
-                "driver": dev.driver,
-                "vmstate": dev.vmstate_name,
-                "instance_id": dev.instance_id,
-                "version": dev.version_id,
-            }
-            if dev.qemu_idstr:
-                entry["qemu_id"] = dev.qemu_idstr
-            entry["state_file"] = save(_file_parts(path, ".bin"), dev.data)
-            if dev.layout is not None:
-                entry["layout_file"] = save(_file_parts(path, ".layout.json"), _json(dev.layout))
-            devices.append(entry)
-            done.append(Extracted(str(path), "device", entry["state_file"], len(dev.data)))
+            devices.append(_device_entry(snap, path, out))
+            done.append(Extracted(str(path), "device", devices[-1]["state_file"], section.size))
         elif section.kind == SectionKind.RAM_BLOCK and path is not None:
-            block = snap.ram_block(path)
-            name, f = out.open(_file_parts(path, ".bin"))
-            with f:
-                _write_section(snap, path, f, progress)
-            ram: dict[str, Any] = {
-                "path": str(path),
-                "size": block.length,
-                "file": name,
-                "chunk_size": block.chunk_size,
-            }
-            if block.qemu_idstr:
-                ram["qemu_id"] = block.qemu_idstr
-            blocks.append(ram)
-            done.append(Extracted(str(path), "ram-block", name, block.length))
+            blocks.append(_ram_entry(snap, path, out, progress))
+            done.append(Extracted(str(path), "ram-block", blocks[-1]["file"], section.size))
     manifest["chunk_size"] = blocks[0]["chunk_size"] if blocks else DEFAULT_CHUNK_SIZE
     for key, items in (("device", devices), ("ram", blocks), ("document", documents)):
         if items:
             manifest[key] = items
-    save(["manifest.toml"], tomli_w.dumps(manifest).encode("utf-8"))
+    out.save(["manifest.toml"], tomli_w.dumps(manifest).encode("utf-8"))
     return done
+
+
+def _device_entry(snap: Snapshot, path: Path, out: _Folder) -> dict[str, Any]:
+    """Write a device's state (and layout) under *out*; its manifest entry."""
+    dev = snap.device(path)
+    entry: dict[str, Any] = {"path": str(path), "driver": dev.driver, "vmstate": dev.vmstate_name,
+                             "instance_id": dev.instance_id, "version": dev.version_id}  # fmt: skip
+    if dev.qemu_idstr:
+        entry["qemu_id"] = dev.qemu_idstr
+    entry["state_file"] = out.save(_file_parts(path, ".bin"), dev.data)
+    if dev.layout is not None:
+        entry["layout_file"] = out.save(_file_parts(path, ".layout.json"), _json(dev.layout))
+    return entry
+
+
+def _ram_entry(snap: Snapshot, path: Path, out: _Folder, progress: Progress) -> dict[str, Any]:
+    """Write a RAM block's contents under *out*; its manifest entry."""
+    block = snap.ram_block(path)
+    name, f = out.open(_file_parts(path, ".bin"))
+    with f:
+        _write_section(snap, path, f, progress)
+    ram: dict[str, Any] = {"path": str(path), "size": block.length, "file": name,
+                           "chunk_size": block.chunk_size}  # fmt: skip
+    if block.qemu_idstr:
+        ram["qemu_id"] = block.qemu_idstr
+    return ram
 
 
 def _json(document: Any) -> bytes:

@@ -310,45 +310,9 @@ def build(manifest: Manifest, output: str, progress: Callable[[int], None] | Non
             metadata=metadata,
             chunk_size=chunk_size,
         ) as w:
-            for i, dev in enumerate(_tables(m, data, "device", "top level")):
-                where = f"device[{i}] ({dev.get('path')})"
-                state, layout = _device_state(m, dev, where)
-                w.add_device(
-                    _path(m, dev, where),
-                    state,
-                    driver=dev.get("driver"),
-                    vmstate_name=dev.get("vmstate"),
-                    instance_id=_int(m, dev, "instance_id", where, 0),
-                    version_id=_int(m, dev, "version", where, 1),
-                    layout=layout,
-                    qemu_idstr=dev.get("qemu_id"),
-                )
-            for i, ram in enumerate(_tables(m, data, "ram", "top level")):
-                where = f"ram[{i}] ({ram.get('path')})"
-                path = _path(m, ram, where)
-                source: RamSource
-                if "file" in ram:
-                    if "fill" in ram:
-                        raise ManifestError(f"{m.name}: {where}: give 'file' or 'fill', not both")
-                    source = _file(m, ram["file"], where)
-                    size = _int(m, ram, "size", where, os.path.getsize(source))
-                else:
-                    size = _int(m, ram, "size", where)
-                    source = _fill_source(m, ram, size, where)
-                w.add_ram_block(
-                    path,
-                    source,
-                    length=size,
-                    qemu_idstr=ram.get("qemu_id"),
-                    chunk_size=_int(m, ram, "chunk_size", where, chunk_size),
-                    progress=progress,
-                )
-            for i, doc in enumerate(_tables(m, data, "document", "top level")):
-                where = f"document[{i}]"
-                if not isinstance(doc.get("name"), str):
-                    raise ManifestError(f"{m.name}: {where}: 'name' (a string) is required")
-                content = _json_file(m, doc["file"], where) if "file" in doc else doc.get("content")
-                w.add_metadata(doc["name"], content)
+            _add_devices(m, w)
+            _add_ram_blocks(m, w, chunk_size, progress)
+            _add_documents(m, w)
     except ManifestError:
         raise
     except SnapfmtError as e:
@@ -356,3 +320,53 @@ def build(manifest: Manifest, output: str, progress: Callable[[int], None] | Non
     except (TypeError, ValueError, RecursionError) as e:
         # e.g. a TOML date in a JSON document: name the manifest, never a traceback
         raise ManifestError(f"{m.name}: a value cannot be used: {e}") from None
+
+
+def _add_devices(m: Manifest, w: Writer) -> None:
+    for i, dev in enumerate(_tables(m, m.data, "device", "top level")):
+        where = f"device[{i}] ({dev.get('path')})"
+        state, layout = _device_state(m, dev, where)
+        w.add_device(
+            _path(m, dev, where),
+            state,
+            driver=dev.get("driver"),
+            vmstate_name=dev.get("vmstate"),
+            instance_id=_int(m, dev, "instance_id", where, 0),
+            version_id=_int(m, dev, "version", where, 1),
+            layout=layout,
+            qemu_idstr=dev.get("qemu_id"),
+        )
+
+
+def _add_ram_blocks(
+    m: Manifest, w: Writer, chunk_size: int, progress: Callable[[int], None] | None
+) -> None:
+    for i, ram in enumerate(_tables(m, m.data, "ram", "top level")):
+        where = f"ram[{i}] ({ram.get('path')})"
+        path = _path(m, ram, where)
+        source: RamSource
+        if "file" in ram:
+            if "fill" in ram:
+                raise ManifestError(f"{m.name}: {where}: give 'file' or 'fill', not both")
+            source = _file(m, ram["file"], where)
+            size = _int(m, ram, "size", where, os.path.getsize(source))
+        else:
+            size = _int(m, ram, "size", where)
+            source = _fill_source(m, ram, size, where)
+        w.add_ram_block(
+            path,
+            source,
+            length=size,
+            qemu_idstr=ram.get("qemu_id"),
+            chunk_size=_int(m, ram, "chunk_size", where, chunk_size),
+            progress=progress,
+        )
+
+
+def _add_documents(m: Manifest, w: Writer) -> None:
+    for i, doc in enumerate(_tables(m, m.data, "document", "top level")):
+        where = f"document[{i}]"
+        if not isinstance(doc.get("name"), str):
+            raise ManifestError(f"{m.name}: {where}: 'name' (a string) is required")
+        content = _json_file(m, doc["file"], where) if "file" in doc else doc.get("content")
+        w.add_metadata(doc["name"], content)
