@@ -1,7 +1,7 @@
 """Field layouts: decode and encode VMState bytes.
 
 A layout has the shape of one device entry of QEMU's vmdesc JSON
-(``{"fields": [...], "subsections": [...]}``; spec/format.md §5), so a layout taken from a
+(``{"fields": [...], "subsections": [...]}``; spec/format.md §6), so a layout taken from a
 QEMU stream and one written by snapfmt decode the same way.  Values are big-endian, as
 QEMU writes them.  ``"int32 le"`` is big-endian too: QEMU's name means "less or equal"
 (the loaded value may not exceed the current one), checked against QEMU 7.2 streams.

@@ -148,3 +148,14 @@ def test_build_parse_symmetry(name: str) -> None:
     assert con.build(con.parse(data)) == data
     if size(con) != "var":
         assert len(data) == con.sizeof()
+
+
+def test_section_citations_name_the_spec_sections() -> None:
+    """formats/native.py cites spec/format.md as '§N Title': N and Title must be one of
+    the spec's numbered sections."""
+    headings = dict(re.findall(r"^## (\d+)\. (.+)$", SPEC.read_text(), re.M))
+    source = (Path(nf.__file__)).read_text()
+    cited = re.findall(r"§(\d+) ([A-Z][a-z]+(?: [a-z]+)*)", source)
+    assert cited
+    for number, title in cited:
+        assert headings.get(number, "").startswith(title), (number, title)

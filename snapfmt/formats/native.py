@@ -14,7 +14,7 @@ from typing import Any
 
 import xxhash
 
-# §1 Constants --------------------------------------------------------------------------
+# §1 Conventions: constants and limits -------------------------------------------------
 from snapfmt.formats import declared
 
 MAGIC = b"\x89SNAPF\r\n"
@@ -32,16 +32,16 @@ MIN_PAGE_SIZE = 1024
 MAX_PAGE_SIZE = 1 << 21
 MAX_BODY = 1 << 28  # a configuration, device or metadata body; RAM lives in RAM blocks
 MAX_INDEX = 1 << 26
-INDEX_ENTRY_MIN = 58  # an IndexEntry with an empty key (§4)
+INDEX_ENTRY_MIN = 58  # an IndexEntry with an empty key (§5 Index and footer)
 
 
 def xxh3_64(data: bytes | bytearray | memoryview) -> int:
-    """The checksum of every checksummed structure and the hash of every chunk (§1)."""
+    """The checksum of every checksummed structure and the hash of every chunk (§4 Checksums)."""
     return int(xxhash.xxh3_64_intdigest(data))
 
 
 class HeaderFlag(IntFlag):
-    DELTA = 1  # §6: chunks may live in the parent snapshot named by parent_id
+    DELTA = 1  # §7 Delta snapshots: chunks may live in the parent named by parent_id
 
 
 class SectionKind(IntEnum):
@@ -52,20 +52,20 @@ class SectionKind(IntEnum):
 
 
 class SectionFlag(IntFlag):
-    OPTIONAL = 1  # §3: a reader that does not know the kind skips the section
+    OPTIONAL = 1  # §3 Sections: a reader that does not know the kind skips the section
 
 
 class ChunkEncoding(IntEnum):
     ZERO = 0  # nothing stored: the chunk is all zero bytes
     RAW = 1  # stored as is
     ZSTD = 2  # one zstd frame holding the uncompressed bytes
-    PARENT = 3  # §7, reserved for delta snapshots: the parent holds the bytes
+    PARENT = 3  # §7 Delta snapshots (reserved): the parent holds the bytes
     PAGES_RAW = 4  # a bitmap of the non-zero pages, then those pages as they are
     PAGES_ZSTD = 5  # a bitmap of the non-zero pages, then one zstd frame of those pages
 
 
 # The chunk table is the hot path: read and written with this struct.Struct, which a test
-# keeps equal to ChunkEntry (§3, declared below).
+# keeps equal to ChunkEntry (§3 Sections, declared below).
 CHUNK_ENTRY = struct.Struct("<B3xIQQ")
 
 
@@ -77,14 +77,14 @@ def _declare() -> dict[str, Any]:
 
 
 def _strings() -> tuple[Any, Any]:
-    """§1: strings are a little-endian length, then UTF-8 bytes, no terminator."""
+    """§1 Conventions: strings are a little-endian length, then UTF-8 bytes, no terminator."""
     from construct import Int16ul, Int32ul, PascalString
 
     return PascalString(Int16ul, "utf8"), PascalString(Int32ul, "utf8")
 
 
 def _header() -> dict[str, Any]:
-    """§2 Header."""
+    """§2 File layout: the header."""
     from construct import Bytes, Checksum, Const, Int16ul, Int32ul, Int64ul, RawCopy, Struct, this
 
     HeaderFields = Struct(
@@ -177,7 +177,7 @@ def _ram_blocks() -> dict[str, Any]:
 
 
 def _index_and_footer() -> dict[str, Any]:
-    """§4 Index and footer."""
+    """§5 Index and footer."""
     from construct import (
         Checksum,
         Const,

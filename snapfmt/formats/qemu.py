@@ -75,14 +75,14 @@ def _declare() -> dict[str, Any]:
 
 
 def _counted_string() -> Any:
-    """§0: a counted string is a u8 length, then the bytes, no terminator."""
+    """§0 How values are written: a counted string is a u8 length, then the bytes."""
     from construct import Int8ub, PascalString
 
     return PascalString(Int8ub, "latin-1")
 
 
 def _stream() -> dict[str, Any]:
-    """§1: the stream as a whole."""
+    """§1 The stream as a whole: its header and the configuration section."""
     from construct import (
         Bytes,
         Const,
@@ -122,7 +122,7 @@ def _stream() -> dict[str, Any]:
 
 
 def _sections() -> dict[str, Any]:
-    """§1: sections, commands and the vmdesc framing."""
+    """§1 The stream as a whole: sections, commands and the vmdesc framing."""
     from construct import Const, Int16ub, Int32ub, Int64ub, Struct
 
     # "Section header and footer": after the type byte of a START or FULL section ...
@@ -159,7 +159,7 @@ def _sections() -> dict[str, Any]:
         "length" / Int32ub,
     )
 
-    # after EOF, the type byte 0x06 and the vmdesc JSON's length; the JSON follows (§3)
+    # after EOF: 0x06 and the vmdesc length; the JSON follows (§3 The trailing vmdesc JSON)
     VmDescriptionHead = Struct(
         "marker" / Const(bytes([SectionType.VMDESCRIPTION])),
         "length" / Int32ub,
@@ -168,7 +168,7 @@ def _sections() -> dict[str, Any]:
 
 
 def _ram() -> dict[str, Any]:
-    """§2: the RAM section, and §6: mapped-ram."""
+    """§2 The RAM section, and mapped-ram (§6 How users create these files)."""
     from construct import Int32ub, Int64ub, Struct
 
     # every RAM record starts with be64 (offset | flags)
@@ -187,7 +187,7 @@ def _ram() -> dict[str, Any]:
         "value" / Int64ub,
     )
 
-    # §6 "mapped-ram": packed, 28 bytes
+    # §6 "mapped-ram": packed, 28 bytes, big-endian
     MappedRamHeader = Struct(
         "version" / Int32ub,
         "page_size" / Int64ub,

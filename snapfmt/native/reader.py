@@ -155,7 +155,7 @@ class NativeSnapshot(Snapshot):
         return entries
 
     def _check_entry(self, number: int, e: Any, paths: set[str]) -> bool:
-        """Check index entry *number* against the rules of spec/format.md §4 (adding its
+        """Check index entry *number* against the rules of spec/format.md §5 (adding its
         path to *paths*); returns whether this reader knows its kind."""
         where = f"section {number} ({e.key or 'configuration'})"
 
