@@ -189,6 +189,7 @@ class _Walk:
         cur = self.cur
         length = int.from_bytes(cur.peek(4), "big")
         if length > 255:
+            cur.pos += 4
             raise cur.error(
                 "machine type name too long", found=length, expected="at most 255 bytes"
             )
@@ -209,12 +210,11 @@ class _Walk:
 
     def _start(self, at: int, kind: int) -> None:
         cur = self.cur
-        length = cur.peek(5)[4:5]
-        raw = cur.peek(5 + length[0])[5:] if length else b""
-        if not IDSTR.match(raw):
-            cur.pos += 5 + len(raw)
-            raise cur.error("section id string is not printable", found=raw[:40])
         head = cur.parse(qf.SectionStartFull, "section header")
+        raw = head.idstr.encode("latin-1")
+        if not IDSTR.match(raw):
+            cur.pos = at + 6 + len(raw)  # (just after the id string)
+            raise cur.error("section id string is not printable", found=raw[:40])
         if head.section_id in self.sections:
             raise cur.error(f"section id {head.section_id} ({head.idstr}) appears twice")
         section = Section(head.section_id, head.idstr, head.instance_id, head.version_id, at,
