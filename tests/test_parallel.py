@@ -1,11 +1,11 @@
-"""forked_map (a second process for page-fault-bound work), the diffs built on it, and open_pair."""
+"""forked_map (a second process for page-fault-bound work), and open_pair and the diffs built on it."""
 
 from __future__ import annotations
 
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -131,9 +131,48 @@ def test_no_fork_while_threads_run() -> None:
         worker.join()
 
 
+def test_open_pair_walks_the_second_stream_elsewhere(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(opener, "PAIR_MIN", 0)
+    pc, q35 = SAMPLES / "qemu" / "pc.mig", SAMPLES / "qemu" / "q35.mig"
+    left, right = opener.open_pair(pc, q35)
+    with left, right, snapfmt.open(q35) as plain:
+        assert [s.key for s in right.sections] == [s.key for s in plain.sections]
+        for path in (s.path for s in plain.sections if s.path):
+            if plain.section_for(path).kind_name == "device":
+                assert right.device(path).data == plain.device(path).data
+            else:
+                block = right.ram_block(path)
+                assert block.read(0, block.length) == plain.ram_block(path).read(0, block.length)
+        assert not diff(right, plain).sections
+
+
+@pytest.mark.parametrize("moved", [{0}, {1}, {0, 1}, set()])
+def test_open_pair_takes_layouts_from_either_process(
+    monkeypatch: pytest.MonkeyPatch, moved: set[int]
+) -> None:
+    """Which process walks which stream is not fixed: a layout that came back pickled
+    (walked by the child) serves as well as one walked here."""
+    import pickle
+
+    from snapfmt.perf import parallel
+
+    def shared(job: Callable[[int], object], items: list[int]) -> Iterator[object]:
+        for i in items:
+            made = job(i)
+            yield pickle.loads(pickle.dumps(made)) if i in moved else made
+
+    monkeypatch.setattr(opener, "PAIR_MIN", 0)
+    monkeypatch.setattr(parallel, "forked_map", shared)
+    pc, q35 = SAMPLES / "qemu" / "pc.mig", SAMPLES / "qemu" / "q35.mig"
+    left, right = opener.open_pair(pc, q35)
+    with left, right, snapfmt.open(pc) as a, snapfmt.open(q35) as b:
+        assert not diff(left, a).sections and not diff(right, b).sections
+
+
 def test_open_pair_reports_the_second_file_as_open_would(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(opener, "PAIR_MIN", 0)
     cut = tmp_path / "cut.mig"
     cut.write_bytes((SAMPLES / "qemu" / "pc.mig").read_bytes()[:500_000])
     with pytest.raises(SnapfmtError) as alone:
@@ -221,6 +260,7 @@ def test_open_pair_leaks_no_descriptor_on_a_bad_second_file(
 ) -> None:
     import gc
 
+    monkeypatch.setattr(opener, "PAIR_MIN", 0)
     gc.collect()  # files other tests left for the collector close now, not during the test
     before = set(os.listdir("/proc/self/fd"))
     for bad in (tmp_path / "missing.mig", tmp_path):

@@ -8,40 +8,18 @@ from __future__ import annotations
 
 import itertools
 import os
-import sys
 from array import array
 from collections.abc import Iterator
 from typing import Any
 
 from snapfmt.errors import FormatError
-from snapfmt.perf.runs import progression
 
 NOT_SENT, ZERO_PAGE = 0, -1
 IOV_MAX = 1024  # iovecs per preadv (Linux's IOV_MAX)
-_COUNT_STEP = 1 << 20  # entries counted at a time
 
 
 def count_sent(pages: Any) -> int:
-    """How many entries of a page map are file offsets (not NOT_SENT or ZERO_PAGE),
-    counted over its bytes in C rather than entry by entry.
-
-    An entry is NOT_SENT when all 8 of its bytes are 0: the OR of the 8 byte planes (as
-    big integers) has a 0 byte exactly there.  ZERO_PAGE (-1) is 8 bytes of 0xff, and as
-    offsets are positive no other entry has a 0xff top byte, so every run of 0xff bytes
-    starts on an entry and counting b"\\xff" * 8 counts exactly the -1 entries."""
-    sent = 0
-    for first in range(0, len(pages), _COUNT_STEP):  # a piece at a time: bounded memory
-        piece = pages[first : first + _COUNT_STEP]
-        raw = piece.tobytes()
-        merged = 0
-        for k in range(8):
-            merged |= int.from_bytes(raw[k::8], "big")
-        unsent = merged.to_bytes(len(piece), "big").count(b"\0")
-        sent += len(piece) - unsent - raw.count(b"\xff" * 8)
-    return sent
-
-
-def count_sent_plain(pages: Any) -> int:
+    """How many entries of a page map are file offsets (not NOT_SENT or ZERO_PAGE)."""
     return sum(1 for where in pages if where > 0)
 
 
@@ -76,42 +54,7 @@ class Unsent:
 def runs(where: Any, step: int) -> Iterator[tuple[int, int, int]]:
     """Split a page map slice into runs (i, j, w): entries [i, j) are either records
     one after another in the stream, the first at offset w > 0 (each *step* bytes on from
-    the one before), or all one of NOT_SENT or ZERO_PAGE (w is that value).
-
-    Short runs are followed entry by entry; once a run is 8 long it is extended by
-    comparing whole stretches of the map's bytes with what the run would hold, in C."""
-    n = len(where)
-    raw = b""
-    i = 0
-    while i < n:
-        w, j = where[i], i + 1
-        nxt = w + step if w > 0 else w
-        while j < n and j - i < 8 and where[j] == nxt:
-            j += 1
-            nxt = nxt + step if w > 0 else w
-        if j - i == 8 and j < n:
-            raw = raw or where.tobytes()
-            probe = 64
-            while j < n:
-                size = min(probe, n - j)
-                if w > 0:
-                    expected = progression(nxt, step, size, 8, sys.byteorder)
-                else:
-                    expected = (array("q", [w]) * size).tobytes()
-                found = raw[8 * j : 8 * (j + size)]
-                if found == expected:
-                    j += size
-                    nxt += size * step if w > 0 else 0
-                    probe *= 8
-                    continue
-                diff = int.from_bytes(found, "big") ^ int.from_bytes(expected, "big")
-                j += (len(found) - (diff.bit_length() + 7) // 8) // 8
-                break
-        yield i, j, w
-        i = j
-
-
-def runs_plain(where: Any, step: int) -> Iterator[tuple[int, int, int]]:
+    the one before), or all one of NOT_SENT or ZERO_PAGE (w is that value)."""
     n, i = len(where), 0
     while i < n:
         w, j = where[i], i + 1

@@ -16,7 +16,7 @@ from snapfmt.qemu.pagemap import count_sent
 from snapfmt.qemu.paths import PathMapper
 from snapfmt.qemu.ramblock import QemuRamBlock
 from snapfmt.qemu.records import Block
-from snapfmt.qemu.walk import Section, walk
+from snapfmt.qemu.walk import Section, StreamLayout, walk
 
 if TYPE_CHECKING:
     from snapfmt.wrappers import Wrapper
@@ -32,14 +32,17 @@ class QemuStream(Snapshot):
         start: int = 0,
         wrapper: Wrapper | None = None,
         origin: str | None = None,
+        layout: StreamLayout | None = None,
     ) -> None:
+        """The stream at *start* of *reader*, walked here unless its *layout* (the walk
+        of that same reader, perhaps done in another process) is given."""
         self._io = reader
         self.file = reader.name
         self.origin = origin or reader.name
         self.wrapper = wrapper  # a libvirt image or compression the stream came inside
         if wrapper is not None and wrapper.kind == "libvirt":
             self.format_name = "libvirt"
-        self.layout = walk(reader, start)
+        self.layout = layout if layout is not None else walk(reader, start)
         self.page_size = self.layout.page_size
         self._index()
 
