@@ -74,20 +74,18 @@ def _check(snap: Snapshot, target: str) -> tuple[list[DeviceState], list[RamBloc
         _name(capability, "capability", target)
     devices = list(snap.devices())
     blocks = list(snap.ram_blocks())
-    for device in devices:
-        if not device.qemu_idstr:
+    named: list[tuple[str, str, DeviceState | RamBlock]] = [
+        *(("device", "section id string", d) for d in devices),
+        *(("RAM block", "RAM block name", b) for b in blocks),
+    ]
+    for what, name, part in named:
+        if not part.qemu_idstr:
             raise WriteError(
-                f"device {device.path} has no QEMU identifier; a QEMU stream cannot name it",
+                f"{what} {part.path} has no QEMU identifier; a QEMU stream cannot name it",
                 file=target,
             )
-        _name(device.qemu_idstr, "section id string", target)
+        _name(part.qemu_idstr, name, target)
     for block in blocks:
-        if not block.qemu_idstr:
-            raise WriteError(
-                f"RAM block {block.path} has no QEMU identifier; a QEMU stream cannot name it",
-                file=target,
-            )
-        _name(block.qemu_idstr, "RAM block name", target)
         if block.length % config.page_size:
             raise WriteError(
                 f"RAM block {block.path} is not a whole number of {config.page_size}-byte pages",
