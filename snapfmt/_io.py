@@ -62,31 +62,43 @@ class FileReader:
 
 def parse(con: construct.Construct, data: Any, *, file: str, offset: int, what: str) -> Any:
     """Parse *data* (bytes, or a binary stream positioned at *offset* of *file*) with the
-    declaration *con*: the one place where construct's errors become snapfmt errors."""
+    declaration *con*: the one place where construct's errors become snapfmt errors.
+    An error names the field where parsing stopped (``error.field``) in its message."""
     import construct  # loaded with the first declaration used (snapfmt.formats)
 
     try:
         return con.parse(data) if isinstance(data, bytes | bytearray) else con.parse_stream(data)
-    except construct.ChecksumError:
-        raise ChecksumError(
-            f"{what} checksum does not match its bytes", file=file, offset=offset
-        ) from None
-    except construct.ConstError as e:
-        raise FormatError(f"{what}: bad magic", file=file, offset=offset, found=short(e)) from None
-    except construct.StreamError as e:
-        raise TruncatedError(
-            f"{what} is cut short", file=file, offset=offset, found=short(e)
-        ) from None
     except (construct.ConstructError, UnicodeDecodeError) as e:
-        raise FormatError(
-            f"{what} is malformed", file=file, offset=offset, found=short(e)
-        ) from None
+        raise _located(e, construct, file, offset, what) from None
+
+
+def _located(error: Exception, construct: Any, file: str, offset: int, what: str) -> FormatError:
+    # construct's path reads "(parsing) -> names -> items": the field is the last name
+    steps = str(getattr(error, "path", "") or "").split(" -> ")
+    names = [step for step in steps if step and not step.startswith("(") and step != "items"]
+    field = names[-1] if names else None
+    where = f" ({field})" if field else ""
+    found: str | None = short(error)
+    made: FormatError
+    if isinstance(error, construct.ChecksumError):
+        made = ChecksumError(f"{what} checksum does not match its bytes", file=file, offset=offset)
+    elif isinstance(error, construct.ConstError):
+        made = FormatError(f"{what}: bad magic", file=file, offset=offset, found=found)
+    elif isinstance(error, construct.StreamError):
+        made = TruncatedError(f"{what} is cut short{where}", file=file, offset=offset)
+    elif isinstance(error, construct.StringError | UnicodeDecodeError):
+        made = FormatError(f"{what} holds text that is not UTF-8{where}", file=file, offset=offset)
+    else:
+        made = FormatError(f"{what} is malformed{where}", file=file, offset=offset, found=found)
+    made.field = field
+    return made
 
 
 def short(error: Exception) -> str:
-    """The first line of an error message, at most 120 characters."""
-    text = str(error).splitlines()[0] if str(error) else type(error).__name__
-    return text[:120]
+    """The last line of an error message (construct's first names the path), at most
+    120 characters."""
+    lines = str(error).splitlines()
+    return (lines[-1] if lines else type(error).__name__)[:120]
 
 
 def pwrite_all(fd: int, buffers: list[Any], offset: int) -> None:

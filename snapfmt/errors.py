@@ -19,6 +19,8 @@ class FormatError(SnapfmtError):
     every part but *what* is optional.
     """
 
+    field: str | None = None  # the declared field where parsing stopped, if known
+
     def __init__(
         self,
         what: str,

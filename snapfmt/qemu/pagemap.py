@@ -12,6 +12,7 @@ from array import array
 from collections.abc import Iterator
 from typing import Any
 
+from snapfmt._io import FileReader
 from snapfmt.errors import FormatError
 
 NOT_SENT, ZERO_PAGE = 0, -1
@@ -67,8 +68,8 @@ def runs(where: Any, step: int) -> Iterator[tuple[int, int, int]]:
 class Gather:
     """A reused buffer of *per* pages and the iovecs to scatter page records into it."""
 
-    def __init__(self, fd: int, file: str, page: int, per: int) -> None:
-        self.fd, self.file, self.page, self.step = fd, file, page, page + 8
+    def __init__(self, reader: FileReader, page: int, per: int) -> None:
+        self.reader, self.page, self.step = reader, page, page + 8
         self.view = memoryview(bytearray(per * page))
         self.blank = memoryview(bytes(per * page))
         sink = bytearray(8)  # the header between two pages of a run lands here
@@ -93,8 +94,8 @@ class Gather:
             b = min(a + IOV_MAX // 2, stop)
             offset = where + (a - first) * step
             want = (b - a) * step - 8
-            got = os.preadv(self.fd, self.iov[2 * a : 2 * b - 1], offset)
+            got = os.preadv(self.reader.fd, self.iov[2 * a : 2 * b - 1], offset)
             if got != want:
                 raise FormatError(
-                    "stream ends inside a RAM page", file=self.file, offset=offset + got
+                    "stream ends inside a RAM page", file=self.reader.name, offset=offset + got
                 )

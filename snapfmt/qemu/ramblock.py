@@ -7,7 +7,7 @@ import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from snapfmt._io import pwrite_all
+from snapfmt._io import FileReader, pwrite_all
 from snapfmt.model import RamBlock
 from snapfmt.paths import Path
 from snapfmt.perf import compare
@@ -23,8 +23,10 @@ _SCAN_BLOCK = 16  # pages compared by one memcmp before page by page
 class QemuRamBlock(RamBlock):
     """A RAM block of a QEMU stream, read through its page map."""
 
-    def __init__(self, fd: int, file: str, path: Path, block: Block, sent: int, page: int) -> None:
-        self.fd, self.file = fd, file
+    def __init__(
+        self, reader: FileReader, path: Path, block: Block, sent: int, page: int
+    ) -> None:
+        self._reader, self.file = reader, reader.name
         # a block no page was sent for (x-ignore-shared) has no map: all of it reads as zero
         self.pages: Any = block.pages if len(block.pages) else Unsent(block.length // page)
         self.sent = sent
@@ -35,8 +37,14 @@ class QemuRamBlock(RamBlock):
         self.length = block.length
         self.page_size = self.chunk_size = page
 
+    @property
+    def fd(self) -> int:
+        """The stream's descriptor, read at each use: -1 once the snapshot is closed, so
+        a block kept past it fails rather than read whatever file took the number."""
+        return self._reader.fd
+
     def _gather(self, per: int) -> Gather:
-        return Gather(self.fd, self.file, self.page_size, per)
+        return Gather(self._reader, self.page_size, per)
 
     def read(self, offset: int, length: int) -> bytes:
         if offset < 0 or length < 0 or offset + length > self.length:

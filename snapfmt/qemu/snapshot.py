@@ -127,7 +127,7 @@ class QemuStream(Snapshot):
     def ram_block(self, path: Path) -> QemuRamBlock:
         key = str(path)
         block = self._block_paths[key]
-        return QemuRamBlock(self._io.fd, self.file, path, block, self._sent[key], self.page_size)
+        return QemuRamBlock(self._io, path, block, self._sent[key], self.page_size)
 
     def metadata(self, name: str) -> Any:
         raise KeyError(name)

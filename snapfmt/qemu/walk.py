@@ -22,6 +22,7 @@ from snapfmt.qemu.records import Block, RamWalk
 
 WINDOW = 1 << 16  # bytes the cursor holds: every header and small structure fits
 _PARSE = 1 << 10  # bytes a parse starts from: most structures are a few bytes
+_PARSE_MAX = 1 << 20  # and at most (a configuration's capability names, at worst)
 _SEARCH = 1 << 23  # at most this much of a payload is searched for its footer at once
 IDSTR = re.compile(rb"^[\x21-\x7e]+$")
 _COMMANDS = frozenset(int(c) for c in qf.Command)
@@ -85,8 +86,8 @@ class Cursor:
 
     def parse(self, con: Any, what: str) -> Any:
         """The declaration *con* parsed at the cursor, which moves past it.  Parsed from
-        what the window holds (at least _PARSE bytes), and once more from a whole window
-        if that was too short."""
+        what the window holds (at least _PARSE bytes), and again from a larger window,
+        up to _PARSE_MAX bytes, while that was too short."""
         left = self.io.size - self.pos
         need = min(_PARSE, left)
         while True:
@@ -95,10 +96,14 @@ class Cursor:
             stream.seek(rel)
             try:
                 value = parse(con, stream, file=self.io.name, offset=self.pos, what=what)
-            except TruncatedError:
-                if need >= min(WINDOW, left) or self._at + len(self._buf) >= self.io.size:
+            except TruncatedError as e:
+                if len(self._buf) - rel >= left:  # the file ends inside it
+                    where = f" ({e.field})" if e.field else ""
+                    raise self.error(f"stream ends inside {what}{where}", TruncatedError,
+                                     found=f"{left} bytes left") from None  # fmt: skip
+                if need >= _PARSE_MAX:
                     raise
-                need = min(WINDOW, left)
+                need = min(4 * max(need, len(self._buf) - rel), _PARSE_MAX, left)
                 continue
             self.pos += stream.tell() - rel
             return value
@@ -260,6 +265,8 @@ class _Walk:
         if not self.footers:
             return
         expected = qf.SectionFooter.build({"section_id": section.section_id})
+        if cur.pos + len(expected) > self.io.size:  # a stream cut short: parsing says so
+            cur.parse(qf.SectionFooter, "section footer")
         if cur.peek(len(expected)) != expected:
             raise cur.error(
                 f"missing section footer for {section.idstr}",
