@@ -16,6 +16,7 @@ from snapfmt.errors import ChecksumError, SnapfmtError, UnsupportedError
 from snapfmt.formats import native as nf
 from snapfmt.native.writer import Writer
 from snapfmt.paths import Component, Path
+from tests.helpers import SAMPLES
 
 FS_SETTINGS = settings(
     max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
@@ -404,4 +405,23 @@ def test_bad_page_bitmaps_are_reported_not_raised() -> None:
     assert "shorter than the page bitmap" in str(codec.decode_into(4, memoryview(b""), dest))
     assert "its bitmap says 4196" in str(
         codec.decode_into(4, memoryview(b"\x09" + bytes(10)), dest)
+    )
+
+
+def test_index_errors_name_the_entry(tmp_path: FsPath) -> None:
+    """An index entry whose key is not UTF-8: the error names the entry and its offset."""
+    data = bytearray((SAMPLES / "basic.snap").read_bytes())
+    footer = nf.Footer.parse(bytes(data[-nf.FOOTER_SIZE :])).fields.value
+    start = footer.index_offset
+    index = nf.Index.parse(bytes(data[start : start + footer.index_length]))
+    second = start + 4 + len(nf.IndexEntry.build(index.entries[0]))
+    data[second + nf.INDEX_ENTRY_MIN] = 0xFF  # the first byte of entry 1's key
+    footer.index_hash = nf.xxh3_64(bytes(data[start : start + footer.index_length]))
+    data[-nf.FOOTER_SIZE :] = nf.Footer.build({"fields": {"value": footer}})
+    target = tmp_path / "bad.snap"
+    target.write_bytes(bytes(data))
+    with pytest.raises(SnapfmtError) as caught:
+        snapfmt.open(target)
+    assert str(caught.value) == (
+        f"{target}: offset {second:#x}: index entry 1 holds text that is not UTF-8"
     )

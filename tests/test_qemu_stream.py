@@ -387,3 +387,48 @@ def test_postcopy_block_list_gives_huge_page_sizes(tmp_path: Path, run: Run) -> 
     assert run("diff", QEMU / "pc-postcopy.mig", back).code == 0
     shown = run("dump", QEMU / "pc-postcopy.mig", "pc.ram").out
     assert shown.rstrip().endswith("4.0 KiB stored; host pages of 2.0 MiB")
+
+
+@pytest.mark.parametrize(
+    ("cut", "message"),
+    [
+        (6, "offset 0x0: stream ends inside QEMU stream header (version): found 6 bytes left"),
+        (11, "offset 0x9: stream ends inside configuration (name): found 2 bytes left"),
+        (31, "offset 0x1b: stream ends inside section header (idstr): found 4 bytes left"),
+        (223, "offset 0xde: stream ends inside section footer (section_id): found 1 bytes left"),
+    ],
+)
+def test_a_cut_stream_says_where_it_ends(tmp_path: Path, cut: int, message: str) -> None:
+    target = tmp_path / "cut.mig"
+    target.write_bytes((QEMU / "pc.mig").read_bytes()[:cut])
+    with pytest.raises(SnapfmtError) as caught:
+        snapfmt.open(target)
+    assert str(caught.value) == f"{target}: {message}"
+
+
+def test_a_long_capability_list_is_read_whole(tmp_path: Path) -> None:
+    """Structures larger than the cursor's first window are parsed from a larger one."""
+    data = (QEMU / "pc.mig").read_bytes()
+    names = [f"cap-{i:03d}-" + "x" * 240 for i in range(300)]  # about 75 KiB
+    caps = qf.Subsection.build({"name": "configuration/capabilities", "version_id": 1})
+    caps += qf.Capabilities.build({"names": names})
+    head = 9 + len(qf.Configuration.build({"name": "pc-i440fx-7.2"}))
+    target = tmp_path / "caps.mig"
+    target.write_bytes(data[:head] + caps + data[head:])
+    with snapfmt.open(target) as stream:
+        assert list(stream.configuration.capabilities) == names
+
+
+def test_a_ram_block_kept_past_close_fails(tmp_path: Path) -> None:
+    import os
+
+    stream = snapfmt.open(QEMU / "pc.mig")
+    block = stream.ram_block(stream.select_one("/pc.ram"))
+    sent = next(i for i, where in enumerate(block.pages) if where > 0)  # type: ignore[attr-defined]
+    stream.close()
+    other = os.open(QEMU / "q35.mig", os.O_RDONLY)  # may take the stream's descriptor number
+    try:
+        with pytest.raises(OSError):
+            block.read(sent * block.page_size, 16)
+    finally:
+        os.close(other)

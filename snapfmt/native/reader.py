@@ -7,6 +7,7 @@ checked against its checksum or chunk hash first.
 
 from __future__ import annotations
 
+import io
 import json
 import struct
 from collections.abc import Callable
@@ -46,7 +47,7 @@ class NativeSnapshot(Snapshot):
 
     # -- opening -------------------------------------------------------------------------
 
-    def parse(self, con: construct.Construct, data: bytes, offset: int, what: str) -> Any:
+    def parse(self, con: construct.Construct, data: Any, offset: int, what: str) -> Any:
         return parse(con, data, file=self.file, offset=offset, what=what)
 
     def _read_header(self) -> None:
@@ -133,7 +134,9 @@ class NativeSnapshot(Snapshot):
         self._sections = self._check_entries(entries)
 
     def _parse_index(self, raw: bytes, offset: int) -> list[Any]:
-        """The index's entries (nf.Index), their count first checked against its length."""
+        """The index's entries (nf.Index: a count, then each IndexEntry, parsed one by
+        one so that an error names the entry), the count first checked against the
+        index's length."""
         count = struct.unpack_from("<I", raw)[0] if len(raw) >= 4 else 0
         if count * nf.INDEX_ENTRY_MIN > len(raw) - 4:
             raise FormatError(
@@ -142,14 +145,18 @@ class NativeSnapshot(Snapshot):
                 offset=offset,
                 found=count,
             )
-        entries = list(self.parse(nf.Index, raw, offset, "index").entries)
-        used = 4 + sum(nf.INDEX_ENTRY_MIN + len(e.key.encode("utf-8")) for e in entries)
-        if used != len(raw):
+        stream = io.BytesIO(raw)
+        stream.seek(4)
+        entries = []
+        for number in range(count):
+            at = offset + stream.tell()
+            entries.append(self.parse(nf.IndexEntry, stream, at, f"index entry {number}"))
+        if stream.tell() != len(raw):
             raise FormatError(
                 "index has bytes after its last entry",
                 file=self.file,
-                offset=offset + used,
-                found=len(raw) - used,
+                offset=offset + stream.tell(),
+                found=len(raw) - stream.tell(),
                 expected=0,
             )
         return entries

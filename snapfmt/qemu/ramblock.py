@@ -23,9 +23,7 @@ _SCAN_BLOCK = 16  # pages compared by one memcmp before page by page
 class QemuRamBlock(RamBlock):
     """A RAM block of a QEMU stream, read through its page map."""
 
-    def __init__(
-        self, reader: FileReader, path: Path, block: Block, sent: int, page: int
-    ) -> None:
+    def __init__(self, reader: FileReader, path: Path, block: Block, sent: int, page: int) -> None:
         self._reader, self.file = reader, reader.name
         # a block no page was sent for (x-ignore-shared) has no map: all of it reads as zero
         self.pages: Any = block.pages if len(block.pages) else Unsent(block.length // page)
