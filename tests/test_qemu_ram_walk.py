@@ -216,6 +216,7 @@ def test_runs_split_like_the_plain_loop(pieces: list[tuple[str, int, int]]) -> N
         pos += gap * 4101
     where = array("q", values)
     assert list(pagemap.runs(where, 4104)) == naive_runs(where, 4104)
+    assert list(pagemap.runs_plain(where, 4104)) == naive_runs(where, 4104)
 
 
 @given(st.lists(st.one_of(st.just(0), st.just(-1), st.integers(1, 1 << 62)), max_size=500))

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import itertools
 import os
+import sys
 from array import array
 from collections.abc import Iterator
 from typing import Any
 
 from snapfmt._io import FileReader
 from snapfmt.errors import FormatError
+from snapfmt.perf.runs import progression
 
 NOT_SENT, ZERO_PAGE = 0, -1
 IOV_MAX = 1024  # iovecs per preadv (Linux's IOV_MAX)
@@ -55,7 +57,48 @@ class Unsent:
 def runs(where: Any, step: int) -> Iterator[tuple[int, int, int]]:
     """Split a page map slice into runs (i, j, w): entries [i, j) are either records
     one after another in the stream, the first at offset w > 0 (each *step* bytes on from
-    the one before), or all one of NOT_SENT or ZERO_PAGE (w is that value)."""
+    the one before), or all one of NOT_SENT or ZERO_PAGE (w is that value).
+
+    Short runs are followed entry by entry; once a run is 8 long it is extended by
+    comparing whole stretches of the map's bytes with what the run would hold, in C
+    (a diff splits every 4 MiB of both maps: entry by entry that was a fifth of it)."""
+    n = len(where)
+    raw = b""
+    i = 0
+    while i < n:
+        w, j = where[i], i + 1
+        nxt = w + step if w > 0 else w
+        while j < n and j - i < 8 and where[j] == nxt:
+            j += 1
+            nxt = nxt + step if w > 0 else w
+        if j - i == 8 and j < n:
+            raw = raw or where.tobytes()
+            j = _extend(raw, j, n, w, nxt, step)
+        yield i, j, w
+        i = j
+
+
+def _extend(raw: bytes, j: int, n: int, w: int, nxt: int, step: int) -> int:
+    """Where the run that reached entry *j* (its next entry would be *nxt*) ends, found
+    by comparing growing stretches of the map's bytes *raw* with what the run holds."""
+    probe = 64
+    while j < n:
+        size = min(probe, n - j)
+        if w > 0:
+            expected = progression(nxt, step, size, 8, sys.byteorder)
+        else:
+            expected = (array("q", [w]) * size).tobytes()
+        found = raw[8 * j : 8 * (j + size)]
+        if found != expected:
+            diff = int.from_bytes(found, "big") ^ int.from_bytes(expected, "big")
+            return j + (len(found) - (diff.bit_length() + 7) // 8) // 8
+        j += size
+        nxt += size * step if w > 0 else 0
+        probe *= 8
+    return j
+
+
+def runs_plain(where: Any, step: int) -> Iterator[tuple[int, int, int]]:
     n, i = len(where), 0
     while i < n:
         w, j = where[i], i + 1
