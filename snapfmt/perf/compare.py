@@ -12,9 +12,7 @@ count_changed and page_changes have plain versions the tests hold them equal to.
 
 from __future__ import annotations
 
-import contextlib
 import mmap
-import sys
 from functools import cache
 from typing import TYPE_CHECKING, Any
 
@@ -28,22 +26,9 @@ __all__ = [  # and IN_PLACE, made on first use (see __getattr__)
     "equal",
     "page_changes",
     "page_changes_plain",
-    "populate",
     "string_at",
     "zero_address",
 ]
-
-# Linux 5.14's MADV_POPULATE_READ (Python 3.11's mmap module does not name it)
-_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22 if sys.platform == "linux" else None)
-
-
-def populate(mapping: mmap.mmap) -> None:
-    """Fill a read mapping's page tables in one call, rather than with a fault for every
-    16 pages as they are first read: the two streams of a diff are compared whole.  Where
-    the kernel does not know the call, the faults just happen as before."""
-    if _POPULATE_READ is not None:
-        with contextlib.suppress(OSError, ValueError):
-            mapping.madvise(_POPULATE_READ)
 
 
 @cache
@@ -77,7 +62,6 @@ class Mapped:
         base = lo - lo % mmap.ALLOCATIONGRANULARITY
         self.lo, self.hi = lo, hi
         self._map = mmap.mmap(fd, hi - base, access=mmap.ACCESS_COPY, offset=base)
-        populate(self._map)
         try:
             self._view = (ctypes.c_char * (hi - base)).from_buffer(self._map)
         except BaseException:
