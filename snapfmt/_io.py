@@ -5,6 +5,7 @@ it; on any error the target keeps what it had and the temporary file is removed)
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 from collections.abc import Iterator
@@ -99,6 +100,21 @@ def short(error: Exception) -> str:
     120 characters."""
     lines = str(error).splitlines()
     return (lines[-1] if lines else type(error).__name__)[:120]
+
+
+def json_loads(data: str | bytes) -> Any:
+    """A JSON document, strictly (RFC 8259): NaN, Infinity and -Infinity, which Python's
+    json module takes by default, are refused with ValueError like any other bad JSON."""
+    return json.loads(data, parse_constant=_refuse_constant)
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON value")
+
+
+def json_dumps(document: Any, **options: Any) -> str:
+    """*document* as strict JSON (ValueError on a NaN or infinite float)."""
+    return json.dumps(document, allow_nan=False, **options)
 
 
 def pwrite_all(fd: int, buffers: list[Any], offset: int) -> None:

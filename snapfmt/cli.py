@@ -358,7 +358,7 @@ def main(argv: list[str] | None = None) -> None:
         click.echo("snapfmt: interrupted", err=True)
         code = 130
     except SnapfmtError as e:
-        click.echo(f"snapfmt: error: {e}", err=True)
+        click.echo(render.one_line(f"snapfmt: error: {e}"), err=True)
         code = EXIT_BAD_INPUT
     except BrokenPipeError:
         # The reader went away (e.g. `| head`); point stdout at /dev/null so the
@@ -370,9 +370,9 @@ def main(argv: list[str] | None = None) -> None:
         code = 130
     except OSError as e:
         where = f"{e.filename}: " if e.filename else ""
-        click.echo(f"snapfmt: error: {where}{e.strerror or e}", err=True)
+        click.echo(render.one_line(f"snapfmt: error: {where}{e.strerror or e}"), err=True)
         code = EXIT_BAD_INPUT
     except Exception as e:  # a case the checks above missed: still one line, never a traceback
-        click.echo(f"snapfmt: error: unexpected {type(e).__name__}: {e}", err=True)
+        click.echo(render.one_line(f"snapfmt: error: unexpected {type(e).__name__}: {e}"), err=True)
         code = EXIT_BAD_INPUT
     sys.exit(code if isinstance(code, int) else EXIT_OK)

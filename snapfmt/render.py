@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from snapfmt._io import json_dumps
 from snapfmt.model import Configuration
 from snapfmt.ops.inspect import (
     Container,
@@ -44,8 +45,21 @@ def human(size: int) -> str:
     return f"{value:.1f} {unit}"
 
 
+def one_line(text: str) -> str:
+    """*text* with control characters (a newline in a name from a file, say) and lone
+    surrogates escaped, so that it prints as one line whatever a file held."""
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else _escaped(ch) for ch in text)
+
+
+def _escaped(ch: str) -> str:
+    code = ord(ch)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
 def to_json(data: Any) -> str:
-    return json.dumps(data, indent=2, sort_keys=False)
+    return json_dumps(data, indent=2, sort_keys=False)
 
 
 def table(header: list[str], rows: list[list[str]]) -> list[str]:

@@ -13,7 +13,7 @@ import click
 import pytest
 
 from snapfmt.cli import cli
-from tests.helpers import ROOT, Run
+from tests.helpers import ROOT, SAMPLES, Run
 
 GOLDEN = Path(__file__).resolve().parent / "golden"
 
@@ -359,3 +359,13 @@ def test_write_into_missing_folder_is_one_line(run: Run, samples: Path, tmp_path
         result.err
         == f"snapfmt: error: {samples / 'manifests' / 'tiny.toml'}: {target}: cannot write there: No such file or directory\n"
     )
+
+
+def test_errors_stay_one_line_whatever_a_name_holds(tmp_path: Path, run: Run) -> None:
+    """A newline or a lone surrogate in a file name or a selector is escaped."""
+    weird = tmp_path / "we\nird\udcff.snap"
+    result = run("info", weird)
+    assert result.code == 2 and result.err.count("\n") == 1
+    assert "we\\x0aird\\udcff.snap: cannot open" in result.err
+    result = run("dump", SAMPLES / "basic.snap", "zz\nyy")
+    assert result.code == 2 and result.err.count("\n") == 1 and "zz\\x0ayy" not in result.out

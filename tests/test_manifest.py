@@ -117,7 +117,11 @@ file = "blob.bin"
         ),
         (
             'machine = "pc"\n[[document]]\nname = "d"\ncontent = 1979-05-27\n',
-            "a value cannot be used: Object of type date is not JSON serializable",
+            "metadata 'd' is not a JSON document: Object of type date is not JSON serializable",
+        ),
+        (
+            'machine = "pc"\n[[document]]\nname = "d"\ncontent = nan\n',
+            "metadata 'd' is not a JSON document: Out of range float values are not JSON compliant",
         ),
         (
             'machine = "pc"\n[[document]]\nname = ""\ncontent = 1\n',

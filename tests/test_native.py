@@ -425,3 +425,25 @@ def test_index_errors_name_the_entry(tmp_path: FsPath) -> None:
     assert str(caught.value) == (
         f"{target}: offset {second:#x}: index entry 1 holds text that is not UTF-8"
     )
+
+
+def test_json_is_strict_both_ways(tmp_path: FsPath) -> None:
+    """NaN and the infinities are not JSON (RFC 8259): the writer refuses them, and a
+    reader refuses a document that holds one (Python's json module takes them)."""
+    with (
+        pytest.raises(
+            SnapfmtError, match=r"metadata 'm' is not a JSON document: Out of range float"
+        ),
+        Writer(tmp_path / "w.snap", machine="pc") as w,
+    ):
+        w.add_metadata("m", {"x": float("nan")})
+    assert not (tmp_path / "w.snap").exists()
+    target = tmp_path / "n.snap"
+    with Writer(target, machine="pc") as w:
+        w.add_metadata("m", {"x": "NaN_"})
+    data = bytearray(target.read_bytes())
+    at = data.index(b'"NaN_"')
+    data[at : at + 6] = b"NaN   "
+    target.write_bytes(_reseal(data))
+    with snapfmt.open(target) as snap, pytest.raises(SnapfmtError, match="NaN is not a JSON value"):
+        snap.metadata("m")

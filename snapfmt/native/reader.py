@@ -8,12 +8,11 @@ checked against its checksum or chunk hash first.
 from __future__ import annotations
 
 import io
-import json
 import struct
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from snapfmt._io import FileReader, parse, short
+from snapfmt._io import FileReader, json_loads, parse, short
 from snapfmt.errors import (
     ChecksumError,
     FormatError,
@@ -329,7 +328,7 @@ class NativeSnapshot(Snapshot):
 
     def _json(self, text: str, section: SectionInfo, what: str) -> Any:
         try:
-            return json.loads(text)
+            return json_loads(text)
         except (ValueError, RecursionError) as e:
             raise self._bad(section, f"{what} is not valid JSON", found=short(e)) from None
 

@@ -11,7 +11,6 @@ Output depends only on the input: no timestamps, no thread-timing effects.
 from __future__ import annotations
 
 import functools
-import json
 import os
 import tempfile
 import threading
@@ -22,6 +21,7 @@ from typing import IO, Any, NamedTuple
 import xxhash
 
 from snapfmt import _io as atomic
+from snapfmt._io import json_dumps
 from snapfmt.errors import WriteError
 from snapfmt.formats import native as nf
 from snapfmt.native.chunks import ChunkCodec, Encoded
@@ -110,9 +110,7 @@ class Writer:
                     "machine": _str16(machine, "machine type", self.target),
                     "page_size": page_size,
                     "capabilities": [_str16(c, "capability", self.target) for c in capabilities],
-                    "metadata": json.dumps(
-                        dict(metadata or {}), sort_keys=True, separators=(",", ":")
-                    ),
+                    "metadata": self._json(dict(metadata or {}), "configuration metadata"),
                 }
             )
             self._add_section(nf.SectionKind.CONFIGURATION, "", body, len(body))
@@ -125,6 +123,13 @@ class Writer:
     def _write(self, data: bytes | bytearray | memoryview) -> None:
         self._file.write(data)
         self._pos += len(data)
+
+    def _json(self, document: Any, what: str) -> str:
+        """*document* as compact, strict JSON (what a reader accepts)."""
+        try:
+            return json_dumps(document, sort_keys=True, separators=(",", ":"))
+        except (TypeError, ValueError) as e:
+            raise WriteError(f"{what} is not a JSON document: {e}", file=self.target) from None
 
     def _claim(self, kind: nf.SectionKind, key: str) -> None:
         """Keys are unique per namespace: one for paths (devices and RAM blocks), one for
@@ -197,9 +202,7 @@ class Writer:
                 "version_id": version_id,
                 "flags": 0,
                 "qemu_idstr": _str16(qemu_idstr or "", "QEMU identifier", self.target),
-                "layout": json.dumps(layout, sort_keys=True, separators=(",", ":"))
-                if layout
-                else "",
+                "layout": self._json(layout, f"field layout of {key}") if layout else "",
                 "state_length": len(state),
             }
         )
@@ -208,7 +211,7 @@ class Writer:
     def add_metadata(self, name: str, document: Any) -> None:
         """Add a free JSON document under *name*."""
         self._claim(nf.SectionKind.METADATA, _str16(name, "metadata name", self.target))
-        text = json.dumps(document, sort_keys=True, separators=(",", ":"))
+        text = self._json(document, f"metadata {name!r}")
         body = nf.Metadata.build({"document": text})
         self._add_section(nf.SectionKind.METADATA, name, body, len(text.encode("utf-8")))
 

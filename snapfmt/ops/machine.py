@@ -19,6 +19,7 @@ import zlib
 from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple
 
+from snapfmt._io import json_loads
 from snapfmt.errors import DescriptionError as DescriptionError  # re-exported here
 from snapfmt.errors import QemuError, SnapfmtError
 from snapfmt.formats.native import SectionKind
@@ -260,7 +261,7 @@ def capture(argv: Sequence[str], binary: str = BINARY) -> Machine:
         schemas: dict[str, dict[str, Any]] = {}
         if done.returncode == 0 and os.path.exists(dump):
             with open(dump, encoding="utf-8") as f:
-                schemas = _dump_schemas(json.load(f))
+                schemas = _dump_schemas(json_loads(f.read()))
     names = qtree_devices(qtree)
     devices = [_with_schema(_real_name(d, names), schemas) for d in probed.devices]
     maxima = ramblock_maxima(ramblocks)
@@ -311,7 +312,7 @@ def load(path: str) -> Machine:
             raw = f.read(1 << 28)
         if raw[:2] == b"\x1f\x8b":
             raw = gzip.GzipFile(fileobj=io.BytesIO(raw)).read(1 << 28)
-        data = json.loads(raw)
+        data = json_loads(raw)
     except (EOFError, zlib.error, gzip.BadGzipFile) as e:
         raise DescriptionError(f"{path}: not valid gzip: {e}") from None
     except OSError as e:

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import tomllib
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, NamedTuple
 
+from snapfmt._io import json_loads
 from snapfmt.errors import LayoutError, ManifestError, PathSyntaxError, SnapfmtError
 from snapfmt.formats import native as nf
 from snapfmt.native.writer import RamSource, Writer
@@ -166,7 +166,7 @@ def _read(m: Manifest, name: Any, where: str) -> bytes:
 
 def _json_file(m: Manifest, name: Any, where: str) -> Any:
     try:
-        return json.loads(_read(m, name, where))
+        return json_loads(_read(m, name, where))
     except (ValueError, RecursionError) as e:
         raise ManifestError(f"{m.name}: {where}: {name!r} is not valid JSON: {e}") from None
 

@@ -11,11 +11,10 @@ at its footer (0x7e + section id) followed by a valid next header.
 from __future__ import annotations
 
 import io
-import json
 import re
 from typing import Any, NamedTuple
 
-from snapfmt._io import FileReader, parse
+from snapfmt._io import FileReader, json_loads, parse
 from snapfmt.errors import FormatError, TruncatedError, UnsupportedError
 from snapfmt.formats import qemu as qf
 from snapfmt.qemu.records import Block, RamWalk
@@ -382,7 +381,7 @@ class _Walk:
         if length > size - at or length > 1 << 26:
             raise cur.error("vmdesc length runs past the end of the stream", found=length)
         try:
-            desc = json.loads(self.io.pread(at, length, "vmdesc"))
+            desc = json_loads(self.io.pread(at, length, "vmdesc"))
         except (ValueError, RecursionError) as e:
             raise FormatError(
                 "vmdesc is not valid JSON", file=self.file, offset=at, found=str(e)[:80]

@@ -9,11 +9,10 @@ footer.  Written atomically like native snapshots.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from typing import IO, Any
 
-from snapfmt._io import replace
+from snapfmt._io import json_dumps, replace
 from snapfmt.errors import WriteError
 from snapfmt.formats import qemu as qf
 from snapfmt.model import DeviceState, RamBlock, Snapshot
@@ -130,7 +129,7 @@ def _write(
     # Devices without a field layout are left out of the vmdesc rather than described
     # by a made-up one; readers then show their state as bytes.
     described = [_vmdesc_entry(d) for d in devices if d.layout is not None]
-    desc = json.dumps({"page_size": page, "devices": described}, separators=(",", ":"))
+    desc = json_dumps({"page_size": page, "devices": described}, separators=(",", ":"))
     data = desc.encode("utf-8")
     out.write(qf.VmDescriptionHead.build({"length": len(data)}) + data)
 
