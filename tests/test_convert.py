@@ -99,3 +99,29 @@ def test_ignore_shared_streams_are_not_written(tmp_path: Path, run: Run) -> None
         2,
         f"snapfmt: error: {tmp_path / 'x.mig'}: writing streams with x-ignore-shared or mapped-ram is not supported\n",
     )
+
+
+@pytest.mark.parametrize(
+    ("devices", "message"),
+    [
+        (
+            [("/a/vmstate", "bad id")],
+            "section id string 'bad id' holds a space or a control character",
+        ),
+        (
+            [("/a/vmstate", "timer"), ("/b/vmstate", "timer")],
+            "/b/vmstate has a QEMU identity (timer) that a reader would map to the path",
+        ),
+    ],
+)
+def test_what_a_reader_would_refuse_is_not_written(
+    tmp_path: Path, run: Run, devices: list[tuple[str, str]], message: str
+) -> None:
+    source = tmp_path / "s.snap"
+    with Writer(source, machine="pc") as w:
+        for path, idstr in devices:
+            w.add_device(path, b"\x01", qemu_idstr=idstr)
+    target = tmp_path / "s.mig"
+    result = run("convert", source, target)
+    assert result.code == 2 and message in result.err, result.err
+    assert not target.exists()

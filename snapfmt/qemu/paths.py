@@ -129,3 +129,29 @@ class PathMapper:
     @staticmethod
     def fallback_ram_block(idstr: str) -> Path:
         return Path((Component("ram"), Component(idstr)))
+
+
+class PathAssigner:
+    """The paths a stream's sections get, one identity after another in stream order:
+    the mapped path, or the fallback where another identity has that path already.
+    Reader and writer both use it, so that a stream written can be read back."""
+
+    def __init__(self, machine: str, sections: Iterable[tuple[str, int]]) -> None:
+        self.mapper = PathMapper(machine, sections)
+        self.taken: set[str] = set()
+
+    def _take(self, path: Path, fallback: Path) -> str | None:
+        for candidate in (str(path), str(fallback)):
+            if candidate not in self.taken:
+                self.taken.add(candidate)
+                return candidate
+        return None
+
+    def section(self, idstr: str, instance_id: int) -> str | None:
+        """The path of a device section; None when it and its fallback are both taken."""
+        return self._take(self.mapper.section(idstr, instance_id),
+                          self.mapper.fallback_section(idstr, instance_id))  # fmt: skip
+
+    def ram_block(self, idstr: str) -> str | None:
+        """The path of a RAM block; None when it and its fallback are both taken."""
+        return self._take(self.mapper.ram_block(idstr), self.mapper.fallback_ram_block(idstr))

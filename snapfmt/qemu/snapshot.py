@@ -13,7 +13,7 @@ from snapfmt.formats.native import SectionKind
 from snapfmt.model import CheckResult, Configuration, DeviceState, SectionInfo, Snapshot
 from snapfmt.paths import Path
 from snapfmt.qemu.pagemap import count_sent
-from snapfmt.qemu.paths import PathMapper
+from snapfmt.qemu.paths import PathAssigner
 from snapfmt.qemu.ramblock import QemuRamBlock
 from snapfmt.qemu.records import Block
 from snapfmt.qemu.walk import Section, StreamLayout, walk
@@ -49,7 +49,7 @@ class QemuStream(Snapshot):
     def _index(self) -> None:
         layout = self.layout
         devices = [s for s in layout.sections if s.idstr != "ram"]
-        mapper = PathMapper(layout.machine, [(s.idstr, s.instance_id) for s in devices])
+        names = PathAssigner(layout.machine, [(s.idstr, s.instance_id) for s in devices])
         self._device_paths: dict[str, Section] = {}
         self._block_paths: dict[str, Block] = {}
         self._sent: dict[str, int] = {}
@@ -64,12 +64,10 @@ class QemuStream(Snapshot):
         self._layouts: dict[int, dict[str, Any]] = {}
         infos = []
         for s in devices:
-            path = str(mapper.section(s.idstr, s.instance_id))
-            if path in self._device_paths:  # two identities, one path: keep both apart
-                path = str(mapper.fallback_section(s.idstr, s.instance_id))
-            if path in self._device_paths:
-                raise FormatError(f"two sections map to {path}", file=self.file,
-                                  offset=s.header_offset, section=s.idstr)  # fmt: skip
+            path = names.section(s.idstr, s.instance_id)
+            if path is None:
+                raise FormatError(f"two sections map to {names.mapper.fallback_section(s.idstr, s.instance_id)}",
+                                  file=self.file, offset=s.header_offset, section=s.idstr)  # fmt: skip
             self._device_paths[path] = s
             desc = described.get((s.idstr, s.instance_id))
             if desc is not None:
@@ -77,11 +75,10 @@ class QemuStream(Snapshot):
             size = sum(n for _, n in s.spans)
             infos.append(SectionInfo(SectionKind.DEVICE, path, s.spans[0][0], size, size, size))
         for b in layout.blocks.values():
-            path = str(mapper.ram_block(b.idstr))
-            if path in self._device_paths or path in self._block_paths:
-                path = str(mapper.fallback_ram_block(b.idstr))
-            if path in self._device_paths or path in self._block_paths:
-                raise FormatError(f"two sections map to {path}", file=self.file, section=b.idstr)
+            path = names.ram_block(b.idstr)
+            if path is None:
+                raise FormatError(f"two sections map to {names.mapper.fallback_ram_block(b.idstr)}",
+                                  file=self.file, section=b.idstr)  # fmt: skip
             self._block_paths[path] = b
             self._sent[path] = count_sent(b.pages)
             stored = self._sent[path] * self.page_size

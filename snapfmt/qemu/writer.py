@@ -16,6 +16,8 @@ from snapfmt._io import json_dumps, replace
 from snapfmt.errors import WriteError
 from snapfmt.formats import qemu as qf
 from snapfmt.model import DeviceState, RamBlock, Snapshot
+from snapfmt.qemu.paths import PathAssigner
+from snapfmt.qemu.walk import IDSTR
 
 Progress = Callable[[int], None] | None
 
@@ -84,6 +86,7 @@ def _check(snap: Snapshot, target: str) -> tuple[list[DeviceState], list[RamBloc
                 file=target,
             )
         _name(part.qemu_idstr, name, target)
+    _readable(config.machine, devices, blocks, target)
     for block in blocks:
         if block.length % config.page_size:
             raise WriteError(
@@ -91,6 +94,25 @@ def _check(snap: Snapshot, target: str) -> tuple[list[DeviceState], list[RamBloc
                 file=target,
             )
     return devices, blocks
+
+
+def _readable(
+    machine: str, devices: list[DeviceState], blocks: list[RamBlock], target: str
+) -> None:
+    """Refuse what a reader of the stream would refuse: a section id string it does not
+    take, or two identities that would name one path."""
+    for device in devices:
+        if not IDSTR.match(str(device.qemu_idstr).encode("latin-1")):
+            raise WriteError(f"section id string {device.qemu_idstr!r} holds a space or a "
+                             "control character, which a QEMU stream's reader refuses", file=target)  # fmt: skip
+    names = PathAssigner(machine, [(str(d.qemu_idstr), d.instance_id) for d in devices])
+    taken = [names.section(str(d.qemu_idstr), d.instance_id) for d in devices]
+    taken += [names.ram_block(str(b.qemu_idstr)) for b in blocks]
+    parts: list[DeviceState | RamBlock] = [*devices, *blocks]
+    for part, path in zip(parts, taken, strict=True):
+        if path is None:
+            raise WriteError(f"{part.path} has a QEMU identity ({part.qemu_idstr}) that a "
+                             "reader would map to the path of another section", file=target)  # fmt: skip
 
 
 def _write(
