@@ -144,3 +144,16 @@ def test_the_json_shape_is_the_one_the_readme_documents(run: Run) -> None:
         )
     )
     assert {f["code"] for f in data["findings"]} <= {c for pair in codes for c in pair if c}
+
+
+def test_ramblock_maxima_reads_both_qemu_versions_tables() -> None:
+    from snapfmt.ops.machine import ramblock_maxima
+
+    v7 = """              Block Name    PSize              Offset               Used              Total
+    /rom@etc/acpi/tables    4 KiB  0x0000000001080000 0x0000000000020000 0x0000000000200000
+                  pc.ram    4 KiB  0x0000000000000000 0x0000000001000000 0x0000000001000000"""
+    v10 = """              Block Name    PSize              Offset               Used              Total                HVA  RO
+    /rom@etc/acpi/tables    4 KiB  0x0000000001080000 0x0000000000020000 0x0000000000200000 0x00007fa21a000000  ro
+                  pc.ram    4 KiB  0x0000000000000000 0x0000000001000000 0x0000000001000000 0x00007fa21ae00000  rw"""
+    expected = {"/rom@etc/acpi/tables": 0x200000, "pc.ram": 0x1000000}
+    assert ramblock_maxima(v7) == ramblock_maxima(v10) == expected

@@ -127,12 +127,14 @@ def qtree_devices(qtree: str) -> dict[str, tuple[str, str]]:
 
 
 def ramblock_maxima(table: str) -> dict[str, int]:
-    """Block name -> maximum length, from HMP `info ramblock` (its Total column)."""
+    """Block name -> maximum length, from HMP `info ramblock`: name, page size ("4 KiB"),
+    then Offset, Used and Total in hex (QEMU 10 adds HVA and RO columns after them)."""
     maxima = {}
     for line in table.splitlines()[1:]:
         parts = line.split()
-        if len(parts) >= 6 and parts[-1].startswith("0x") and parts[-2].startswith("0x"):
-            maxima[" ".join(parts[:-5])] = int(parts[-1], 16)
+        first = next((i for i, p in enumerate(parts) if p.startswith("0x")), None)
+        if first is not None and first >= 3 and len(parts) >= first + 3:
+            maxima[" ".join(parts[: first - 2])] = int(parts[first + 2], 16)
     return maxima
 
 
