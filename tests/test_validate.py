@@ -157,3 +157,20 @@ def test_ramblock_maxima_reads_both_qemu_versions_tables() -> None:
                   pc.ram    4 KiB  0x0000000000000000 0x0000000001000000 0x0000000001000000 0x00007fa21ae00000  rw"""
     expected = {"/rom@etc/acpi/tables": 0x200000, "pc.ram": 0x1000000}
     assert ramblock_maxima(v7) == ramblock_maxima(v10) == expected
+
+
+def test_a_description_that_inflates_too_far_is_refused(tmp_path: Path, run: Run) -> None:
+    import gzip
+
+    from snapfmt.ops import machine
+
+    bomb = tmp_path / "bomb.json.gz"
+    with gzip.open(bomb, "wb", compresslevel=9) as f:
+        f.write(b"[" + b" " * (machine.MAX_DESCRIPTION + 10) + b"]")
+    assert bomb.stat().st_size < 1 << 20
+    result = run("validate", SAMPLES / "basic.snap", "--target", bomb)
+    assert result.code == 2
+    assert result.err == (
+        f"snapfmt: error: {bomb}: larger than 64 MiB (decompressed); "
+        "descriptions, even QEMU's whole -dump-vmstate, are far smaller\n"
+    )

@@ -28,6 +28,7 @@ from snapfmt.paths import escape
 from snapfmt.qemu.qmp import BINARY, Qemu
 
 FORMAT = "snapfmt-machine"
+MAX_DESCRIPTION = 64 << 20  # bytes a description may hold, decompressed
 VERSION = 1
 PCI_IDENTITY = {  # offset, size in PCI config space
     "vendor": (0x00, 2), "device": (0x02, 2), "revision": (0x08, 1), "class": (0x09, 3),
@@ -311,9 +312,14 @@ def load(path: str) -> Machine:
         if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block the read
             raise DescriptionError(f"{path}: not a regular file")
         with open(path, "rb") as f:
-            raw = f.read(1 << 28)
+            raw = f.read(MAX_DESCRIPTION + 1)
         if raw[:2] == b"\x1f\x8b":
-            raw = gzip.GzipFile(fileobj=io.BytesIO(raw)).read(1 << 28)
+            raw = gzip.GzipFile(fileobj=io.BytesIO(raw)).read(MAX_DESCRIPTION + 1)
+        if len(raw) > MAX_DESCRIPTION:
+            raise DescriptionError(
+                f"{path}: larger than {MAX_DESCRIPTION >> 20} MiB (decompressed); "
+                "descriptions, even QEMU's whole -dump-vmstate, are far smaller"
+            )
         data = json_loads(raw)
     except (EOFError, zlib.error, gzip.BadGzipFile) as e:
         raise DescriptionError(f"{path}: not valid gzip: {e}") from None
