@@ -127,6 +127,10 @@ class RamBlock(abc.ABC):
     chunk_size: int
     qemu_idstr: str | None = None
     host_page_size: int | None = None  # QEMU postcopy streams: a huge-page block's page
+    # Why the block's contents are not in the file (None: they are).  A QEMU stream saved
+    # with x-ignore-shared sends no page of a shared block: its bytes are in the block's
+    # backing file.  Reading such a block is an error, never a block of zeros.
+    missing: str | None = None
 
     @abc.abstractmethod
     def read(self, offset: int, length: int) -> bytes:

@@ -208,6 +208,11 @@ def dump_text(dump: Dump) -> Iterator[str]:
     for section in dump.sections:
         if isinstance(section, DeviceDump):
             yield from _device_text(section)
+        elif isinstance(section, RamDump) and section.missing:
+            yield (
+                f"{section.path}: RAM block, {human(section.length)} ({section.length:#x} bytes), "
+                f"page size {section.page_size}: contents not in the file: {section.missing}"
+            )
         elif isinstance(section, RamDump):
             nonzero = section.chunks - section.zero_chunks
             yield (
@@ -281,6 +286,7 @@ def dump_json(dump: Dump) -> dict[str, Any]:
                     "zero_chunks": s.zero_chunks,
                     "stored": s.stored,
                     "host_page_size": s.host_page_size,
+                    "missing": s.missing,
                 }
             )
         elif isinstance(s, MetadataDump):

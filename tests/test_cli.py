@@ -156,6 +156,7 @@ def test_dump_json_and_selectors(run: Run, samples: Path) -> None:
         "zero_chunks": 12,
         "stored": 76,
         "host_page_size": None,
+        "missing": None,
     }
 
 

@@ -432,3 +432,24 @@ def test_a_ram_block_kept_past_close_fails(tmp_path: Path) -> None:
             block.read(sent * block.page_size, 16)
     finally:
         os.close(other)
+
+
+def test_a_block_whose_pages_never_came_is_not_read_as_zeros(tmp_path: Path, run: Run) -> None:
+    """A stream declaring a 4 PiB block it never sends (as x-ignore-shared does for a
+    shared block): shown as not in the file, refused by extract and convert at once, not
+    compared by diff; nothing is written."""
+    from tests.test_qemu_ram_walk import build
+
+    target = tmp_path / "huge.mig"
+    target.write_bytes(build({"pc.ram": 4, "big": 1 << 40}, [[("pc.ram", 0, 1)]]))
+    dump = json.loads(run("dump", target, "--json").out)
+    big = next(s for s in dump["sections"] if s["path"] == "/big")
+    assert big["missing"].startswith("no page of it is in the stream")
+    assert "contents not in the file" in run("dump", target).out
+    for args in (["extract", target, "--all", "-d", tmp_path / "out"],
+                 ["extract", target, "/big", "-o", tmp_path / "big.bin"],
+                 ["convert", target, tmp_path / "x.snap"]):  # fmt: skip
+        result = run(*args)
+        assert result.code == 2 and "RAM block /big: no page of it is in the stream" in result.err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["huge.mig"]
+    assert run("diff", target, target).code == 0

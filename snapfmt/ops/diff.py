@@ -238,6 +238,8 @@ def _byte_ranges(a: bytes, b: bytes) -> Iterator[tuple[int, int]]:
 
 def _ram(a: RamBlock, b: RamBlock, progress: Progress) -> SectionDiff | None:
     section = SectionDiff(str(a.path), "ram-block", "changed")
+    if a.missing or b.missing:  # contents not in one file or both: nothing to compare
+        return _missing(section, a, b)
     common = min(a.length, b.length)
     run: list[int] = []  # the open range [start, end]
 
@@ -263,6 +265,24 @@ def _ram(a: RamBlock, b: RamBlock, progress: Progress) -> SectionDiff | None:
         notes.append(
             f"{_count(section.pages, 'page', 'pages differ', 'page differs')} ({_count(section.bytes_changed, 'byte')} changed)"
         )
+    if not notes:
+        return None
+    section.summary = ", ".join(notes)
+    return section
+
+
+def _missing(section: SectionDiff, a: RamBlock, b: RamBlock) -> SectionDiff | None:
+    """Two blocks whose contents one file or both do not hold: they differ only in what
+    the files say (sizes, and whether the contents are there)."""
+    notes = []
+    if a.length != b.length:
+        notes.append(f"size {a.length:#x} -> {b.length:#x}")
+        section.changes.append(Change("size", a.length, b.length))
+    if bool(a.missing) != bool(b.missing):
+        where = "the first" if a.missing else "the second"
+        notes.append(f"contents not in {where} file, so not compared")
+        section.changes.append(Change("contents", "missing" if a.missing else "present",
+                                      "missing" if b.missing else "present"))  # fmt: skip
     if not notes:
         return None
     section.summary = ", ".join(notes)

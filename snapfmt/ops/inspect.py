@@ -126,6 +126,7 @@ class RamDump(NamedTuple):
     zero_chunks: int
     stored: int
     host_page_size: int | None = None
+    missing: str | None = None  # why the contents are not in the file
 
 
 class MetadataDump(NamedTuple):
@@ -165,6 +166,7 @@ def _ram(snap: Snapshot, path: Path) -> RamDump:
         zeros,
         stored,
         block.host_page_size,
+        block.missing,
     )
 
 

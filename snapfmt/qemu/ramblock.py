@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from snapfmt._io import FileReader, pwrite_all
+from snapfmt.errors import FormatError
 from snapfmt.model import RamBlock
 from snapfmt.paths import Path
 from snapfmt.perf import compare
@@ -25,8 +26,11 @@ class QemuRamBlock(RamBlock):
 
     def __init__(self, reader: FileReader, path: Path, block: Block, sent: int, page: int) -> None:
         self._reader, self.file = reader, reader.name
-        # a block no page was sent for (x-ignore-shared) has no map: all of it reads as zero
+        # a block no page was sent for (x-ignore-shared) has no map: its contents are not
+        # in the stream, and reading it is refused
         self.pages: Any = block.pages if len(block.pages) else Unsent(block.length // page)
+        if not len(block.pages) and block.length:
+            self.missing = "no page of it is in the stream (x-ignore-shared keeps a shared block's pages in its backing file)"
         self.sent = sent
         self.path = path
         self.qemu_idstr = block.idstr
@@ -44,7 +48,13 @@ class QemuRamBlock(RamBlock):
     def _gather(self, per: int) -> Gather:
         return Gather(self._reader, self.page_size, per)
 
+    def _need_contents(self) -> None:
+        if self.missing:
+            raise FormatError(f"RAM block {self.path}: {self.missing}", file=self.file,
+                              section=self.qemu_idstr)  # fmt: skip
+
     def read(self, offset: int, length: int) -> bytes:
+        self._need_contents()
         if offset < 0 or length < 0 or offset + length > self.length:
             raise ValueError(f"range {offset:#x}+{length:#x} is outside {self.path}")
         if not length:
@@ -57,6 +67,8 @@ class QemuRamBlock(RamBlock):
         return bytes(gather.view[skip : skip + length])
 
     def summary(self) -> tuple[int, int, int]:
+        if self.missing:  # (no page is zero: none is known)
+            return len(self.pages), 0, 0
         return len(self.pages), len(self.pages) - self.sent, self.sent * self.page_size
 
     def iter_spans(self, span: int = _SPAN) -> Iterator[tuple[int, memoryview]]:
@@ -66,6 +78,7 @@ class QemuRamBlock(RamBlock):
         Pages sent one after another (the usual case) are one run of records, read by
         one scattering preadv per 512 pages: each page lands in its place in the buffer,
         each header between two pages in an 8-byte sink.  No page is copied by Python."""
+        self._need_contents()
         page = self.page_size
         per = max(1, span // page)
         gather = self._gather(per)
@@ -77,6 +90,7 @@ class QemuRamBlock(RamBlock):
     def write_into(self, fd: int, progress: Progress = None) -> None:
         """As RamBlock.write_into, with zero and unsent pages known from the page map:
         spans of them are holes without being looked at."""
+        self._need_contents()
         page = self.page_size
         per = _SPAN // page
         gather = self._gather(per)
@@ -99,6 +113,7 @@ class QemuRamBlock(RamBlock):
         copies.  The 4 MiB spans are shared with a forked process (their cost is page
         faults and memory reads, which threads would queue for in one address space)."""
         page = self.page_size
+        self._need_contents()
         if not isinstance(other, QemuRamBlock) or other.page_size != page or length % page:
             yield from super().differing_pages(other, length, progress)
             return
