@@ -59,8 +59,9 @@ class NativeSnapshot(Snapshot):
                 expected=f"at least {nf.HEADER_SIZE + nf.FOOTER_SIZE}",
             )
         raw = self._io.pread(0, nf.HEADER_SIZE, "header")
-        major = int.from_bytes(raw[8:10], "little")
-        minor = int.from_bytes(raw[10:12], "little")
+        # the version first, before the checksum: a newer major may checksum otherwise
+        fields = self.parse(nf.HeaderFields, raw, 0, "header")
+        major, minor = fields.version_major, fields.version_minor
         if major != nf.VERSION_MAJOR:
             raise UnsupportedError(
                 "native format version not supported",
