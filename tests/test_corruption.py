@@ -173,3 +173,23 @@ def test_dump_reports_a_damaged_configuration_before_damaged_devices(
     result = run("dump", target)
     assert result.code == 2
     assert "configuration: section checksum does not match" in result.err
+
+
+def test_a_flipped_zstd_header_bit_a_decoder_ignores_is_reported(tmp_path: Path) -> None:
+    """Bit 0x10 of a zstd frame header descriptor is unused: decoders ignore it, so verify
+    checks it (spec/format.md §3), for every zstd chunk of a sample."""
+    source = SAMPLES / "basic.snap"
+    with snapfmt.open(source) as snap:
+        frames = [(str(b.path), c.index, c.file_offset) for b in snap.ram_blocks()
+                  for c in b.chunks() if c.encoding == 2]  # type: ignore[attr-defined]  # fmt: skip
+    assert frames
+    for path, index, at in frames:
+        data = bytearray(source.read_bytes())
+        data[at + 4] ^= 0x10
+        target = tmp_path / "x.snap"
+        target.write_bytes(bytes(data))
+        with snapfmt.open(target) as snap:
+            problems = verify(snap).problems
+        assert [(p.section, p.message.split(")")[0]) for p in problems] == [
+            (path, f"chunk {index} (bytes {index * 65536:#x}-{index * 65536 + 65535:#x}")
+        ], problems

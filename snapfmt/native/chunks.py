@@ -16,6 +16,7 @@ from functools import cache
 from snapfmt.formats.native import ChunkEncoding, xxh3_64
 
 Encoded = tuple[int, bytes | None, int]  # encoding, stored bytes, hash of the plain chunk
+_FRAME_BITS_CLEAR = 0x10 | 0x08 | 0x04 | 0x03  # unused, reserved, checksum, dictionary id
 
 # plain ints: comparing with IntEnum members costs an attribute lookup per chunk
 _ZERO, _RAW, _ZSTD = int(ChunkEncoding.ZERO), int(ChunkEncoding.RAW), int(ChunkEncoding.ZSTD)
@@ -99,6 +100,11 @@ class ChunkCodec:
 
     def _inflate(self, frame: bytes | memoryview, expected: int) -> bytes | str:
         """Decompress one frame of *expected* bytes; a string says what is wrong."""
+        # Bits of the frame header descriptor a decoder would ignore or a writer never
+        # sets (spec/format.md §3): the unused and reserved bits, the content checksum
+        # and dictionary id flags.  A flipped one must not pass unnoticed.
+        if len(frame) > 4 and frame[4] & _FRAME_BITS_CLEAR:
+            return f"zstd frame header descriptor {frame[4]:#04x} has bits set that must be clear"
         try:
             # The frame header's size is untrusted: check it against the chunk table
             # before the decompressor sizes a buffer from it.
