@@ -6,7 +6,6 @@ file offset of the page's bytes (pages sent again later win: the walk overwrites
 
 from __future__ import annotations
 
-import itertools
 import os
 import sys
 from array import array
@@ -36,22 +35,6 @@ def mapped_ram_pages(pages: Any, bitmap: bytes, pages_offset: int, page_size: in
                 index = byte_index * 8 + bit
                 if byte >> bit & 1 and index < count:
                     pages[index] = pages_offset + index * page_size
-
-
-class Unsent:
-    """The page map of a block no page was sent for, without allocating one."""
-
-    def __init__(self, count: int) -> None:
-        self.count = count
-
-    def __len__(self) -> int:
-        return self.count
-
-    def __getitem__(self, index: slice) -> array:  # type: ignore[type-arg]
-        return array("q", bytes(8 * len(range(*index.indices(self.count)))))
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(itertools.repeat(NOT_SENT, self.count))
 
 
 def runs(where: Any, step: int) -> Iterator[tuple[int, int, int]]:

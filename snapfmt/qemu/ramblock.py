@@ -13,7 +13,7 @@ from snapfmt.model import RamBlock
 from snapfmt.paths import Path
 from snapfmt.perf import compare
 from snapfmt.perf.parallel import forked_map
-from snapfmt.qemu.pagemap import Gather, Unsent, runs
+from snapfmt.qemu.pagemap import Gather, runs
 from snapfmt.qemu.records import Block
 
 Progress = Callable[[int], None] | None
@@ -28,7 +28,7 @@ class QemuRamBlock(RamBlock):
         self._reader, self.file = reader, reader.name
         # a block no page was sent for (x-ignore-shared) has no map: its contents are not
         # in the stream, and reading it is refused
-        self.pages: Any = block.pages if len(block.pages) else Unsent(block.length // page)
+        self.pages: Any = block.pages
         if not len(block.pages) and block.length:
             self.missing = "no page of it is in the stream (x-ignore-shared keeps a shared block's pages in its backing file)"
         self.sent = sent
@@ -68,7 +68,7 @@ class QemuRamBlock(RamBlock):
 
     def summary(self) -> tuple[int, int, int]:
         if self.missing:  # (no page is zero: none is known)
-            return len(self.pages), 0, 0
+            return self.length // self.page_size, 0, 0
         return len(self.pages), len(self.pages) - self.sent, self.sent * self.page_size
 
     def iter_spans(self, span: int = _SPAN) -> Iterator[tuple[int, memoryview]]:
