@@ -13,6 +13,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from snapfmt._io import pwrite_all
+from snapfmt.errors import FormatError
 from snapfmt.formats.native import SectionKind
 from snapfmt.paths import Path, resolve, resolve_one
 from snapfmt.perf.compare import page_changes
@@ -131,6 +132,13 @@ class RamBlock(abc.ABC):
     # with x-ignore-shared sends no page of a shared block: its bytes are in the block's
     # backing file.  Reading such a block is an error, never a block of zeros.
     missing: str | None = None
+    file: str = ""  # the file the block is read from
+
+    def require_contents(self) -> None:
+        """Raise FormatError when the block's contents are not in the file (``missing``)."""
+        if self.missing:
+            raise FormatError(f"RAM block {self.path}: {self.missing}", file=self.file or None,
+                              section=self.qemu_idstr)  # fmt: skip
 
     @abc.abstractmethod
     def read(self, offset: int, length: int) -> bytes:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 
-from snapfmt.errors import FormatError, SnapfmtError, WriteError
+from snapfmt.errors import SnapfmtError, WriteError
 from snapfmt.formats.native import SectionKind
 from snapfmt.model import Snapshot
 from snapfmt.native.writer import Writer
@@ -60,8 +60,7 @@ def convert(snap: Snapshot, target: str, to: str | None = None, progress: Progre
     if os.path.exists(target) and os.path.samefile(snap.origin, target):
         raise WriteError("is the file being converted; name another output", file=target)
     for block in snap.ram_blocks():  # refused before a byte is written
-        if block.missing:
-            raise FormatError(f"RAM block {block.path}: {block.missing}", file=snap.origin)
+        block.require_contents()
     to = to or ("qemu" if snap.format_name == "native" else "native")
     if to == "native":
         to_native(snap, target, progress)

@@ -19,7 +19,7 @@ from typing import IO, Any, NamedTuple
 import tomli_w
 
 from snapfmt._io import replace
-from snapfmt.errors import FormatError, SnapfmtError
+from snapfmt.errors import SnapfmtError
 from snapfmt.formats.native import DEFAULT_CHUNK_SIZE, SectionKind
 from snapfmt.model import Snapshot
 from snapfmt.paths import Path, escape
@@ -47,8 +47,7 @@ def _write_section(
         out.write(data)
         return len(data)
     block = snap.ram_block(path)
-    if block.missing:
-        raise FormatError(f"RAM block {path}: {block.missing}", file=snap.origin)
+    block.require_contents()
     if ours and _regular(out):  # a file opened here, empty, at offset 0, not O_APPEND
         out.flush()
         block.write_into(out.fileno(), progress)
@@ -132,8 +131,7 @@ def extract_all(snap: Snapshot, folder: str, progress: Progress = None) -> list[
     """Write every section under *folder*, plus a ``manifest.toml`` that ``snapfmt write``
     turns back into an equivalent snapshot (byte-identical for snapshots snapfmt wrote)."""
     for block in snap.ram_blocks():  # refused before a file is made
-        if block.missing:
-            raise FormatError(f"RAM block {block.path}: {block.missing}", file=snap.origin)
+        block.require_contents()
     out = _Folder(folder)
     config = snap.configuration
     manifest: dict[str, Any] = {

@@ -8,7 +8,6 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from snapfmt._io import FileReader, pwrite_all
-from snapfmt.errors import FormatError
 from snapfmt.model import RamBlock
 from snapfmt.paths import Path
 from snapfmt.perf import compare
@@ -48,13 +47,8 @@ class QemuRamBlock(RamBlock):
     def _gather(self, per: int) -> Gather:
         return Gather(self._reader, self.page_size, per)
 
-    def _need_contents(self) -> None:
-        if self.missing:
-            raise FormatError(f"RAM block {self.path}: {self.missing}", file=self.file,
-                              section=self.qemu_idstr)  # fmt: skip
-
     def read(self, offset: int, length: int) -> bytes:
-        self._need_contents()
+        self.require_contents()
         if offset < 0 or length < 0 or offset + length > self.length:
             raise ValueError(f"range {offset:#x}+{length:#x} is outside {self.path}")
         if not length:
@@ -78,7 +72,7 @@ class QemuRamBlock(RamBlock):
         Pages sent one after another (the usual case) are one run of records, read by
         one scattering preadv per 512 pages: each page lands in its place in the buffer,
         each header between two pages in an 8-byte sink.  No page is copied by Python."""
-        self._need_contents()
+        self.require_contents()
         page = self.page_size
         per = max(1, span // page)
         gather = self._gather(per)
@@ -90,7 +84,7 @@ class QemuRamBlock(RamBlock):
     def write_into(self, fd: int, progress: Progress = None) -> None:
         """As RamBlock.write_into, with zero and unsent pages known from the page map:
         spans of them are holes without being looked at."""
-        self._need_contents()
+        self.require_contents()
         page = self.page_size
         per = _SPAN // page
         gather = self._gather(per)
@@ -113,7 +107,7 @@ class QemuRamBlock(RamBlock):
         copies.  The 4 MiB spans are shared with a forked process (their cost is page
         faults and memory reads, which threads would queue for in one address space)."""
         page = self.page_size
-        self._need_contents()
+        self.require_contents()
         if not isinstance(other, QemuRamBlock) or other.page_size != page or length % page:
             yield from super().differing_pages(other, length, progress)
             return
