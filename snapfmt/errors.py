@@ -98,5 +98,10 @@ class DescriptionError(SnapfmtError):
     """A machine description is malformed; the message names the JSON path."""
 
 
+class GuestMemoryError(SnapfmtError):
+    """A snapshot's guest-physical memory or CPU state cannot be laid out: a machine type
+    whose memory map snapfmt does not know, or a section the layout needs is missing."""
+
+
 class QemuError(SnapfmtError):
     """QEMU could not be started, or refused a command."""

@@ -166,6 +166,21 @@ class RamBlock(abc.ABC):
                 progress(len(view))
         os.ftruncate(fd, self.length)
 
+    def write_range_into(
+        self, fd: int, offset: int, length: int, at: int,
+        progress: Callable[[int], None] | None = None,
+    ) -> None:  # fmt: skip
+        """Write bytes [offset, offset + length) of the block into *fd* at *at*, never
+        writing a page of zeros (those stay holes)."""
+        self.require_contents()
+        page, span = self.page_size, 1 << 22
+        for lo in range(offset, offset + length, span):
+            data = memoryview(self.read(lo, min(span, offset + length - lo)))
+            for start, stop in nonzero_runs(data, page):
+                pwrite_all(fd, [data[start:stop]], at + lo - offset + start)
+            if progress:
+                progress(len(data))
+
     def differing_pages(
         self, other: RamBlock, length: int, progress: Callable[[int], None] | None = None
     ) -> Iterator[tuple[int, int, int]]:
@@ -182,6 +197,24 @@ class RamBlock(abc.ABC):
             )
             if progress:
                 progress(n)
+
+
+def nonzero_runs(data: Buffer, page: int) -> Iterator[tuple[int, int]]:
+    """[start, stop) of each run of pages of *data* holding a non-zero byte."""
+    view = memoryview(data)
+    zero = bytes(page)
+    if bytes(len(view)).startswith(view):
+        return
+    start = None
+    for at in range(0, len(view), page):
+        if zero.startswith(view[at : at + page]):
+            if start is not None:
+                yield start, at
+                start = None
+        elif start is None:
+            start = at
+    if start is not None:
+        yield start, len(view)
 
 
 def _paired_spans(a: RamBlock, b: RamBlock, common: int) -> Iterator[tuple[int, Buffer, Buffer]]:

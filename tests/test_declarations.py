@@ -12,6 +12,7 @@ import construct
 import pytest
 
 import snapfmt
+from snapfmt.formats import elf as ef
 from snapfmt.formats import libvirt as lf
 from snapfmt.formats import native as nf
 from snapfmt.formats import qemu as qf
@@ -121,7 +122,30 @@ EXAMPLES: dict[tuple[str, str], dict[str, Any]] = {
     ("libvirt", "HeaderLE"): _LIBVIRT,
     ("libvirt", "HeaderBE"): _LIBVIRT,
 }
-MODULES = {"native": nf, "qemu": qf, "libvirt": lf}
+_SEGMENT = {"selector": 0xF000, "limit": 0xFFFF, "flags": 0x9B00, "pad": 0, "base": 0xFFFF0000}
+EXAMPLES |= {
+    ("elf", "Elf64Header"): {
+        "ei_osabi": 0, "e_type": ef.ET_CORE, "e_machine": ef.EM_386, "e_version": 1,
+        "e_entry": 0, "e_phoff": 64, "e_shoff": 0, "e_flags": 0, "e_ehsize": 64,
+        "e_phentsize": 56, "e_phnum": 6, "e_shentsize": 0, "e_shnum": 0, "e_shstrndx": 0,
+    },
+    ("elf", "Elf64ProgramHeader"): {
+        "p_type": ef.PT_LOAD, "p_flags": 7, "p_offset": 4096, "p_vaddr": 0xFFFC0000,
+        "p_paddr": 0xFFFC0000, "p_filesz": 0x40000, "p_memsz": 0x40000, "p_align": 4096,
+    },
+    ("elf", "NoteHeader"): {"n_namesz": 5, "n_descsz": 0x90, "n_type": 1, "name": b"CORE\0\0\0\0"},
+    ("elf", "I386Prstatus"): {"pid": 1, "regs": {name: i for i, name in enumerate(ef.I386_REGS)}},
+    ("elf", "X86_64Prstatus"): {
+        "pid": 2, "regs": {name: 1 << i for i, name in enumerate(ef.X86_64_REGS)},
+    },
+    ("elf", "QemuSegment"): _SEGMENT,
+    ("elf", "QemuCpuState"): {
+        "version": 1, "size": 0x1B8, **{name: i for i, name in enumerate(ef.QEMU_REGS)},
+        **{name: _SEGMENT for name in ef.QEMU_SEGMENTS}, "cr": [0x60000010, 0, 0, 0, 0],
+        "kernel_gs_base": 0,
+    },
+}  # fmt: skip
+MODULES = {"native": nf, "qemu": qf, "libvirt": lf, "elf": ef}
 DECLARED = [(module, name) for module, m in MODULES.items() for name in m.STRUCTURES]
 
 

@@ -98,6 +98,31 @@ class QemuRamBlock(RamBlock):
                 progress(n * page)
         os.ftruncate(fd, self.length)
 
+    def write_range_into(
+        self, fd: int, offset: int, length: int, at: int, progress: Progress = None
+    ) -> None:
+        """As RamBlock.write_range_into, the zero pages known from the page map: only
+        runs of sent pages are read, gathered 4 MiB at a time, and written."""
+        page = self.page_size
+        if offset % page or length % page:
+            super().write_range_into(fd, offset, length, at, progress)
+            return
+        self.require_contents()
+        per = _SPAN // page
+        gather = self._gather(per)
+        first, stop = offset // page, (offset + length) // page
+        for lo in range(first, stop, per):
+            where = self.pages[lo : min(lo + per, stop)]
+            if max(where) > 0:
+                gather.fill(where)
+                for i, j, w in runs(where, page + 8):
+                    if w > 0:
+                        pwrite_all(
+                            fd, [gather.view[i * page : j * page]], at + (lo - first + i) * page
+                        )
+            if progress:
+                progress(len(where) * page)
+
     def differing_pages(
         self, other: RamBlock, length: int, progress: Progress = None
     ) -> Iterator[tuple[int, int, int]]:
