@@ -53,6 +53,28 @@ def timed(argv: list[str]) -> tuple[float, float]:
     return wall, rss
 
 
+def random_stream(work: Path, gib: int) -> Path:
+    """A stream QEMU saves of a paused *gib* GiB guest whose RAM is random bytes (nearly
+    every page a PAGE record), synced to disk so no writeback runs under the timings."""
+    ram, stream = work / "ram.img", work / "vm.mig"
+    with open(ram, "wb") as f:
+        for _ in range(gib * 256):
+            f.write(os.urandom(4 << 20))
+    machine = ["-M", "pc-i440fx-7.2", "-m", f"{gib}G", "-nodefaults",
+               "-object", f"memory-backend-file,id=pc.ram,size={gib}G,mem-path={ram},share=off",
+               "-machine", "memory-backend=pc.ram"]  # fmt: skip
+    t = time.perf_counter()
+    with Qemu(machine, timeout=600) as vm:
+        vm.save(str(stream))
+    print(
+        f"QEMU wrote a {stream.stat().st_size / 1e9:.2f} GB stream in {time.perf_counter() - t:.1f} s",
+        file=sys.stderr,
+    )
+    ram.unlink()
+    os.sync()
+    return stream
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -69,22 +91,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(dir=args.dir, prefix="snapfmt-qbench-") as tmp:
         work = Path(tmp)
-        ram, stream = work / "ram.img", work / "vm.mig"
-        with open(ram, "wb") as f:
-            for _ in range(args.gib * 256):
-                f.write(os.urandom(4 << 20))
-        machine = ["-M", "pc-i440fx-7.2", "-m", f"{args.gib}G", "-nodefaults",
-                   "-object", f"memory-backend-file,id=pc.ram,size={args.gib}G,mem-path={ram},share=off",
-                   "-machine", "memory-backend=pc.ram"]  # fmt: skip
-        t = time.perf_counter()
-        with Qemu(machine, timeout=600) as vm:
-            vm.save(str(stream))
-        print(
-            f"QEMU wrote a {stream.stat().st_size / 1e9:.2f} GB stream in {time.perf_counter() - t:.1f} s",
-            file=sys.stderr,
-        )
-        ram.unlink()
-        os.sync()  # the stream on disk: no writeback of it under the timings
+        stream = random_stream(work, args.gib)
         if args.reread:  # an older save rather than one just made (see reread())
             reread([str(stream)])
         snapfmt = snapfmt_command(work, args.in_place)
