@@ -180,3 +180,24 @@ def test_a_block_missing_from_the_stream_can_come_from_its_file(tmp_path: Path, 
     assert refused.code == 2 and "less than RAM block /pc.ram" in refused.err
     unknown = run("memory", PC, "--block-file", f"nope={backing}")
     assert unknown.code == 2 and "no RAM block 'nope'" in unknown.err
+
+
+def config(command: int, bar0: int, bar1: int = 0, rom: int = 0) -> bytes:
+    data = bytearray(256)
+    data[0x04] = command
+    data[0x10:0x14] = bar0.to_bytes(4, "little")
+    data[0x14:0x18] = bar1.to_bytes(4, "little")
+    data[0x30:0x34] = rom.to_bytes(4, "little")
+    return bytes(data)
+
+
+def test_bars_map_as_pci_bar_address_decides() -> None:
+    from snapfmt.guest.bars import BAR0, ROM_BAR, _address
+
+    assert _address(config(2, 0xFD000008), BAR0, 16 * MiB) == 0xFD000000
+    assert _address(config(0, 0xFD000008), BAR0, 16 * MiB) is None  # decoding off
+    assert _address(config(2, 0xC001), BAR0, 0x100) is None  # an I/O BAR
+    assert _address(config(2, 0xC, 0x80), BAR0, 16 * MiB) == 0x80_0000_0000  # 64-bit
+    assert _address(config(2, 0xFF000000), BAR0, 16 * MiB) is None  # 32-bit reaching 4 GiB
+    assert _address(config(2, 0, rom=0xFEB80001), ROM_BAR, 0x40000) == 0xFEB80000
+    assert _address(config(2, 0, rom=0xFEB80000), ROM_BAR, 0x40000) is None  # not enabled

@@ -164,7 +164,7 @@ def test_chipset_registers_shape_the_map(qemu: str, tmp_path: Path, family: str)
     bios = tmp_path / "bios.bin"
     image, halted_at = tiny_bios(writes)
     bios.write_bytes(image)
-    stream, dump = saved_and_dumped(qemu, [*args, "-bios", str(bios)], tmp_path, run=True)
+    stream, dump = saved_and_dumped(qemu, [*args, "-bios", str(bios)], tmp_path, run=0.5)
     ours = tmp_path / "snapfmt.core"
     with snapfmt.open(stream) as snap:
         memory.write_elf(snap, str(ours))
@@ -185,6 +185,39 @@ def test_chipset_registers_shape_the_map(qemu: str, tmp_path: Path, family: str)
                  if line.split() and line.split()[0] in ("eax", "ebx", "eip")}  # fmt: skip
     assert registers["eax"] == 0x12345678 and registers["ebx"] == 0x9ABCDEF0
     assert registers["eip"] == halted_at
+
+
+BOOTED = {
+    "pc-128M-vga": ["-M", "pc-i440fx-7.2", "-m", "128M"],
+    "q35-256M-2cpu": ["-M", "pc-q35-7.2", "-m", "256M", "-smp", "2"],
+    "pc-4G-virtio-vga": [
+        "-M",
+        "pc-i440fx-7.2",
+        "-m",
+        "4G",
+        "-vga",
+        "none",
+        "-device",
+        "virtio-vga",
+    ],
+}
+
+
+@pytest.mark.parametrize("case", sorted(BOOTED))
+def test_after_seabios_ran(qemu: str, tmp_path: Path, case: str) -> None:
+    """SeaBIOS shadows itself (PAM to RAM), copies option ROMs and programs the BARs:
+    the video RAM appears at its BAR, as in QEMU's own dump."""
+    stream, dump = saved_and_dumped(qemu, BOOTED[case], tmp_path, run=2.0)
+    ours = tmp_path / "snapfmt.core"
+    with snapfmt.open(stream) as snap:
+        memory.write_elf(snap, str(ours))
+        layout = physical_map(snap)
+    try:
+        assert_same_core(ours, dump)
+        assert any(r.block.endswith("/vga.vram") for r in layout.ranges)
+    finally:
+        for path in (stream, dump, ours):
+            path.unlink()
 
 
 def volatility_finds(image: Path, kind: str) -> list[int]:

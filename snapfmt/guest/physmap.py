@@ -17,6 +17,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from typing import NamedTuple
 
 from snapfmt.errors import GuestMemoryError
+from snapfmt.guest.bars import ram_bars
 from snapfmt.model import DeviceState, RamBlock, Snapshot
 
 GiB, MiB, KiB = 1 << 30, 1 << 20, 1 << 10
@@ -289,6 +290,9 @@ def physical_map(
     above = ram_size - below
 
     pci = _pci_space(blocks, _has_legacy_vga(snap))
+    bars = ram_bars(snap, blocks)
+    for bar in bars:
+        pci = paint(pci, bar.start, bar.start + bar.length, (bar.block, 0))
     system = paint(list(pci), 0, below, (ram, 0))
     if above:
         system = paint(system, FOUR_GIB, FOUR_GIB + above, (ram, below))
@@ -296,6 +300,7 @@ def physical_map(
     config = _config_of(snap, chipset)
     system = _overlays(system, pci, config, chipset, ram, below, version, notes)
     used = {name for name in (ram, "pc.bios", "pc.rom") if name in blocks}
+    used |= {bar.block for bar in bars}
     unmapped = tuple(sorted(name for name in blocks if name not in used))
     ranges = merged(system)
     return PhysicalMap(machine, family, below, above, ranges,
@@ -303,7 +308,7 @@ def physical_map(
 
 
 def _pci_space(blocks: dict[str, RamBlock], legacy_vga: bool) -> list[Segment]:
-    """What the PCI address space holds below 4 GiB before any BAR is programmed."""
+    """What the PCI address space holds below 4 GiB besides the BARs."""
     pci: list[Segment] = []
     bios = blocks.get("pc.bios")
     if bios is not None and 0 < bios.length <= 16 * MiB:
