@@ -318,3 +318,26 @@ def test_libvirt_save_image_gives_the_core_virsh_dump_gives(tmp_path: Path) -> N
         memory.write_elf(snap, str(ours))
     assert_same_core(ours, dump)
     assert volatility_finds(ours, "elf") == [LOW_MARK]
+
+
+def test_a_shared_block_comes_from_its_backing_file(qemu: str, tmp_path: Path, run: Any) -> None:
+    """x-ignore-shared leaves a shared block's pages out of the stream: the ELF is refused
+    naming the block, and made from the backing file given with --block-file."""
+    ram = tmp_path / "ram.img"
+    ram.write_bytes(bytes(64 << 20))
+    args = ["-M", "pc-i440fx-7.2,memory-backend=pc.ram", "-m", "64M",
+            "-object", f"memory-backend-file,id=pc.ram,size=64M,mem-path={ram},share=on",
+            *marker_args(tmp_path, LOW_MARK)]  # fmt: skip
+    stream, dump = tmp_path / "vm.mig", tmp_path / "qemu.core"
+    with qmp.Qemu(binary=qemu, args=["-display", "none", *args]) as vm:
+        vm.command("dump-guest-memory", paging=False, protocol=f"file:{dump}")
+        vm.command("migrate-set-capabilities",
+                   capabilities=[{"capability": "x-ignore-shared", "state": True}])  # fmt: skip
+        vm.save(str(stream))
+    core = tmp_path / "snapfmt.core"
+    refused = run("memory", stream, "--elf", core)
+    assert refused.code == 2 and not core.exists()
+    assert "RAM block pc.ram: no page of it is in the stream" in refused.err
+    assert "--block-file pc.ram=FILE" in refused.err
+    assert run("memory", stream, "--elf", core, "--block-file", f"pc.ram={ram}", "-q").code == 0
+    assert_same_core(core, dump)
