@@ -34,7 +34,9 @@ existing_file = click.Path(path_type=str)  # checked by the library, for one-lin
 
 
 def emit(lines: Iterable[str] | str) -> None:
-    text = lines if isinstance(lines, str) else "\n".join(lines)
+    """Print one text (JSON, or a line) as it is, or text lines each escaped to one line:
+    a control character in a name read from a file cannot split or forge a line."""
+    text = lines if isinstance(lines, str) else "\n".join(map(render.one_line, lines))
     click.echo(text)
 
 

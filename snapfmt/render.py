@@ -63,8 +63,9 @@ def to_json(data: Any) -> str:
 
 
 def table(header: list[str], rows: list[list[str]]) -> list[str]:
-    """Columns padded to their widest cell, two spaces apart, no trailing spaces."""
-    everything = [header, *rows]
+    """Columns padded to their widest cell, two spaces apart, no trailing spaces; cells
+    (names read from files among them) escaped to one line each."""
+    everything = [header, *([one_line(cell) for cell in row] for row in rows)]
     if not header:
         return ["" for _ in everything]
     widths = [max(map(len, column)) for column in zip(*everything, strict=True)]
@@ -113,7 +114,7 @@ def _container_json(c: Container | None) -> dict[str, Any] | None:
     }
 
 
-def info_text(info: Info) -> str:
+def info_text(info: Info) -> list[str]:
     config = info.configuration
     kinds: dict[str, int] = {}
     for row in info.rows:
@@ -144,7 +145,7 @@ def info_text(info: Info) -> str:
         for r in info.rows
     ]
     lines += table(["PATH", "KIND", "DRIVER", "VERSION", "SIZE", "STORED"], rows)
-    return "\n".join(lines)
+    return lines
 
 
 def info_json(info: Info) -> dict[str, Any]:
@@ -437,7 +438,7 @@ def diff_json(d: Diff) -> dict[str, Any]:
 
 
 def machine_written(output: str, description: Machine) -> str:
-    return (
+    return one_line(
         f"wrote {output}: {description.machine}, {len(description.devices)} device sections, "
         f"{len(description.ram_blocks)} RAM blocks"
     )

@@ -13,6 +13,7 @@ import click
 import pytest
 
 from snapfmt.cli import cli
+from snapfmt.native.writer import Writer
 from tests.helpers import ROOT, SAMPLES, Run
 
 GOLDEN = Path(__file__).resolve().parent / "golden"
@@ -370,3 +371,25 @@ def test_errors_stay_one_line_whatever_a_name_holds(tmp_path: Path, run: Run) ->
     assert "we\\x0aird\\udcff.snap: cannot open" in result.err
     result = run("dump", SAMPLES / "basic.snap", "zz\nyy")
     assert result.code == 2 and result.err.count("\n") == 1 and "zz\\x0ayy" not in result.out
+
+
+def test_names_with_control_characters_are_escaped_in_text_not_in_json(
+    tmp_path: Path, run: Run
+) -> None:
+    """A newline, an escape sequence or a bidi override in a name read from a file
+    cannot split, forge or recolour a line of text output; --json keeps it exact."""
+    path = tmp_path / "names.snap"
+    with Writer(path, machine="pc\x1b[31m") as w:
+        w.add_device("/dev/vmstate", b"\x01", driver="d\nrv", vmstate_name="v\x07s",
+                     qemu_idstr="q\rid")  # fmt: skip
+        w.add_metadata("m\ne\u202e", {"a": "b\n"})
+    info = run("info", path)
+    assert info.code == 0 and "\x1b" not in info.out and "\r" not in info.out
+    assert "/dev/vmstate  device    d\\x0arv  1" in info.out
+    assert "m\\x0ae\\u202e  metadata" in info.out and "machine       pc\\x1b[31m" in info.out
+    dump = run("dump", path)
+    assert "device d\\x0arv, vmstate v\\x07s version 1, instance 0, QEMU id q\\x0did" in dump.out
+    assert len(dump.out.splitlines()) == 5
+    exact = json.loads(run("dump", path, "--json").out)
+    assert exact["sections"][0]["driver"] == "d\nrv"
+    assert exact["sections"][1]["name"] == "m\ne\u202e"
