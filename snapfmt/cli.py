@@ -426,9 +426,16 @@ def _write_json(path: str, data: object) -> None:
         f.write("\n")
 
 
+def _terminated(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # unwinds like Ctrl-C: partial output files are removed
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: one-line errors, documented exit codes, no tracebacks."""
+    import signal
+
     code: Any
+    signal.signal(signal.SIGTERM, _terminated)
     try:
         code = cli.main(args=argv, prog_name="snapfmt", standalone_mode=False)
     except click.exceptions.Exit as e:

@@ -393,3 +393,27 @@ def test_names_with_control_characters_are_escaped_in_text_not_in_json(
     exact = json.loads(run("dump", path, "--json").out)
     assert exact["sections"][0]["driver"] == "d\nrv"
     assert exact["sections"][1]["name"] == "m\ne\u202e"
+
+
+def test_a_terminated_write_leaves_no_partial_file(tmp_path: Path) -> None:
+    """SIGTERM (what timeout and service managers send) unwinds like Ctrl-C: the
+    temporary output is removed, nothing half-written stays in the folder."""
+    import signal
+    import time
+
+    manifest = tmp_path / "big.toml"
+    manifest.write_text('machine = "pc"\n[[ram]]\npath = "/pc.ram"\nsize = "64T"\nfill = []\n')
+    out = tmp_path / "out"
+    out.mkdir()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "snapfmt", "write", str(manifest), "-o", str(out / "x.snap"), "-q"],
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 20
+    while not any(out.iterdir()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=20)
+    assert proc.returncode == 130 and err.strip() == "snapfmt: interrupted"
+    assert list(out.iterdir()) == []

@@ -278,7 +278,7 @@ def physical_map(
     family, version = machine_family(machine)
     blocks = _blocks(snap, supplied or {})
     if ram not in blocks:
-        raise GuestMemoryError(f"no RAM block {ram!r} (the machine's RAM; name another one)")
+        raise GuestMemoryError(f"no RAM block {ram!r} (the machine's RAM): name it with --ram")
     ram_size = blocks[ram].length
     notes: list[str] = []
     cmos = _cmos(snap)
