@@ -146,6 +146,69 @@ def tiny_bios(writes: list[tuple[int, int]]) -> tuple[bytes, int]:
     return bytes(image), len(code) - 2
 
 
+def long_mode_bios() -> tuple[bytes, int]:
+    """A 64 KiB firmware that goes from real mode straight to long mode (identity-mapped
+    2 MiB pages at 0 and below 4 GiB, a 64-bit code segment), loads marks into rax, rbx,
+    rsp and r15, and halts; and the rip after its hlt."""
+    le = int.to_bytes
+    code = bytearray(b"\xfa")  # cli
+    for address, value in [
+        (0x1000, 0x2003),
+        (0x2000, 0x3003),
+        (0x2018, 0x4003),
+        (0x3000, 0x83),
+        (0x4FF8, 0xFFE00083),  # PML4, PDPT, two PDs
+        (0x500C, 0x00209A00),
+        (0x5014, 0x00009200),
+        (0x5022, 0x5000),
+    ]:
+        code += b"\x66\xc7\x06" + le(address, 2, "little") + le(value, 4, "little")
+    code += b"\xc7\x06\x20\x50\x17\x00"  # the GDT's limit, 0x17, at 0x5020
+    code += b"\x0f\x01\x16\x20\x50"  # lgdt [0x5020]
+    code += b"\x0f\x20\xe0\x66\x83\xc8\x20\x0f\x22\xe0"  # cr4 |= PAE
+    code += b"\x66\xb8\x00\x10\x00\x00\x0f\x22\xd8"  # cr3 = 0x1000
+    code += b"\x66\xb9\x80\x00\x00\xc0\x0f\x32\x66\x0d\x00\x01\x00\x00\x0f\x30"  # EFER.LME
+    code += b"\x0f\x20\xc0\x66\x0d\x01\x00\x00\x80\x0f\x22\xc0"  # cr0 |= PG | PE
+    target = len(code) + 8  # after the far jump below (66 ea off32 sel16)
+    code += b"\x66\xea" + le(0xFFFF0000 + target, 4, "little") + b"\x08\x00"
+    for prefix, value in [
+        (b"\x48\xb8", 0x1122334455667788),
+        (b"\x48\xbb", 0x99AABBCCDDEEFF00),
+        (b"\x48\xbc", 0x7FF0),
+        (b"\x49\xbf", 0x0F0F0F0F0F0F0F0F),
+    ]:
+        code += prefix + le(value, 8, "little")  # mov rax/rbx/rsp/r15, imm64
+    code += b"\xf4\xeb\xfd"  # hlt; jmp to the hlt
+    image = bytearray(0x10000)
+    image[: len(code)] = code
+    image[0xFFF0:0xFFF3] = b"\xe9\x0d\x00"
+    return bytes(image), 0xFFFF0000 + len(code) - 2
+
+
+def test_a_cpu_in_long_mode_gives_x86_64_notes(qemu: str, tmp_path: Path) -> None:
+    bios = tmp_path / "bios.bin"
+    image, halted_at = long_mode_bios()
+    bios.write_bytes(image)
+    args = ["-M", "pc-q35-7.2", "-m", "64M", "-smp", "2", "-bios", str(bios)]
+    stream, dump = saved_and_dumped(qemu, args, tmp_path, run=0.5)
+    ours = tmp_path / "snapfmt.core"
+    with snapfmt.open(stream) as snap:
+        memory.write_elf(snap, str(ours))
+    machine, _, notes = segments(ours)
+    assert machine == "EM_X86_64" and notes[0][:2] == ("CORE", "NT_PRSTATUS")
+    assert len(notes[0][2]) == 0x150
+    assert_same_core(ours, dump)
+    gdb = need_tool("gdb")
+    shown = subprocess.run(
+        [gdb, "-nx", "-batch", "-ex", "info registers rax rbx rsp r15 rip", "-c", str(ours)],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    registers = {line.split()[0]: int(line.split()[1], 16) for line in shown.splitlines()
+                 if line.split() and line.split()[0] in ("rax", "rbx", "rsp", "r15", "rip")}  # fmt: skip
+    assert registers == {"rax": 0x1122334455667788, "rbx": 0x99AABBCCDDEEFF00, "rsp": 0x7FF0,
+                         "r15": 0x0F0F0F0F0F0F0F0F, "rip": halted_at}  # fmt: skip
+
+
 CHIPSETS = {
     # PAM: F0000 RAM; C0000 RAM, C4000 PCI (pc.rom); C8000 PCI, CC000 write-only (RAM);
     # E0000-E7FFF RAM, E8000-EFFFF PCI (nothing there: RAM shows); SMRAM open
