@@ -18,6 +18,7 @@ from snapfmt.formats import elf
 from snapfmt.guest import cpu as cpu_state
 from snapfmt.guest.physmap import PhysicalMap, physical_map
 from snapfmt.model import Snapshot
+from snapfmt.perf.writeback import Writeback
 
 Progress = Callable[[int], None] | None
 ALIGN = 4096  # where the ELF core's memory starts, and each PT_LOAD's alignment
@@ -80,14 +81,24 @@ def _phdr(kind: int, flags: int, offset: int, address: int, size: int, align: in
     }))  # fmt: skip
 
 
-def _copy(memory: PhysicalMap, fd: int, places: list[int], progress: Progress) -> None:
+def _copy(
+    memory: PhysicalMap, fd: int, places: list[int], progress: Progress, writeback: bool
+) -> None:
+    started = Writeback(fd, enabled=writeback)
+
+    def tick(size: int) -> None:
+        started.wrote(size)
+        if progress:
+            progress(size)
+
     for r, at in zip(memory.ranges, places, strict=True):
-        memory.blocks[r.block].write_range_into(fd, r.offset, r.length, at, progress)
+        memory.blocks[r.block].write_range_into(fd, r.offset, r.length, at, tick)
 
 
 def write_elf(snap: Snapshot, output: str, memory: PhysicalMap | None = None,
-              progress: Progress = None) -> Written:  # fmt: skip
-    """Write the ELF core of *snap*'s guest-physical memory and CPUs to *output*."""
+              progress: Progress = None, writeback: bool = True) -> Written:  # fmt: skip
+    """Write the ELF core of *snap*'s guest-physical memory and CPUs to *output*
+    (*writeback*: start flushing it to disk while writing, perf.writeback)."""
     memory = memory or physical_map(snap)
     cpus = cpu_state.cpus(snap)
     _require(memory)
@@ -96,20 +107,20 @@ def write_elf(snap: Snapshot, output: str, memory: PhysicalMap | None = None,
     with replace(output) as f:
         fd = f.fileno()
         os.pwrite(fd, head, 0)
-        _copy(memory, fd, offsets, progress)
+        _copy(memory, fd, offsets, progress, writeback)
         os.ftruncate(fd, size)
     return Written(output, "elf", len(memory.ranges), guest_bytes(memory), size)
 
 
 def write_raw(snap: Snapshot, output: str, memory: PhysicalMap | None = None,
-              progress: Progress = None) -> Written:  # fmt: skip
+              progress: Progress = None, writeback: bool = True) -> Written:  # fmt: skip
     """Write a flat image of *snap*'s guest-physical memory: byte N of the file is the
     byte at address N; holes and zero pages are holes of the file."""
     memory = memory or physical_map(snap)
     _require(memory)
     with replace(output) as f:
         fd = f.fileno()
-        _copy(memory, fd, [r.start for r in memory.ranges], progress)
+        _copy(memory, fd, [r.start for r in memory.ranges], progress, writeback)
         os.ftruncate(fd, memory.end)
     return Written(output, "raw", len(memory.ranges), guest_bytes(memory), memory.end)
 
