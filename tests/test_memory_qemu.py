@@ -94,6 +94,16 @@ def marker_args(folder: Path, *addresses: int) -> list[str]:
     return out
 
 
+def gdb_registers(core: Path, *names: str) -> dict[str, int]:
+    """The registers gdb shows for the core's first thread."""
+    shown = subprocess.run(
+        [need_tool("gdb"), "-nx", "-batch", "-ex", f"info registers {' '.join(names)}",
+         "-c", str(core)], capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    return {line.split()[0]: int(line.split()[1], 16) for line in shown.splitlines()
+            if line.split() and line.split()[0] in names}  # fmt: skip
+
+
 def assert_same_core(ours: Path, theirs: Path) -> None:
     assert segments(ours) == segments(theirs)
 
@@ -198,15 +208,9 @@ def test_a_cpu_in_long_mode_gives_x86_64_notes(qemu: str, tmp_path: Path) -> Non
     assert machine == "EM_X86_64" and notes[0][:2] == ("CORE", "NT_PRSTATUS")
     assert len(notes[0][2]) == 0x150
     assert_same_core(ours, dump)
-    gdb = need_tool("gdb")
-    shown = subprocess.run(
-        [gdb, "-nx", "-batch", "-ex", "info registers rax rbx rsp r15 rip", "-c", str(ours)],
-        capture_output=True, text=True, check=True,
-    ).stdout  # fmt: skip
-    registers = {line.split()[0]: int(line.split()[1], 16) for line in shown.splitlines()
-                 if line.split() and line.split()[0] in ("rax", "rbx", "rsp", "r15", "rip")}  # fmt: skip
-    assert registers == {"rax": 0x1122334455667788, "rbx": 0x99AABBCCDDEEFF00, "rsp": 0x7FF0,
-                         "r15": 0x0F0F0F0F0F0F0F0F, "rip": halted_at}  # fmt: skip
+    expected = {"rax": 0x1122334455667788, "rbx": 0x99AABBCCDDEEFF00, "rsp": 0x7FF0,
+                "r15": 0x0F0F0F0F0F0F0F0F, "rip": halted_at}  # fmt: skip
+    assert gdb_registers(ours, *expected) == expected
 
 
 CHIPSETS = {
@@ -239,13 +243,7 @@ def test_chipset_registers_shape_the_map(qemu: str, tmp_path: Path, family: str)
     else:  # TSEG hides the last MiB of low RAM
         assert layout.find(128 * 2**20 - 1) is None and layout.find(127 * 2**20 - 1)
         assert any("TSEG" in note for note in layout.notes)
-    gdb = need_tool("gdb")
-    shown = subprocess.run(
-        [gdb, "-nx", "-batch", "-ex", "info registers eax ebx eip", "-c", str(ours)],
-        capture_output=True, text=True, check=True,
-    ).stdout  # fmt: skip
-    registers = {line.split()[0]: int(line.split()[1], 16) for line in shown.splitlines()
-                 if line.split() and line.split()[0] in ("eax", "ebx", "eip")}  # fmt: skip
+    registers = gdb_registers(ours, "eax", "ebx", "eip")
     assert registers["eax"] == 0x12345678 and registers["ebx"] == 0x9ABCDEF0
     assert registers["eip"] == halted_at
 
