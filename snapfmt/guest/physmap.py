@@ -239,6 +239,11 @@ def _config_of(snap: Snapshot, chipset: Chipset) -> bytes:
         if device.vmstate_name == chipset.name:
             for field in device.iter_fields():
                 if field.type == "pci config" and isinstance(field.value, bytes):
+                    if len(field.value) < 256:
+                        raise GuestMemoryError(
+                            f"{device.path}: PCI config space of {len(field.value)} bytes, "
+                            "expected 256"
+                        )
                     return field.value
             raise GuestMemoryError(
                 f"{device.path}: no decoded PCI config space (the section has no field "
