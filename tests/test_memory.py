@@ -217,3 +217,17 @@ def test_started_writeback_writes_the_same_bytes(tmp_path: Path) -> None:
             outputs.append(out.read_bytes())
     assert outputs[0] == outputs[1]
     assert writeback._sync_file_range() is not None  # (Linux: the fast version ran)
+
+
+def test_a_short_host_bridge_config_is_named(tmp_path: Path, run: Run) -> None:
+    short = tmp_path / "short.snap"
+    layout = {"fields": [{"name": "config", "type": "pci config", "size": 16}], "subsections": []}
+    with snapfmt.open(PC) as snap, Writer(short, machine="pc-i440fx-7.2") as w:
+        for device in snap.devices():
+            if device.vmstate_name == "I440FX":
+                w.add_device(device.path, bytes(16), driver=device.driver,
+                             vmstate_name="I440FX", layout=layout)  # fmt: skip
+        for block in snap.ram_blocks():
+            w.add_ram_block(block.path, [block.read(0, block.length)], qemu_idstr=block.qemu_idstr)
+    result = run("memory", short)
+    assert result.code == 2 and "PCI config space of 16 bytes, expected 256" in result.err
