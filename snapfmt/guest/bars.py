@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from snapfmt.model import RamBlock, Snapshot
+from snapfmt.model import DeviceState, RamBlock
 
 PCI_COMMAND, COMMAND_MEMORY = 0x04, 0x02
 BAR0, ROM_BAR, ROM_ENABLE = 0x10, 0x30, 0x01
@@ -28,24 +28,27 @@ class Bar(NamedTuple):
     length: int
 
 
-def _configs(snap: Snapshot) -> dict[str, bytes]:
+def pci_config(device: DeviceState) -> bytes | None:
+    """The device's PCI config space as its state holds it, None if it holds none."""
+    for field in device.iter_fields():
+        if not isinstance(field.value, bytes):
+            continue
+        if field.type == "pci config":
+            return field.value
+        # a virtio device's state starts with its PCI proxy's (virtio_pci_save_config:
+        # vmstate_pci_device, an int32 version and then the 256-byte config space)
+        if field.type == "virtio" and len(field.value) >= 4 + 256:
+            return field.value[4 : 4 + 256]
+    return None
+
+
+def _configs(devices: list[DeviceState]) -> dict[str, bytes]:
     """Each PCI device's config space, by its address (``0000:00:02.0``)."""
     found: dict[str, bytes] = {}
-    for device in snap.devices():
+    for device in devices:
         address, sep, _ = (device.qemu_idstr or "").partition("/")
-        if not sep or address in found:
-            continue
-        for field in device.iter_fields():
-            if not isinstance(field.value, bytes):
-                continue
-            if field.type == "pci config":
-                found[address] = field.value
-                break
-            # a virtio device's state starts with its PCI proxy's (virtio_pci_save_config:
-            # vmstate_pci_device, an int32 version and then the 256-byte config space)
-            if field.type == "virtio" and len(field.value) >= 4 + 256:
-                found[address] = field.value[4 : 4 + 256]
-                break
+        if sep and address not in found and (config := pci_config(device)) is not None:
+            found[address] = config
     return found
 
 
@@ -68,9 +71,9 @@ def _address(config: bytes, register: int, size: int) -> int | None:
     return start
 
 
-def ram_bars(snap: Snapshot, blocks: dict[str, RamBlock]) -> list[Bar]:
+def ram_bars(devices: list[DeviceState], blocks: dict[str, RamBlock]) -> list[Bar]:
     """The RAM blocks BARs map now, with their addresses."""
-    configs = _configs(snap)
+    configs = _configs(devices)
     bars = []
     for name, block in blocks.items():
         address, sep, leaf = name.partition("/")

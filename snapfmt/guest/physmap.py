@@ -17,7 +17,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from typing import NamedTuple
 
 from snapfmt.errors import GuestMemoryError
-from snapfmt.guest.bars import ram_bars
+from snapfmt.guest.bars import pci_config, ram_bars
 from snapfmt.model import DeviceState, RamBlock, Snapshot
 
 GiB, MiB, KiB = 1 << 30, 1 << 20, 1 << 10
@@ -233,44 +233,39 @@ def _blocks(snap: Snapshot, supplied: Mapping[str, str]) -> dict[str, RamBlock]:
     return blocks
 
 
-def _config_of(snap: Snapshot, chipset: Chipset) -> bytes:
+def _config_of(devices: list[DeviceState], chipset: Chipset) -> bytes:
     """The host bridge's 256-byte PCI config space."""
-    for device in snap.devices():
-        if device.vmstate_name == chipset.name:
-            for field in device.iter_fields():
-                if field.type == "pci config" and isinstance(field.value, bytes):
-                    if len(field.value) < 256:
-                        raise GuestMemoryError(
-                            f"{device.path}: PCI config space of {len(field.value)} bytes, "
-                            "expected 256"
-                        )
-                    return field.value
+    for device in devices:
+        if device.vmstate_name != chipset.name:
+            continue
+        config = pci_config(device)
+        if config is None:
             raise GuestMemoryError(
                 f"{device.path}: no decoded PCI config space (the section has no field "
                 "layout), so PAM and SMRAM are unknown"
             )
+        if len(config) < 256:
+            raise GuestMemoryError(
+                f"{device.path}: PCI config space of {len(config)} bytes, expected 256"
+            )
+        return config
     raise GuestMemoryError(
         f"no {chipset.name} host bridge section: its PAM and SMRAM registers decide the "
         "memory map below 1 MiB"
     )
 
 
-def _field(device: DeviceState, name: str) -> bytes | None:
-    for field in device.iter_fields():
-        if field.name == name and isinstance(field.value, bytes):
-            return field.value
-    return None
-
-
-def _cmos(snap: Snapshot) -> bytes | None:
-    for device in snap.devices():
+def _cmos(devices: list[DeviceState]) -> bytes | None:
+    for device in devices:
         if device.vmstate_name == "mc146818rtc":
-            return _field(device, "cmos_data")
+            for field in device.iter_fields():
+                if field.name == "cmos_data" and isinstance(field.value, bytes):
+                    return field.value
     return None
 
 
-def _has_legacy_vga(snap: Snapshot) -> bool:
-    return any(d.driver in LEGACY_VGA or d.vmstate_name in LEGACY_VGA for d in snap.devices())
+def _has_legacy_vga(devices: list[DeviceState]) -> bool:
+    return any(d.driver in LEGACY_VGA or d.vmstate_name in LEGACY_VGA for d in devices)
 
 
 def physical_map(
@@ -286,7 +281,8 @@ def physical_map(
         raise GuestMemoryError(f"no RAM block {ram!r} (the machine's RAM): name it with --ram")
     ram_size = blocks[ram].length
     notes: list[str] = []
-    cmos = _cmos(snap)
+    devices = list(snap.devices())  # (each helper below looks through them)
+    cmos = _cmos(devices)
     below = ram_split(family, version, ram_size)
     from_cmos = cmos_split(cmos, ram_size) if cmos is not None else None
     if from_cmos is not None and from_cmos != below:
@@ -294,15 +290,15 @@ def physical_map(
         below = from_cmos
     above = ram_size - below
 
-    pci = _pci_space(blocks, _has_legacy_vga(snap))
-    bars = ram_bars(snap, blocks)
+    pci = _pci_space(blocks, _has_legacy_vga(devices))
+    bars = ram_bars(devices, blocks)
     for bar in bars:
         pci = paint(pci, bar.start, bar.start + bar.length, (bar.block, 0))
     system = paint(list(pci), 0, below, (ram, 0))
     if above:
         system = paint(system, FOUR_GIB, FOUR_GIB + above, (ram, below))
     chipset = I440FX if family == "pc" else MCH
-    config = _config_of(snap, chipset)
+    config = _config_of(devices, chipset)
     system = _overlays(system, pci, config, chipset, ram, below, version, notes)
     used = {name for name in (ram, "pc.bios", "pc.rom") if name in blocks}
     used |= {bar.block for bar in bars}

@@ -37,8 +37,9 @@ def guest_bytes(memory: PhysicalMap) -> int:
     return sum(r.length for r in memory.ranges)
 
 
-def _require(memory: PhysicalMap) -> None:
-    for name in sorted({r.block for r in memory.ranges}):
+def _require(memory: PhysicalMap, names: set[str]) -> None:
+    """Refuse blocks of *names* whose contents are not in the snapshot, with the way out."""
+    for name in sorted(names):
         block = memory.blocks[name]
         if block.missing:
             raise GuestMemoryError(
@@ -101,7 +102,7 @@ def write_elf(snap: Snapshot, output: str, memory: PhysicalMap | None = None,
     (*writeback*: start flushing it to disk while writing, perf.writeback)."""
     memory = memory or physical_map(snap)
     cpus = cpu_state.cpus(snap)
-    _require(memory)
+    _require(memory, {r.block for r in memory.ranges})
     head, offsets = elf_headers(memory, cpus)
     size = offsets[-1] + memory.ranges[-1].length if memory.ranges else len(head)
     with replace(output) as f:
@@ -117,7 +118,7 @@ def write_raw(snap: Snapshot, output: str, memory: PhysicalMap | None = None,
     """Write a flat image of *snap*'s guest-physical memory: byte N of the file is the
     byte at address N; holes and zero pages are holes of the file."""
     memory = memory or physical_map(snap)
-    _require(memory)
+    _require(memory, {r.block for r in memory.ranges})
     with replace(output) as f:
         fd = f.fileno()
         _copy(memory, fd, [r.start for r in memory.ranges], progress, writeback)
@@ -131,7 +132,6 @@ def read(memory: PhysicalMap, address: int, length: int) -> bytes:
         raise SnapfmtError("an address and a length are not negative")
     if length > MAX_READ:
         raise SnapfmtError(f"--length is at most {MAX_READ:#x} (write an image for more)")
-    r = memory.find(address)
-    if r is not None:
-        _require(memory._replace(ranges=(r,)))
+    _require(memory, {r.block for r in memory.ranges
+                      if r.start < address + length and address < r.end})  # fmt: skip
     return memory.read(address, length)

@@ -108,11 +108,11 @@ class Gather:
         page, view = self.page, self.view
         for i, j, w in runs(where, self.step):
             if w > 0:
-                self._scatter(i, j, w)
+                self.scatter(i, j, w)
             else:
                 view[i * page : j * page] = self.blank[: (j - i) * page]
 
-    def _scatter(self, first: int, stop: int, where: int) -> None:
+    def scatter(self, first: int, stop: int, where: int) -> None:
         """Read the run of page records for buffer pages [first, stop), the first page at
         file offset *where*: one preadv per IOV_MAX iovecs (page, sink, page...)."""
         step = self.step

@@ -82,27 +82,16 @@ class QemuRamBlock(RamBlock):
             yield first * page, gather.view[: len(where) * page].toreadonly()
 
     def write_into(self, fd: int, progress: Progress = None) -> None:
-        """As RamBlock.write_into, with zero and unsent pages known from the page map:
-        spans of them are holes without being looked at."""
-        self.require_contents()
-        page = self.page_size
-        per = _SPAN // page
-        gather = self._gather(per)
-        for first in range(0, len(self.pages), per):
-            where = self.pages[first : first + per]
-            n = len(where)
-            if max(where) > 0:
-                gather.fill(where)
-                pwrite_all(fd, [gather.view[: n * page]], first * page)
-            if progress:
-                progress(n * page)
+        """As RamBlock.write_into, through write_range_into: no zero page is written."""
+        self.write_range_into(fd, 0, self.length, 0, progress)
         os.ftruncate(fd, self.length)
 
     def write_range_into(
         self, fd: int, offset: int, length: int, at: int, progress: Progress = None
     ) -> None:
-        """As RamBlock.write_range_into, the zero pages known from the page map: only
-        runs of sent pages are read, gathered 4 MiB at a time, and written."""
+        """As RamBlock.write_range_into, the zero and unsent pages known from the page
+        map: they are holes without being looked at, and each run of sent pages is
+        gathered (4 MiB at most at a time) and written."""
         page = self.page_size
         if offset % page or length % page:
             super().write_range_into(fd, offset, length, at, progress)
@@ -113,13 +102,11 @@ class QemuRamBlock(RamBlock):
         first, stop = offset // page, (offset + length) // page
         for lo in range(first, stop, per):
             where = self.pages[lo : min(lo + per, stop)]
-            if max(where) > 0:
-                gather.fill(where)
-                for i, j, w in runs(where, page + 8):
-                    if w > 0:
-                        pwrite_all(
-                            fd, [gather.view[i * page : j * page]], at + (lo - first + i) * page
-                        )
+            for i, j, w in runs(where, page + 8):
+                if w > 0:
+                    gather.scatter(i, j, w)
+                    place = at + (lo - first + i) * page
+                    pwrite_all(fd, [gather.view[i * page : j * page]], place)
             if progress:
                 progress(len(where) * page)
 
