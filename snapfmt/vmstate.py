@@ -128,11 +128,22 @@ def _fields(node: Layout, cur: _Cursor, prefix: str, where: str) -> Iterator[Fie
     fields = node.get("fields", [])
     if not isinstance(fields, list):
         raise LayoutError(f"layout {where}: 'fields' must be a list")
+    previous: tuple[str, int] | None = None  # (name, index) of the last indexed entry
     for field in fields:
         seen = cur.checked.get(id(field))  # (an array of structs comes back to its fields
         if seen is None or seen[0] is not field:  # for every element)
             seen = cur.checked[id(field)] = field, _check(field, len(cur.data), where)
         name, suffix, type_name, size, count = seen[1]
+        index = field.get("index")
+        if isinstance(index, int):
+            previous = name, index
+        elif previous is not None and previous[0] == name:
+            # QEMU 10.0 leaves the index off the last element of an array of
+            # structs (bmdma[0] then bmdma): it is named by its position, as 7.2 names it
+            suffix = f"[{previous[1] + 1}]"
+            previous = None
+        else:
+            previous = None
         base = f"{prefix}{name}{suffix}"
         names = [base] if count is None else [f"{base}[{i}]" for i in range(count)]
         total = size * len(names)

@@ -175,3 +175,16 @@ def test_arrays_taken_at_once_decode_as_element_by_element(
         mp.setattr(vmstate._Cursor, "fits", lambda self, elements, size: False)
         slow = outcome()
     assert fast == slow
+
+
+def test_the_unindexed_last_element_of_a_struct_array_is_named_by_position() -> None:
+    """QEMU 10.0 writes ``bmdma`` (index 0) then ``bmdma`` with no index for a 2-array;
+    7.2 writes index 1: both name the second element ``bmdma[1]``."""
+    element = {"fields": [{"name": "cmd", "type": "uint8", "size": 1}]}
+    first = {"name": "bmdma", "index": 0, "type": "struct", "size": 1, "struct": element}
+    for second_index in ({}, {"index": 1}):
+        second = {"name": "bmdma", "type": "struct", "size": 1, "struct": element}
+        other = {"name": "bus", "type": "struct", "size": 1, "struct": element}
+        layout = {"fields": [first, second | second_index, other]}
+        names = [f.name for f in decode(layout, b"\x01\x02\x03")]
+        assert names == ["bmdma[0].cmd", "bmdma[1].cmd", "bus.cmd"]
