@@ -63,6 +63,19 @@ def unescape(text: str, *, extra: frozenset[str] = frozenset(), where: str = "")
         raise PathSyntaxError(f"{where}escapes in {text!r} are not UTF-8") from None
 
 
+_STRUCTURAL = frozenset("%/@")  # what a readable path keeps escaped inside a component
+
+
+def _readable(text: str, kept: frozenset[str]) -> str:
+    """*text* with the characters in *kept*, a whole-dots name and anything that is not
+    printable (or is a space) escaped, the rest as it is."""
+    if set(text) == {"."}:
+        return escape(text)
+    return "".join(
+        escape(ch) if ch in kept or not ch.isprintable() or ch.isspace() else ch for ch in text
+    )
+
+
 class _ComponentFields(NamedTuple):
     name: str
     address: str = ""
@@ -134,6 +147,21 @@ class Path(_PathFields):
 
     def __repr__(self) -> str:
         return f"Path({str(self)!r})"
+
+    def readable(self) -> str:
+        """The path as text output shows it (spec/paths.md §Readable form): escapes
+        decoded where that cannot change how the text reads, so the RAM block
+        ``/%2From%40etc%2Facpi%2Ftables`` shows as ``/rom@etc/acpi/tables``."""
+        if len(self.components) == 1 and not self.leaf.address:
+            name = self.leaf.name
+            if name.startswith("/"):
+                return _readable(name, frozenset("%"))
+            return "/" + _readable(name, _STRUCTURAL)
+        parts = []
+        for c in self.components:
+            text = _readable(c.name, _STRUCTURAL)
+            parts.append(f"{text}@{_readable(c.address, _STRUCTURAL)}" if c.address else text)
+        return "/" + "/".join(parts)
 
     def __truediv__(self, child: str | Component) -> Path:
         return Path((*self.components, child if isinstance(child, Component) else Component(child)))
@@ -257,7 +285,8 @@ def resolve(selector: str, paths: Iterable[Path], aliases: Aliases = None) -> li
 
     Paths the selector names wholly win over paths it names only through a device node
     above them, so ``/pc.ram`` names ``/pc.ram`` and not also ``/pc.ram/x``.  When it
-    names nothing, a QEMU identifier equal to it (``0000:00:05.0/e1000``) names its
+    names nothing, a path whose readable form (Path.readable) is the selector names that
+    section, else a QEMU identifier equal to it (``0000:00:05.0/e1000``) names its
     section; *aliases* may be a function, called only then.
     """
     pool = sorted(set(paths))
@@ -271,6 +300,9 @@ def resolve(selector: str, paths: Iterable[Path], aliases: Aliases = None) -> li
         found = [p for p in pool if sel.matches(p)] or [p for p in pool if sel.covers(p)]
         if found:
             return found
+    shown = [p for p in pool if p.readable() == selector]  # a path as text output shows it
+    if shown:
+        return shown
     table = aliases() if callable(aliases) else aliases
     if table and selector in table:
         return [table[selector]]
@@ -320,7 +352,7 @@ def resolve_one(selector: str, paths: Iterable[Path], aliases: Aliases = None) -
     """The one path *selector* names; an error lists every candidate or the nearest paths.
 
     Of the leaves of one device node named by the selector, the node's `vmstate` wins
-    (spec/paths.md §Resolving, rule 3)."""
+    (spec/paths.md §Resolving, rule 4)."""
     pool = sorted(set(paths))
     found = resolve(selector, pool, aliases)
     if len(found) == 1:

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from snapfmt._io import json_dumps
+from snapfmt.errors import SnapfmtError
 from snapfmt.model import Configuration
 from snapfmt.ops.inspect import (
     Container,
@@ -20,6 +21,7 @@ from snapfmt.ops.inspect import (
     RamDump,
     SectionRow,
 )
+from snapfmt.paths import Path
 from snapfmt.vmstate import Field
 
 if TYPE_CHECKING:  # annotations only: importing these costs every command start-up time
@@ -56,6 +58,20 @@ def one_line(text: str) -> str:
 def _escaped(ch: str) -> str:
     code = ord(ch)
     return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def shown(key: object) -> str:
+    """A section path as text output shows it (Path.readable: ``/rom@etc/acpi/tables``);
+    JSON keeps the canonical form.  Anything that is not a path is shown as it is."""
+    if isinstance(key, Path):
+        return key.readable()
+    text = str(key)
+    if text.startswith("/"):
+        try:
+            return Path.parse(text).readable()
+        except SnapfmtError:
+            return text
+    return text
 
 
 def to_json(data: Any) -> str:
@@ -135,7 +151,7 @@ def info_text(info: Info) -> list[str]:
     ]
     rows = [
         [
-            r.key,
+            shown(r.key) if r.kind != "metadata" else r.key,
             r.kind,
             r.driver or "-",
             "-" if r.version is None else str(r.version),
@@ -211,14 +227,14 @@ def dump_text(dump: Dump) -> Iterator[str]:
             yield from _device_text(section)
         elif isinstance(section, RamDump) and section.missing:
             yield (
-                f"{section.path}: RAM block, {human(section.length)} ({section.length:#x} bytes), "
-                f"page size {section.page_size}: contents not in the file: {section.missing}"
+                f"{shown(section.path)}: RAM block, {human(section.length)} "
+                f"({section.length:#x} bytes), page size {section.page_size}: contents not in the file: {section.missing}"
             )
         elif isinstance(section, RamDump):
             nonzero = section.chunks - section.zero_chunks
             yield (
-                f"{section.path}: RAM block, {human(section.length)} ({section.length:#x} bytes), "
-                f"page size {section.page_size}, chunks of {human(section.chunk_size)}: "
+                f"{shown(section.path)}: RAM block, {human(section.length)} "
+                f"({section.length:#x} bytes), page size {section.page_size}, chunks of {human(section.chunk_size)}: "
                 f"{section.chunks} chunks, {section.zero_chunks} zero, {nonzero} non-zero; "
                 f"{human(section.stored)} stored"
                 + (
@@ -235,7 +251,7 @@ def _device_text(section: DeviceDump) -> Iterator[str]:
     d = section.device
     qemu = f", QEMU id {d.qemu_idstr}" if d.qemu_idstr else ""
     yield (
-        f"{d.path}: device {d.driver}, vmstate {d.vmstate_name} version {d.version_id}, "
+        f"{shown(d.path)}: device {d.driver}, vmstate {d.vmstate_name} version {d.version_id}, "
         f"instance {d.instance_id}{qemu}, {len(d.data)} bytes at {d.data_offset:#x}"
     )
     if section.fields is None:
@@ -307,7 +323,7 @@ def dump_json(dump: Dump) -> dict[str, Any]:
 
 def verify_text(report: Report) -> Iterator[str]:
     for p in report.problems:
-        where = f"{p.section}: " if p.section else ""
+        where = f"{shown(p.section)}: " if p.section else ""
         at = f" (file offset {p.offset:#x})" if p.offset is not None else ""
         yield f"BAD  {where}{p.message}{at}"
     checked = f"{report.sections} sections, {report.chunks} chunks, {human(report.bytes)} checked"
@@ -336,7 +352,7 @@ def verify_json(report: Report) -> dict[str, Any]:
 
 
 def extracted_text(items: list[Extracted]) -> Iterator[str]:
-    rows = [[e.key, e.kind, e.file, str(e.size)] for e in items]
+    rows = [[shown(e.key), e.kind, e.file, str(e.size)] for e in items]
     yield from table(["SECTION", "KIND", "FILE", "SIZE"], rows)
 
 
@@ -371,7 +387,7 @@ def diff_text(
     for change in d.configuration:
         yield paint(f"~ configuration: {change.name} {change.old} -> {change.new}", "changed")
     for s in d.sections:
-        yield paint(f"{_MARK[s.status]} {s.path}: {s.summary}", s.status)
+        yield paint(f"{_MARK[s.status]} {shown(s.path)}: {s.summary}", s.status)
         if fields:
             width = max((len(c.name) for c in s.changes), default=0)
             for c in s.changes:
@@ -389,7 +405,7 @@ def diff_text(
 
 
 def diff_stat(d: Diff) -> Iterator[str]:
-    rows = [[s.path, s.status, str(len(s.changes) if s.kind == "device" else s.pages),
+    rows = [[shown(s.path), s.status, str(len(s.changes) if s.kind == "device" else s.pages),
              str(s.bytes_changed if s.kind == "ram-block" else "-")] for s in d.sections]  # fmt: skip
     rows += (
         [["configuration", "changed", str(len(d.configuration)), "-"]] if d.configuration else []
@@ -449,7 +465,7 @@ def machine_written(output: str, description: Machine) -> str:
 
 def validation_text(v: Validation) -> Iterator[str]:
     for f in v.findings:
-        where = f"{f.path}: " if f.path else ""
+        where = f"{shown(f.path)}: " if f.path else ""
         yield f"{f.severity.upper():<8}{f.code:<20}{where}{f.message}"
         if f.severity == "error" and f.qemu:
             yield f"{'':<28}QEMU: {f.qemu}"

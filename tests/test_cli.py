@@ -417,3 +417,15 @@ def test_a_terminated_write_leaves_no_partial_file(tmp_path: Path) -> None:
     _, err = proc.communicate(timeout=20)
     assert proc.returncode == 130 and err.strip() == "snapfmt: interrupted"
     assert list(out.iterdir()) == []
+
+
+def test_a_path_shown_readably_selects_its_section(run: Run, samples: Path) -> None:
+    """Text shows fw_cfg blocks as /rom@etc/acpi/tables; typed back, it selects the block,
+    and JSON keeps the canonical path."""
+    result = run("dump", samples / "basic.snap", "/rom@etc/acpi/tables")
+    assert result.code == 0
+    assert result.out.splitlines()[2].startswith("/rom@etc/acpi/tables: RAM block, 128.0 KiB")
+    result = run("dump", samples / "basic.snap", "/rom@etc/acpi/tables", "--json")
+    assert [s["path"] for s in json.loads(result.out)["sections"]] == [
+        "/%2From%40etc%2Facpi%2Ftables"
+    ]

@@ -124,7 +124,7 @@ def test_ambiguous_selector_lists_every_candidate() -> None:
     "selector", ["e1000", "pci.0/05.0", "05.0", ".../pci.0/e1000", E1000, "e1000@*"]
 )
 def test_one_section_of_a_device_node_is_its_state(selector: str) -> None:
-    """spec/paths.md §Resolving rule 3: its vmstate leaf wins over its ROM."""
+    """spec/paths.md §Resolving rule 4: its vmstate leaf wins over its ROM."""
     assert resolve(selector, SECTIONS) == [
         Path.parse(f"{E1000}/rom"),
         Path.parse(f"{E1000}/vmstate"),
@@ -186,3 +186,22 @@ def test_paths_stay_valid_through_replace_and_pickle() -> None:
         p._replace(components=())
     assert pickle.loads(pickle.dumps(p)) == p == copy.deepcopy(p)
     assert hash(pickle.loads(pickle.dumps(p))) == hash(p)
+
+
+@pytest.mark.parametrize(
+    ("canonical", "readable"),
+    [
+        ("/%2From%40etc%2Facpi%2Ftables", "/rom@etc/acpi/tables"),
+        ("/pc.ram", "/pc.ram"),
+        ("/i440FX-pcihost/pci.0/e1000@05.0/rom", "/i440FX-pcihost/pci.0/e1000@05.0/rom"),
+        ("/a%2Fb", "/a%2Fb"),  # no leading '/': the '/' would read as a separator
+        ("/x/%2From%40y", "/x/%2From%40y"),  # two components: '/' and '@' stay escaped
+        ("/%2E%2E", "/%2E%2E"),
+        ("/%2F%0Aa%20b%25", "/%0Aa%20b%25"),  # control characters, spaces and '%' stay
+        ("/caf%C3%A9@%C3%A9", "/café@é"),
+    ],
+)
+def test_readable_form(canonical: str, readable: str) -> None:
+    path = Path.parse(canonical)
+    assert path.readable() == readable
+    assert resolve(readable, [path, Path.parse("/other")]) == [path]
