@@ -79,23 +79,37 @@ def info(file: str, as_json: bool) -> int:
     return EXIT_OK
 
 
+field_option = click.option(
+    "--field",
+    "patterns",
+    multiple=True,
+    metavar="PATTERN",
+    help="Only device fields this glob names: a whole name, a part before '.', '[' or "
+    "':' (env.segs), or the first word of what the value means (RAX, MAC). Repeatable.",
+)
+
+
 @cli.command()
 @click.argument("file", type=existing_file)
 @click.argument("selectors", nargs=-1)
+@field_option
 @json_option
-def dump(file: str, selectors: tuple[str, ...], as_json: bool) -> int:
+def dump(file: str, selectors: tuple[str, ...], patterns: tuple[str, ...], as_json: bool) -> int:
     """Decoded device state and RAM block summaries.
 
-    Device fields are decoded through their field layout, with absolute file offsets;
-    state without a layout is shown as hex.  SELECTORS (spec/paths.md) limit the output.
+    Device fields are decoded through their field layout, with absolute file offsets,
+    virtio state included, and what values mean beside them (# RAX, # MAC ...); text
+    folds runs of equal array elements (mac_reg[24..1023]).  State without a layout is
+    shown as hex.  SELECTORS (spec/paths.md) limit the sections, --field the fields.
 
     \b
     Examples:
       snapfmt dump samples/basic.snap
       snapfmt dump samples/basic.snap e1000 pci.0/07.0 --json
+      snapfmt dump samples/qemu/pc.mig --field 'virtio.vq' --field RIP
     """
     with open_snapshot(file) as snap:
-        result = inspect.dump(snap, selectors)
+        result = inspect.dump(snap, selectors, patterns)
     emit(render.to_json(render.dump_json(result)) if as_json else render.dump_text(result))
     return EXIT_OK
 
@@ -225,9 +239,17 @@ def convert_cmd(source: str, target: str, to: str | None, quiet: bool) -> int:
 @click.option("--stat", is_flag=True, help="A table of counts per section.")
 @click.option("--no-fields", is_flag=True, help="Summary lines only, no field or byte details.")
 @click.option("--pages", is_flag=True, help="List the differing RAM ranges.")
+@field_option
 @quiet_option
 def diff_cmd(
-    a: str, b: str, as_json: bool, stat: bool, no_fields: bool, pages: bool, quiet: bool
+    a: str,
+    b: str,
+    as_json: bool,
+    stat: bool,
+    no_fields: bool,
+    pages: bool,
+    patterns: tuple[str, ...],
+    quiet: bool,
 ) -> int:
     """What changed between two snapshots of any format, mixed.
 
@@ -238,12 +260,13 @@ def diff_cmd(
     Examples:
       snapfmt diff before.snap after.mig
       snapfmt diff a.mig b.mig --stat
+      snapfmt diff a.mig b.mig --field MAC --field 'virtio.vq'
     """
     from snapfmt.ops import diff as diff_mod
 
     left, right = open_pair(a, b)
     with left, right, progress(inspect.ram_bytes(left), "comparing", quiet) as tick:
-        result = diff_mod.diff(left, right, fields=not no_fields, progress=tick)
+        result = diff_mod.diff(left, right, fields=not no_fields, patterns=patterns, progress=tick)
     if as_json:
         emit(render.to_json(render.diff_json(result)))
     elif stat:

@@ -22,6 +22,7 @@ from snapfmt.ops.inspect import (
     SectionRow,
 )
 from snapfmt.paths import Path
+from snapfmt.render_fields import change_lines, fold, shown_value
 from snapfmt.vmstate import Field
 
 if TYPE_CHECKING:  # annotations only: importing these costs every command start-up time
@@ -32,7 +33,6 @@ if TYPE_CHECKING:  # annotations only: importing these costs every command start
     from snapfmt.ops.verify import Report
 
 HEX_ROW = 16
-SHOWN_BYTES = 32
 
 
 def human(size: int) -> str:
@@ -194,15 +194,6 @@ def _row_json(r: SectionRow) -> dict[str, Any]:
 # -- dump ------------------------------------------------------------------------------------
 
 
-def _value_text(f: Field) -> str:
-    if isinstance(f.value, bool):
-        return "true" if f.value else "false"
-    if isinstance(f.value, int):
-        return f"{f.value:#x} ({f.value})"
-    shown = f.value[:SHOWN_BYTES].hex(" ")
-    return shown + (f" … ({len(f.value)} bytes)" if len(f.value) > SHOWN_BYTES else "")
-
-
 def hexdump(data: bytes, base: int) -> Iterator[str]:
     for at in range(0, len(data), HEX_ROW):
         row = data[at : at + HEX_ROW]
@@ -259,14 +250,18 @@ def _device_text(section: DeviceDump) -> Iterator[str]:
             yield f"  (field layout does not fit: {section.layout_error})"
         yield from hexdump(d.data, d.data_offset)
         return
-    rows = [[f"{f.offset:#010x}", f.name, f.type, _value_text(f)] for f in section.fields]
+    for note in section.notes:
+        yield f"  (not all decoded: {note})"
+    rows = [[f"{r.field.offset:#010x}", r.name, r.field.type, shown_value(r.field)]
+            for r in fold(section.fields)]  # fmt: skip
     for line in table(["OFFSET", "FIELD", "TYPE", "VALUE"], rows):
         yield "  " + line
 
 
 def _field_json(f: Field) -> dict[str, Any]:
     value = f.value.hex() if isinstance(f.value, bytes) else f.value
-    return {"name": f.name, "type": f.type, "offset": f.offset, "size": f.size, "value": value}
+    return {"name": f.name, "type": f.type, "offset": f.offset, "size": f.size, "value": value,
+            "display": f.display}  # fmt: skip
 
 
 def dump_json(dump: Dump) -> dict[str, Any]:
@@ -288,6 +283,7 @@ def dump_json(dump: Dump) -> dict[str, Any]:
                     "fields": None if s.fields is None else [_field_json(f) for f in s.fields],
                     "data": d.data.hex() if s.fields is None else None,
                     "layout_error": s.layout_error,
+                    "notes": list(s.notes),
                 }
             )
         elif isinstance(s, RamDump):
@@ -359,19 +355,6 @@ def extracted_text(items: list[Extracted]) -> Iterator[str]:
 # -- diff --------------------------------------------------------------------------------------
 
 
-def _diff_value(value: object) -> str:
-    if value is None:
-        return "(absent)"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return f"{value:#x} ({value})"
-    if isinstance(value, bytes | bytearray):
-        shown = bytes(value[:SHOWN_BYTES]).hex(" ")
-        return shown + (f" … ({len(value)} bytes)" if len(value) > SHOWN_BYTES else "")
-    return str(value)
-
-
 _MARK = {"added": "+", "removed": "-", "changed": "~"}
 _COLOUR = {"added": "green", "removed": "red", "changed": "yellow"}
 
@@ -391,7 +374,7 @@ def diff_text(
         if fields:
             width = max((len(c.name) for c in s.changes), default=0)
             for c in s.changes:
-                yield f"    {c.name:<{width}}  {_diff_value(c.old)} -> {_diff_value(c.new)}"
+                yield from change_lines(c, width)
         if pages:
             yield from (f"    {lo:#x}-{hi:#x}" for lo, hi in s.ranges)
             if s.ranges_truncated:
@@ -436,6 +419,21 @@ def diff_json(d: Diff) -> dict[str, Any]:
                         "old": _json_value(c.old),
                         "new": _json_value(c.new),
                         "offset": c.offset,
+                        "old_display": c.old_display,
+                        "new_display": c.new_display,
+                        "ranges": None
+                        if not c.spans
+                        else [
+                            {
+                                "offset": r.offset,
+                                "length": r.length,
+                                "differing": r.differing,
+                                "old": r.old.hex(),
+                                "new": r.new.hex(),
+                            }
+                            for r in c.spans
+                        ],
+                        "range_count": c.span_count if c.spans else None,
                     }
                     for c in s.changes
                 ],

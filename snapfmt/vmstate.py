@@ -40,6 +40,7 @@ class Field(NamedTuple):
     offset: int  # absolute when the caller gave a base offset, else within the state
     size: int
     value: int | bool | bytes
+    display: str | None = None  # what the value means, where snapfmt.state knows it
 
 
 def _need(node: Mapping[str, Any], key: str, kind: type, where: str) -> Any:

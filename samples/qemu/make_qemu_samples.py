@@ -12,6 +12,7 @@ The exact command lines are in COMMANDS below and in README.md.
 from __future__ import annotations
 
 import gzip
+import os
 import subprocess
 import sys
 import tempfile
@@ -124,7 +125,43 @@ def save_postcopy(args: list[str], target: Path) -> None:
     raise SystemExit(f"QEMU did not write a whole stream to {target}")
 
 
+QEMU10 = os.environ.get("SNAPFMT_QEMU10", "qemu-system-x86_64-10.0")
+DEVICE_SAMPLES = {  # tag: (MAC of both NICs, RTC base)
+    "a": ("52:54:00:12:34:56", "2020-01-01T00:00:00"),
+    "b": ("52:54:00:12:34:57", "2021-03-04T05:06:07"),
+}
+
+
+def device_machine(mac: str, rtc: str) -> list[str]:
+    """The machine of the device samples (an e1000 and a virtio-net-pci, of one MAC):
+    the version's own pc machine type, RAM all zero, so the file compresses to little."""
+    return [
+        "-M", "pc", "-m", f"{RAM_MIB}M", "-smp", "1", "-nodefaults",
+        "-rtc", f"base={rtc},clock=vm",
+        "-device", f"e1000,addr=05.0,romfile=,mac={mac}",
+        "-device", f"virtio-net-pci,addr=06.0,romfile=,mac={mac}",
+    ]  # fmt: skip
+
+
+def save_device_samples() -> None:
+    """devices-VERSION-TAG.mig.zst, written by QEMU 7.2 and 10.0 (zstd-compressed whole,
+    as snapfmt reads them)."""
+    import zstandard
+
+    for version, binary in (("7.2", BINARY), ("10.0", QEMU10)):
+        for tag, (mac, rtc) in DEVICE_SAMPLES.items():
+            args = device_machine(mac, rtc)
+            with tempfile.TemporaryDirectory(dir="/tmp") as tmp:
+                stream = Path(tmp) / "vm.mig"
+                with Qemu(args, binary=binary) as vm:
+                    vm.save(str(stream))
+                name = f"devices-{version}-{tag}.mig.zst"
+                (HERE / name).write_bytes(zstandard.compress(stream.read_bytes(), 19))
+            print(f"wrote {name}: {binary} {' '.join(args)}")
+
+
 def main() -> int:
+    save_device_samples()
     with tempfile.TemporaryDirectory() as tmp:
         ram_file = Path(tmp) / "ram.img"
         ram_file.write_bytes(ram_image())

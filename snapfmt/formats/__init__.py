@@ -22,7 +22,7 @@ def declared(namespace: dict[str, Any], declare: Callable[[], dict[str, Any]], n
         namespace.update(
             (key, value)
             for key, value in made.items()
-            if isinstance(value, construct.Construct) or key == "STRUCTURES"
+            if isinstance(value, construct.Construct) or key in ("STRUCTURES", "SUBSECTIONS")
         )
         namespace["_declared"] = True
         if name in namespace:

@@ -9,17 +9,36 @@ chunks of equal hashes unread, two QEMU blocks compare their pages in place).
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import NamedTuple
 
-from snapfmt.errors import LayoutError
 from snapfmt.formats.native import SectionKind
 from snapfmt.model import DeviceState, RamBlock, Snapshot
 from snapfmt.paths import Path
+from snapfmt.state import field_matches, safe_understand
 from snapfmt.vmstate import Field
 
 Progress = Callable[[int], None] | None
 MAX_RANGES = 10_000  # differing ranges kept per section; the counts stay exact
+
+
+SPAN_CONTEXT = 8  # bytes kept either side of a differing range, to show it in place
+MAX_SPANS = 64  # differing ranges kept per byte-valued field
+
+
+class Span(NamedTuple):
+    """A range of bytes that differ inside a byte-valued field or a state, with the bytes
+    around it on both sides (``context_at`` is where those windows start).  Differing
+    bytes at most SPAN_CONTEXT equal bytes apart make one span, as hunks do in diff(1)."""
+
+    offset: int  # within the field (or the state): the first differing byte
+    length: int  # to the last differing byte
+    differing: int  # bytes in the span that differ
+    old: bytes
+    new: bytes
+    context_at: int
+    old_context: bytes
+    new_context: bytes
 
 
 class Change(NamedTuple):
@@ -28,7 +47,35 @@ class Change(NamedTuple):
     name: str
     old: object
     new: object
-    offset: int | None = None  # byte offset within the state, for byte ranges
+    offset: int | None = None  # file offset (in A, else B) of the field or byte range
+    spans: tuple[Span, ...] = ()  # byte values: where they differ
+    span_count: int = 0  # how many ranges differ (spans keeps the first MAX_SPANS)
+    old_display: str | None = None  # what the values mean (snapfmt.state)
+    new_display: str | None = None
+
+
+def differing_spans(a: bytes, b: bytes, limit: int = MAX_SPANS) -> tuple[list[Span], int]:
+    """(the first *limit* ranges where *a* and *b* differ, how many there are); bytes
+    one side has and the other does not count as differing."""
+    hunks: list[list[int]] = []  # [first, last, differing bytes] of the kept ones
+    count, previous = 0, -SPAN_CONTEXT - 2  # (the last differing byte seen)
+    for lo, hi in _byte_ranges(a, b):
+        joins = lo - previous - 1 <= SPAN_CONTEXT
+        previous = hi
+        if not joins:
+            count += 1
+            if count <= limit:
+                hunks.append([lo, hi, 0])
+        if count <= limit:
+            hunks[-1][1] = hi
+            hunks[-1][2] += hi - lo + 1
+    spans = []
+    for lo, hi, differing in hunks:
+        at = max(0, lo - SPAN_CONTEXT)
+        end = hi + 1 + SPAN_CONTEXT
+        spans.append(Span(lo, hi + 1 - lo, differing, a[lo : hi + 1], b[lo : hi + 1], at,
+                          a[at:end], b[at:end]))  # fmt: skip
+    return spans, count
 
 
 class SectionDiff:
@@ -81,32 +128,20 @@ class Diff:
         return not self.configuration and not self.sections
 
 
-def diff(a: Snapshot, b: Snapshot, *, fields: bool = True, progress: Progress = None) -> Diff:
+def diff(
+    a: Snapshot,
+    b: Snapshot,
+    *,
+    fields: bool = True,
+    patterns: Sequence[str] = (),
+    progress: Progress = None,
+) -> Diff:
+    """What differs between *a* and *b*.  With *patterns* (``--field`` globs,
+    snapfmt.state.field_matches) only the device fields they name are compared."""
     result = Diff(a.origin, b.origin)
-    ca, cb = a.configuration, b.configuration
-    for name, old, new in (
-        ("machine", ca.machine, cb.machine),
-        ("page size", ca.page_size, cb.page_size),
-        ("capabilities", ", ".join(ca.capabilities) or "-", ", ".join(cb.capabilities) or "-"),
-    ):
-        if old != new:
-            result.configuration.append(Change(name, old, new))
-    for key in sorted(set(ca.metadata) | set(cb.metadata)):
-        if ca.metadata.get(key) != cb.metadata.get(key):
-            result.configuration.append(
-                Change(f"metadata {key}", ca.metadata.get(key), cb.metadata.get(key))
-            )
-    docs_a = {s.key for s in a.sections if s.kind == SectionKind.METADATA}
-    docs_b = {s.key for s in b.sections if s.kind == SectionKind.METADATA}
-    for name in sorted(docs_a | docs_b):
-        old_doc = a.metadata(name) if name in docs_a else None
-        new_doc = b.metadata(name) if name in docs_b else None
-        if old_doc != new_doc or (name in docs_a) != (name in docs_b):
-            result.configuration.append(
-                Change(
-                    f"document {name}", _doc(old_doc, name in docs_a), _doc(new_doc, name in docs_b)
-                )
-            )
+    if patterns:
+        return _named_fields(a, b, patterns, result)
+    result.configuration.extend(_configuration_changes(a, b))
     kinds_a = {s.key: s.kind for s in a.sections if s.path is not None}
     kinds_b = {s.key: s.kind for s in b.sections if s.path is not None}
     for key in list(kinds_a) + [k for k in kinds_b if k not in kinds_a]:
@@ -130,6 +165,59 @@ def diff(a: Snapshot, b: Snapshot, *, fields: bool = True, progress: Progress = 
                 result.same_sections += 1
             else:
                 result.sections.append(found)
+    return result
+
+
+def _configuration_changes(a: Snapshot, b: Snapshot) -> list[Change]:
+    changes: list[Change] = []
+    ca, cb = a.configuration, b.configuration
+    for name, old, new in (
+        ("machine", ca.machine, cb.machine),
+        ("page size", ca.page_size, cb.page_size),
+        ("capabilities", ", ".join(ca.capabilities) or "-", ", ".join(cb.capabilities) or "-"),
+    ):
+        if old != new:
+            changes.append(Change(name, old, new))
+    for key in sorted(set(ca.metadata) | set(cb.metadata)):
+        if ca.metadata.get(key) != cb.metadata.get(key):
+            changes.append(Change(f"metadata {key}", ca.metadata.get(key), cb.metadata.get(key)))
+    docs_a = {s.key for s in a.sections if s.kind == SectionKind.METADATA}
+    docs_b = {s.key for s in b.sections if s.kind == SectionKind.METADATA}
+    for name in sorted(docs_a | docs_b):
+        old_doc = a.metadata(name) if name in docs_a else None
+        new_doc = b.metadata(name) if name in docs_b else None
+        if old_doc != new_doc or (name in docs_a) != (name in docs_b):
+            changes.append(
+                Change(
+                    f"document {name}", _doc(old_doc, name in docs_a), _doc(new_doc, name in docs_b)
+                )
+            )
+    return changes
+
+
+def _named_fields(a: Snapshot, b: Snapshot, patterns: Sequence[str], result: Diff) -> Diff:
+    """The diff of the device fields *patterns* name, in the sections both have."""
+    paths_b = {s.key for s in b.sections if s.kind == SectionKind.DEVICE}
+    for section in a.sections:
+        if section.kind != SectionKind.DEVICE or section.key not in paths_b:
+            continue
+        path = Path.parse(section.key)
+        old, new = a.device(path), b.device(path)
+        if old.data == new.data:
+            result.same_sections += 1
+            continue
+        decoded = _fields(old), _fields(new)
+        if decoded[0] is None or decoded[1] is None:
+            continue
+        changed = _field_changes([f for f in decoded[0] if field_matches(f, patterns)],
+                                 [f for f in decoded[1] if field_matches(f, patterns)])  # fmt: skip
+        if not changed:
+            result.same_sections += 1
+            continue
+        found = SectionDiff(section.key, "device", "changed",
+                            f"{len(changed)} field{'s' if len(changed) != 1 else ''} changed")  # fmt: skip
+        found.changes.extend(changed)
+        result.sections.append(found)
     return result
 
 
@@ -175,17 +263,36 @@ def _device(a: DeviceState, b: DeviceState, fields: bool) -> SectionDiff | None:
             f"in {_count(len(ranges), 'range')}"
         )
         if fields:
-            section.changes.extend(Change(f"bytes {lo:#x}-{hi:#x}", a.data[lo : hi + 1], b.data[lo : hi + 1], lo)
-                                   for lo, hi in ranges[:MAX_RANGES])  # fmt: skip
+            spans, _ = differing_spans(a.data, b.data, MAX_RANGES)
+            section.changes.extend(
+                Change(f"bytes {span.offset:#x}-{span.offset + span.length - 1:#x}", span.old,
+                       span.new, a.data_offset + span.offset, (span,), 1)
+                for span in spans
+            )  # fmt: skip
     section.summary = ", ".join(notes)
     return section
 
 
 def _fields(device: DeviceState) -> list[Field] | None:
-    try:
-        return device.fields() if device.layout is not None else None
-    except LayoutError:
+    """The device's fields as snapfmt.state understands them (virtio decoded, one name
+    per field), or None without a layout that fits."""
+    if device.layout is None:
         return None
+    understood = safe_understand(device)
+    return None if understood is None else understood.fields
+
+
+def _changed(name: str, old: Field | None, new: Field | None) -> Change:
+    either = old if old is not None else new
+    assert either is not None
+    a = None if old is None else old.value
+    b = None if new is None else new.value
+    spans: list[Span] = []
+    count = 0
+    if isinstance(a, bytes) and isinstance(b, bytes):
+        spans, count = differing_spans(a, b)
+    return Change(name, a, b, either.offset, tuple(spans), count,
+                  None if old is None else old.display, None if new is None else new.display)  # fmt: skip
 
 
 def _subsection(name: str) -> str | None:
@@ -209,13 +316,11 @@ def _field_changes(a: list[Field], b: list[Field]) -> list[Change]:
         if _subsection(name) in gone and _subsection(name) is not None:
             continue
         other = new.get(name)
-        if other is None:
-            changes.append(Change(name, f.value, None))
-        elif other.value != f.value:
-            changes.append(Change(name, f.value, other.value))
+        if other is None or other.value != f.value:
+            changes.append(_changed(name, f, other))
     for name, f in new.items():
         if name not in old and not (_subsection(name) in gone and _subsection(name) is not None):
-            changes.append(Change(name, None, f.value))
+            changes.append(_changed(name, None, f))
     return changes
 
 

@@ -15,6 +15,7 @@ from snapfmt.errors import LayoutError
 from snapfmt.formats.native import SectionKind
 from snapfmt.model import Configuration, DeviceState, SectionInfo, Snapshot
 from snapfmt.paths import Path
+from snapfmt.state import field_matches, understand
 from snapfmt.vmstate import Field
 
 
@@ -114,6 +115,7 @@ class DeviceDump(NamedTuple):
     device: DeviceState
     fields: list[Field] | None  # None: no layout, show the bytes
     layout_error: str | None = None
+    notes: tuple[str, ...] = ()  # parts left undecoded (snapfmt.state), and why
 
 
 class RamDump(NamedTuple):
@@ -143,14 +145,22 @@ class Dump(NamedTuple):
     container: Container | None = None
 
 
-def _device(snap: Snapshot, path: Path) -> DeviceDump:
+def _device(snap: Snapshot, path: Path, patterns: Sequence[str]) -> DeviceDump | None:
+    """The device's understood fields (snapfmt.state); with ``--field`` *patterns*, only
+    those they name, and None when they name none."""
     dev = snap.device(path)
     if dev.layout is None:
-        return DeviceDump(dev, None)
+        return None if patterns else DeviceDump(dev, None)
     try:
-        return DeviceDump(dev, dev.fields())
+        understood = understand(dev)
     except LayoutError as e:  # a layout that does not fit is shown, not fatal
-        return DeviceDump(dev, None, str(e))
+        return None if patterns else DeviceDump(dev, None, str(e))
+    fields = understood.fields
+    if patterns:
+        fields = [f for f in fields if field_matches(f, patterns)]
+        if not fields:
+            return None
+    return DeviceDump(dev, fields, None, tuple(understood.notes))
 
 
 def _ram(snap: Snapshot, path: Path) -> RamDump:
@@ -170,8 +180,10 @@ def _ram(snap: Snapshot, path: Path) -> RamDump:
     )
 
 
-def dump(snap: Snapshot, selectors: Sequence[str] = ()) -> Dump:
-    """Decoded device state, RAM block summaries and metadata, for the selected sections."""
+def dump(snap: Snapshot, selectors: Sequence[str] = (), fields: Sequence[str] = ()) -> Dump:
+    """Decoded device state, RAM block summaries and metadata, for the selected sections;
+    with *fields* (``--field`` glob patterns, snapfmt.state.field_matches), only the
+    device fields they name."""
     wanted: set[Path] | None = None
     if selectors:
         wanted = set()
@@ -183,16 +195,21 @@ def dump(snap: Snapshot, selectors: Sequence[str] = ()) -> Dump:
     configuration, wrapper = snap.configuration, container(snap)  # (first: its errors first)
     sections = []
     for section in snap.sections:
-        sections.extend(_dump_section(snap, section, wanted))
+        sections.extend(_dump_section(snap, section, wanted, fields))
     return Dump(snap.origin, snap.format_name, snap.version, configuration, sections, wrapper)
 
 
-def _dump_section(snap: Snapshot, section: SectionInfo, wanted: set[Path] | None) -> list[Any]:
+def _dump_section(
+    snap: Snapshot, section: SectionInfo, wanted: set[Path] | None, patterns: Sequence[str]
+) -> list[Any]:
     path = section.path
     if section.kind == SectionKind.METADATA:
-        return [] if wanted is not None else [MetadataDump(section.key, snap.metadata(section.key))]
+        if wanted is not None or patterns:
+            return []
+        return [MetadataDump(section.key, snap.metadata(section.key))]
     if path is None or (wanted is not None and path not in wanted):
         return []
     if section.kind == SectionKind.DEVICE:
-        return [_device(snap, path)]
-    return [_ram(snap, path)]
+        found = _device(snap, path, patterns)
+        return [] if found is None else [found]
+    return [] if patterns else [_ram(snap, path)]
