@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator, Sequence
+from operator import attrgetter, itemgetter
 from typing import TYPE_CHECKING, NamedTuple
 
 from snapfmt.vmstate import Field
@@ -14,6 +15,7 @@ if TYPE_CHECKING:  # (annotations only: the diff operation is not imported for a
     from snapfmt.ops.diff import Change, Span
 
 SHOWN_BYTES = 32
+_COMPARED = itemgetter(1, 4, 5)  # a Field's type, value and display
 _INDEX = re.compile(r"\[(\w+\+)?(\d+)\]")  # [12], or [RA+12] (snapfmt.state's names)
 
 
@@ -47,50 +49,54 @@ def fold(fields: Sequence[Field]) -> list[Row]:
     """*fields* as rows, each run of two or more consecutive array elements that are
     equal (same members, types, values and meanings) folded into one:
     ``mac_reg[24..1023]``, ``vq[3..1023].avail`` (an array of structs folds by element)."""
-    return _fold([(f.name, f) for f in fields], 0)
+    return _fold(list(zip(map(attrgetter("name"), fields), fields, strict=True)), 0)
 
 
 def _fold(items: list[tuple[str, Field]], pos: int) -> list[Row]:
-    # (opener such as "mac_reg[" or "mac_reg[RA+", index, where the name goes on, members)
-    groups: list[tuple[str, int, int, list[tuple[str, Field]]]] = []
-    for name, f in items:
+    rows: list[Row] = []
+    i, count = 0, len(items)
+    while i < count:
+        name, f = items[i]
         m = _INDEX.search(name, pos)
         if m is None:
-            groups.append((name, -1, len(name), [(name, f)]))
-            continue
-        opener, index = name[: m.start(2)], int(m[2])
-        last = groups[-1] if groups else None
-        if last is not None and last[0] == opener and last[1] == index:
-            last[3].append((name, f))
-        else:
-            groups.append((opener, index, m.end(), [(name, f)]))
-    rows: list[Row] = []
-    i = 0
-    while i < len(groups):
-        opener, index, cut, members = groups[i]
-        if index < 0:
-            rows.append(Row(members[0][0], members[0][1]))
+            rows.append(Row(name, f))
             i += 1
             continue
-        signature = _signature(members, cut)
-        j = i + 1
-        while (j < len(groups) and groups[j][0] == opener and groups[j][1] == index + j - i
-               and _signature(groups[j][3], groups[j][2]) == signature):  # fmt: skip
-            j += 1
-        if j - i == 1:
-            rows.extend(_fold(members, cut))
+        opener, index, cut = name[: m.start(2)], int(m[2]), m.end()
+        end = _element_end(items, i, name[:cut])
+        signature = _signature(items, i, end, cut)
+        run, start = 1, end
+        while start < count:  # the elements after it, as long as they are equal to it
+            key = f"{opener}{index + run}]"
+            if not items[start][0].startswith(key):
+                break
+            stop = _element_end(items, start, key)
+            if stop - start != end - i or _signature(items, start, stop, len(key)) != signature:
+                break
+            run, start = run + 1, stop
+        if run == 1:
+            rows.extend(_fold(items[i:end], cut))
         else:
-            label = f"{opener}{index}..{index + j - i - 1}]"
-            inner = [(label + name[cut:], f) for name, f in members]
-            rows.extend(
-                Row(r.name, r.field, r.elements * (j - i)) for r in _fold(inner, len(label))
-            )
-        i = j
+            label = f"{opener}{index}..{index + run - 1}]"
+            inner = [(label + n[cut:], g) for n, g in items[i:end]]
+            rows.extend(Row(r.name, r.field, r.elements * run) for r in _fold(inner, len(label)))
+        i = start
     return rows
 
 
-def _signature(members: list[tuple[str, Field]], cut: int) -> tuple[object, ...]:
-    return tuple((name[cut:], f.type, f.value, f.display) for name, f in members)
+def _element_end(items: list[tuple[str, Field]], start: int, key: str) -> int:
+    """Where the fields of the array element named *key* (``vq[3]``) end, from *start*."""
+    end = start + 1
+    while end < len(items) and items[end][0].startswith(key):
+        end += 1
+    return end
+
+
+def _signature(items: list[tuple[str, Field]], start: int, end: int, cut: int) -> object:
+    """What makes two array elements equal: their members' names, types, values and
+    meanings."""
+    names, fields = zip(*items[start:end], strict=True)
+    return [n[cut:] for n in names], list(map(_COMPARED, fields))
 
 
 def change_lines(change: Change, width: int) -> Iterator[str]:

@@ -294,3 +294,11 @@ def test_field_patterns_on_dump_and_diff(run: object) -> None:
     result = invoke("dump", a, "--field", "RIP", "--field", "virtio.num_queues")  # type: ignore[operator]
     rows = [line.split()[1] for line in result.out.splitlines() if line.startswith("  0x")]
     assert result.code == 0 and rows == ["env.eip", "virtio.num_queues"]
+
+
+def test_the_vmxnet3_low_mac_word_a_driver_wrote() -> None:
+    word = int.from_bytes(bytes.fromhex("52540012"), "little")
+    (shown,) = understand_fields("vmxnet3", [Field("temp_mac", "uint32", 0, 4, word)]).fields
+    assert shown.display == "MACL 52:54:00:12"
+    (zero,) = understand_fields("vmxnet3", [Field("temp_mac", "uint32", 0, 4, 0)]).fields
+    assert zero.display is None

@@ -70,6 +70,8 @@ def _renamed(vmstate_name: str, fields: list[Field]) -> list[Field]:
 
 
 def _unique(fields: list[Field]) -> list[Field]:
+    if len({f.name for f in fields}) == len(fields):  # (nearly always so)
+        return fields
     seen: dict[str, int] = {}
     out = []
     for f in fields:
@@ -108,7 +110,7 @@ def _displayed(vmstate_name: str, fields: list[Field]) -> list[Field]:
     rules = _rules(vmstate_name)
     if not (rules.exact or rules.patterns or rules.types):
         return fields
-    by_name = {f.name: f for f in fields}
+    by_name: dict[str, Field] = {}  # (made when an interpreter first needs it)
     out = []
     for f in fields:
         found: tuple[re.Match[str], Interpreter] | None = None
@@ -122,6 +124,8 @@ def _displayed(vmstate_name: str, fields: list[Field]) -> list[Field]:
                     found = m, interpreter
                     break
         if found is not None:
+            if not by_name:
+                by_name.update((g.name, g) for g in fields)
             try:
                 text = found[1](found[0], f, by_name)
             except (ValueError, IndexError, TypeError, OverflowError):

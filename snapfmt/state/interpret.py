@@ -125,6 +125,13 @@ def receive_address(low: str, high: str) -> Interpreter:
     return show
 
 
+def mac_low_word(m: re.Match[str], f: Field, fields: Fields) -> str | None:
+    """The vmxnet3's MACL as a driver last wrote it (its MAC itself is not migrated)."""
+    if not isinstance(f.value, int) or not f.value:
+        return None
+    return f"MACL {':'.join(f'{b:02x}' for b in f.value.to_bytes(4, 'little'))}"
+
+
 def c_string(m: re.Match[str], f: Field, fields: Fields) -> str | None:
     """A NUL-terminated name (``runstate``)."""
     if not isinstance(f.value, bytes):

@@ -39,6 +39,7 @@ DISPLAYS: list[tuple[str, str, i.Interpreter]] = [
     ("rtl8139", "phys", i.mac),
     ("rtl8139", "conf.macaddr", i.mac),
     ("pcnet", "state.prom", i.mac),
+    ("vmxnet3", "temp_mac", i.mac_low_word),  # (QEMU does not migrate its MAC)
     ("ne2000", "ne2000.phys", i.mac),
     ("ne2000", "ne2000.mem", i.mac_doubled),
     ("virtio-net", "virtio.device.mac", i.mac),
