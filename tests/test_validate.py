@@ -174,3 +174,61 @@ def test_a_description_that_inflates_too_far_is_refused(tmp_path: Path, run: Run
         f"snapfmt: error: {bomb}: larger than 64 MiB (decompressed); "
         "descriptions, even QEMU's whole -dump-vmstate, are far smaller\n"
     )
+
+
+def _virtio_net_config() -> bytes:
+    """The config space of the virtio-net-pci in the QEMU 7.2 device sample."""
+    import snapfmt
+
+    with snapfmt.open(SAMPLES / "qemu" / "devices-7.2-a.mig.zst") as snap:
+        virtio = snap.device(snap.select_one("virtio-net-pci")).fields()[0].value
+    assert isinstance(virtio, bytes)
+    return virtio[4:260]
+
+
+def test_the_config_space_check_is_qemus() -> None:
+    """Refused where QEMU refuses (the MSI-X table size), accepted where a guest may have
+    written (the command register, MSI-X enable, a BAR) or QEMU does not look (subsystem)."""
+    from snapfmt.state.pci import first_bad_byte, masks
+
+    own = _virtio_net_config()
+    msix = own[0x34]  # (the MSI-X capability is first)
+    assert own[msix] == 0x11
+    loaded = bytearray(own)
+    loaded[msix + 2] = 5  # 6 vectors where the target has 4
+    bad = first_bad_byte(bytes(loaded), own)
+    assert bad is not None and bad.offset == msix + 2
+    assert bad.qemu == (
+        f"get_pci_config_device: Bad config data: i={msix + 2:#x} read: 5 device: 3 "
+        "cmask: ff wmask: 0 w1cmask:0"
+    )
+    written = bytearray(own)
+    written[0x04] = 0x07  # command: I/O, memory, bus master
+    written[msix + 3] |= 0x80  # MSI-X enable
+    written[0x10:0x14] = (0xC001).to_bytes(4, "little")  # BAR0
+    written[0x2C] ^= 0xFF  # subsystem vendor
+    assert first_bad_byte(bytes(written), own) is None
+    m = masks(own)
+    assert (m.cmask[0], m.cmask[0x04], m.cmask[0x06], m.wmask[msix + 3]) == (0xFF, 0, 0x10, 0xC0)
+    assert first_bad_byte(own, own) is None
+
+
+def test_validate_names_the_config_byte_and_quotes_qemu(tmp_path: Path, run: Run) -> None:
+    sample = SAMPLES / "qemu" / "devices-7.2-a.mig.zst"
+    description = tmp_path / "target.json"
+    assert run("machine", "from-snapshot", sample, "-o", description).code == 0
+    data = json.loads(description.read_text())
+    net = next(d for d in data["devices"] if d["qemu_id"].endswith("/virtio-net"))
+    config = bytearray.fromhex(net["pci"]["config"])
+    config[config[0x34] + 2] = 5
+    net["pci"]["config"] = config.hex()
+    description.write_text(json.dumps(data))
+    result = run("validate", sample, "--target", description, "--json")
+    (error,) = [f for f in json.loads(result.out)["findings"] if f["severity"] == "error"]
+    assert result.code == 1
+    assert error["code"] == "pci-config"
+    assert error["message"] == (
+        "0000:00:06.0/virtio-net: PCI config byte 0x9a is 0x03, the target's 0x05 "
+        "(MSI-X capability at 0x98: message control (table size))"
+    )
+    assert error["qemu"].startswith("get_pci_config_device: Bad config data: i=0x9a read: 3")

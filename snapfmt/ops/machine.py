@@ -37,6 +37,7 @@ PCI_IDENTITY = {  # offset, size in PCI config space
 # What QEMU's pci_init_cmask (plus each capability's bytes) makes it compare on load; the
 # subsystem ids are recorded but not compared by QEMU.
 PCI_COMPARED = frozenset({"vendor", "device", "revision", "class", "header_type", "capabilities"})
+PCI_CAP_ID_EXP = 0x10
 
 
 class TargetDevice(NamedTuple):
@@ -83,7 +84,8 @@ class Machine(NamedTuple):
 
 
 def pci_identity(config: bytes) -> dict[str, Any]:
-    """Identity fields and the capability list ([offset, id] pairs) of a config space."""
+    """Identity fields, the capability list ([offset, id] pairs) and the whole config
+    space (hex: what validate checks as QEMU does, snapfmt.state.pci) of a device."""
     identity: dict[str, Any] = {
         name: int.from_bytes(config[at : at + n], "little")
         for name, (at, n) in PCI_IDENTITY.items()
@@ -97,6 +99,7 @@ def pci_identity(config: bytes) -> dict[str, Any]:
             capabilities.append([at, config[at]])
             at = config[at + 1] & 0xFC
     identity["capabilities"] = capabilities
+    identity["config"] = config.hex()
     return identity
 
 
@@ -146,7 +149,10 @@ def _pci_config(fields: Iterable[Any]) -> bytes | None:
         if f.type == "pci config" and isinstance(f.value, bytes):  # PCIDevice's config
             return bytes(f.value)
         if f.type == "virtio" and isinstance(f.value, bytes) and len(f.value) >= 260:
-            return bytes(f.value[4:260])
+            config = bytes(f.value[4:260])
+            if PCI_CAP_ID_EXP in dict(pci_identity(config)["capabilities"]).values():
+                return bytes(f.value[4:4100])  # a PCI Express device saves 4096 bytes
+            return config
     return None
 
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 from snapfmt.model import Snapshot
-from snapfmt.ops.machine import PCI_COMPARED, Machine, TargetDevice, from_snapshot
+from snapfmt.ops.machine import PCI_COMPARED, Machine, TargetDevice, from_snapshot, pci_identity
+from snapfmt.state.pci import first_bad_byte
 
 
 class Finding(NamedTuple):
@@ -182,9 +183,20 @@ def _pci(device: TargetDevice, there: TargetDevice, add: Any) -> None:
         return
     # keys on both sides only: a hand-written target may give identity but no capabilities
     differ = sorted(
-        k for k in device.pci if k in there.pci and device.pci.get(k) != there.pci.get(k)
-    )
+        k for k in device.pci
+        if k in there.pci and k != "config" and device.pci.get(k) != there.pci.get(k)
+    )  # fmt: skip
     compared = [k for k in differ if k in PCI_COMPARED]
+    loaded, own = _config(device.pci), _config(there.pci)
+    if loaded is not None and own is not None and len(loaded) == len(own):
+        # both config spaces: the bytes QEMU compares, as it compares them
+        bad = first_bad_byte(loaded, own)
+        if bad is not None:
+            add(Finding("pci-config", "error", device.path, bad.read, bad.device,
+                        f"{device.qemu_id}: PCI config byte {bad.offset:#x} is {bad.read:#04x}, "
+                        f"the target's {bad.device:#04x} ({_register(bad.offset, own)})",
+                        bad.qemu))  # fmt: skip
+        compared = []
     if compared:
         add(Finding("pci-identity", "error", device.path, {k: device.pci[k] for k in compared},
                     {k: there.pci.get(k) for k in compared},
@@ -196,6 +208,37 @@ def _pci(device: TargetDevice, there: TargetDevice, add: Any) -> None:
                     f"{device.qemu_id}: PCI {', '.join(differ)} differ (QEMU does not compare them on load)"))  # fmt: skip
 
 
+def _config(pci: dict[str, Any]) -> bytes | None:
+    text = pci.get("config")
+    if not isinstance(text, str):
+        return None
+    try:
+        return bytes.fromhex(text)
+    except ValueError:
+        return None
+
+
+_HEADER = {0x00: "vendor id", 0x02: "device id", 0x06: "status", 0x08: "revision",
+           0x09: "class", 0x0E: "header type", 0x34: "capability pointer"}  # fmt: skip
+_CAPABILITIES = {0x01: "power management", 0x05: "MSI", 0x09: "vendor-specific",
+                 0x10: "PCI Express", 0x11: "MSI-X"}  # fmt: skip
+
+
+def _register(offset: int, config: bytes) -> str:
+    """Where *offset* lies in a config space: a header register or a capability."""
+    for at in sorted(_HEADER, reverse=True):
+        if offset >= at and offset < 0x40:
+            return _HEADER[at] if offset < at + (3 if at == 0x09 else 2) else "header"
+    caps = [(at, cap) for at, cap in pci_identity(config)["capabilities"] if at <= offset]
+    if caps:
+        at, cap = max(caps)
+        name = _CAPABILITIES.get(cap, f"capability {cap:#04x}")
+        if cap == 0x11 and offset in (at + 2, at + 3):
+            return f"{name} capability at {at:#x}: message control (table size)"
+        return f"{name} capability at {at:#x}, byte {offset - at}"
+    return "config space"
+
+
 def _layout(device: TargetDevice, there: TargetDevice, add: Any) -> None:
     if device.version != there.version or device.fields is None or there.fields is None:
         return
@@ -204,9 +247,16 @@ def _layout(device: TargetDevice, there: TargetDevice, add: Any) -> None:
                     f"{device.qemu_id}: field layout differs within version {device.version}"))  # fmt: skip
 
 
+# Fields QEMU writes with a put function of their own rather than by layout: their size is
+# what the state takes (virtio: queues, vectors, subsections), not part of the layout.
+# What QEMU checks in them is checked where it checks it (the PCI config space).
+_OPAQUE = frozenset({"virtio", "virtio-gpu"})
+
+
 def _shape(fields: list[Any]) -> list[tuple[object, ...]]:
     return [
-        (f.get("name"), f.get("type"), f.get("size"), f.get("array_len"))
+        (f.get("name"), f.get("type"), None if f.get("type") in _OPAQUE else f.get("size"),
+         f.get("array_len"))
         for f in fields
         if isinstance(f, dict)
-    ]
+    ]  # fmt: skip
