@@ -10,7 +10,7 @@ QEMU writes them.  ``"int32 le"`` is big-endian too: QEMU's name means "less or 
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from itertools import repeat
 from typing import Any, Literal, NamedTuple
 
@@ -204,6 +204,41 @@ def iter_decode(layout: Layout, data: bytes, base_offset: int = 0) -> Iterator[F
         yield from _subsections(layout, cur, "", "subsections")
     except RecursionError:
         raise LayoutError("layout nests too deeply") from None
+
+
+def load(
+    layout: Layout, data: bytes, subsection: Callable[[str], Layout | None]
+) -> tuple[list[Field], int, str | None]:
+    """Decode *data* as QEMU's loader reads a section with *layout*: its fields, then
+    whatever subsections the bytes hold, each found by name with *subsection* (None: the
+    loader does not know it), nested ones too.  Returns (fields, bytes read, the name of
+    the first unknown subsection or None); stops there, or where the subsections end.
+    Running out of bytes is a LayoutError."""
+    cur = _Cursor(data, 0)
+    try:
+        fields = list(_fields(layout, cur, "", "fields"))
+        unknown = _load_subsections(cur, "", subsection, fields)
+    except RecursionError:
+        raise LayoutError("layout nests too deeply") from None
+    return fields, cur.pos, unknown
+
+
+def _load_subsections(
+    cur: _Cursor, prefix: str, find: Callable[[str], Layout | None], out: list[Field]
+) -> str | None:
+    data = cur.data
+    while cur.pos + 2 <= len(data) and data[cur.pos] == SUBSECTION_MARKER:
+        at = cur.pos
+        length = data[at + 1]
+        name = bytes(data[at + 2 : at + 2 + length]).decode("utf-8", "replace")
+        layout = find(name)
+        if layout is None:
+            return name
+        cur.take(2 + length + 4, f"subsection {name}")
+        # (a nested subsection follows its parent's fields as the next one does: found
+        # by name alike, the loop takes both)
+        out.extend(_fields(layout, cur, f"{prefix}{name}:", f"subsections/{name}"))
+    return None
 
 
 def decode(layout: Layout, data: bytes, base_offset: int = 0) -> list[Field]:

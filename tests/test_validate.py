@@ -232,3 +232,33 @@ def test_validate_names_the_config_byte_and_quotes_qemu(tmp_path: Path, run: Run
         "(MSI-X capability at 0x98: message control (table size))"
     )
     assert error["qemu"].startswith("get_pci_config_device: Bad config data: i=0x9a read: 3")
+
+
+def test_a_load_simulated_with_the_targets_layout() -> None:
+    """The snapshot's bytes read with the target's layout, as QEMU reads them."""
+    from snapfmt.state.load import simulate
+
+    fields = [{"name": "n", "type": "uint32 equal", "size": 4},
+              {"name": "regs", "type": "uint16", "size": 2, "array_len": 2}]  # fmt: skip
+    sub = {"vmsd_name": "dev/extra", "version": 1,
+           "fields": [{"name": "x", "type": "uint8", "size": 1}]}  # fmt: skip
+    body = (4).to_bytes(4, "big") + bytes(4)
+    extra = b"\x05\x09dev/extra" + (1).to_bytes(4, "big") + b"\x07"
+
+    def check(data: bytes, **kw: object) -> tuple[str, str] | None:
+        args: dict[str, object] = {"subsections": [sub], "known": None, "equal": {"n": 4}}
+        args.update(kw)
+        found = simulate("0000:00:05.0/dev", "dev", data, fields, **args)  # type: ignore[arg-type]
+        return None if found is None else (found.code, found.qemu)
+
+    assert check(body) is None
+    assert check(body + extra) is None
+    assert check(body + b"\x00") == ("load-footer", "Missing section footer for 0000:00:05.0/dev")
+    assert check(body[:6]) == ("load-short", "Missing section footer for 0000:00:05.0/dev")
+    assert check(body, equal={"n": 8}) == ("load-equal", "4 != 8; Failed to load dev:n")
+    assert check(body + extra, subsections=[]) == (
+        "load-subsection",
+        "VM subsection 'dev/extra' in 'dev' does not exist",
+    )
+    # known to the target but sent without a layout: not simulated past it
+    assert check(body + extra, subsections=[], known=["dev/extra"]) is None

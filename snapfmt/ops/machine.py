@@ -52,6 +52,8 @@ class TargetDevice(NamedTuple):
     subsections: list[str] | None = None  # names the target knows; None: unknown
     pci: dict[str, Any] | None = None
     bus: str | None = None
+    subsection_layouts: list[Any] | None = None  # the layouts of the subsections it sent
+    values: dict[str, int] | None = None  # its values of the fields QEMU compares on load
 
 
 class TargetRam(NamedTuple):
@@ -161,8 +163,10 @@ def _is_pci(qemu_id: str) -> bool:
     return len(prefix) >= 12 and prefix[4] == ":" and prefix[7] == ":"
 
 
-def from_snapshot(snap: Snapshot, source: str = "snapshot") -> Machine:
-    """A description of the machine a snapshot came from (or a probe of a target)."""
+def from_snapshot(snap: Snapshot, source: str = "snapshot", *, values: bool = True) -> Machine:
+    """A description of the machine a snapshot came from (or a probe of a target);
+    *values*: record the fields QEMU compares on load (a target needs them, the
+    snapshot validate checks does not)."""
     config = snap.configuration
     devices, ram_blocks = [], []
     for section in snap.sections:
@@ -170,7 +174,7 @@ def from_snapshot(snap: Snapshot, source: str = "snapshot") -> Machine:
         if path is None:
             continue
         if section.kind == SectionKind.DEVICE:
-            device = _target_device(snap.device(path), str(path))
+            device = _target_device(snap.device(path), str(path), values)
             if device is not None:
                 devices.append(device)
         elif section.kind == SectionKind.RAM_BLOCK:
@@ -182,7 +186,7 @@ def from_snapshot(snap: Snapshot, source: str = "snapshot") -> Machine:
                    True, devices, ram_blocks, {})  # fmt: skip
 
 
-def _target_device(d: DeviceState, path: str) -> TargetDevice | None:
+def _target_device(d: DeviceState, path: str, values: bool = True) -> TargetDevice | None:
     """What a target offers for the device state *d* (None: a section with no QEMU id)."""
     if not d.qemu_idstr:
         return None
@@ -196,7 +200,32 @@ def _target_device(d: DeviceState, path: str) -> TargetDevice | None:
     return TargetDevice(d.qemu_idstr, d.instance_id, d.vmstate_name, d.version_id, path, d.driver,
                         fields=list(layout.get("fields", [])) or None,
                         subsections=subsections if d.layout is not None else None,
-                        pci=pci_identity(config_space) if config_space else None)  # fmt: skip
+                        pci=pci_identity(config_space) if config_space else None,
+                        subsection_layouts=list(layout.get("subsections", [])) or None,
+                        values=_compared_values(d) if values else None)  # fmt: skip
+
+
+def _compared_values(d: DeviceState) -> dict[str, int] | None:
+    """The values of the fields QEMU compares with the loaded ones (``… equal``, ``int32
+    le``), when the layout has any: what a simulated load checks against."""
+    if d.layout is None or not _has_compared(d.layout):
+        return None
+    try:
+        return {f.name: f.value for f in d.fields()
+                if isinstance(f.value, int) and (f.type.endswith(" equal") or f.type == "int32 le")}  # fmt: skip
+    except SnapfmtError:
+        return None
+
+
+def _has_compared(node: Any) -> bool:
+    if isinstance(node, dict):
+        kind = node.get("type")
+        if isinstance(kind, str) and (kind.endswith(" equal") or kind == "int32 le"):
+            return True
+        return any(_has_compared(v) for v in node.values() if isinstance(v, dict | list))
+    if isinstance(node, list):
+        return any(_has_compared(v) for v in node)
+    return False
 
 
 def _dump_schemas(dump: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -403,6 +432,9 @@ def _parse_device(path: str, where: str, d: Any) -> TargetDevice:
         _need(path, f"{where}.fields", d.get("fields"), list, True),
         _need(path, f"{where}.subsections", d.get("subsections"), list, True),
         _need(path, f"{where}.pci", d.get("pci"), dict, True),
+        _need(path, f"{where}.bus", d.get("bus"), str, True),
+        _need(path, f"{where}.subsection_layouts", d.get("subsection_layouts"), list, True),
+        _need(path, f"{where}.values", d.get("values"), dict, True),
     )
 
 

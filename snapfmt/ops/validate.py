@@ -11,6 +11,8 @@ from typing import Any, NamedTuple
 
 from snapfmt.model import Snapshot
 from snapfmt.ops.machine import PCI_COMPARED, Machine, TargetDevice, from_snapshot, pci_identity
+from snapfmt.paths import Path
+from snapfmt.state.load import simulate
 from snapfmt.state.pci import first_bad_byte
 
 
@@ -40,7 +42,7 @@ class Validation(NamedTuple):
 
 
 def validate(snap: Snapshot, target: Machine, target_name: str = "") -> Validation:
-    source = from_snapshot(snap)
+    source = from_snapshot(snap, values=False)
     findings: list[Finding] = []
     add = findings.append
     if not target.topology:
@@ -49,7 +51,7 @@ def validate(snap: Snapshot, target: Machine, target_name: str = "") -> Validati
     _configuration(source, target, add)
     if target.topology:
         _ram(source, target, add)
-    _devices(source, target, add)
+    _devices(snap, source, target, add)
     return Validation(snap.origin, target_name, not target.topology, findings)
 
 
@@ -91,7 +93,7 @@ def _ram(source: Machine, target: Machine, add: Any) -> None:
                         f"Size mismatch: {block.qemu_id}: {block.size:#x} != {there.size:#x}"))  # fmt: skip
 
 
-def _devices(source: Machine, target: Machine, add: Any) -> None:
+def _devices(snap: Snapshot, source: Machine, target: Machine, add: Any) -> None:
     offered = {(d.qemu_id, d.instance_id): d for d in target.devices}
     by_address = {d.qemu_id.rpartition("/")[0]: d for d in target.devices if "/" in d.qemu_id}
     target_cpus = {d.instance_id for d in target.devices if d.qemu_id == "cpu"}
@@ -101,10 +103,12 @@ def _devices(source: Machine, target: Machine, add: Any) -> None:
         if target.topology and there is None:
             add(_missing(device, by_address, target_cpus, _unclaimed(source, target)))
             continue
-        _version(device, there, target.schemas.get(device.vmstate), add)
+        schema = target.schemas.get(device.vmstate)
+        _version(device, there, schema, add)
         if there is not None:
             _pci(device, there, add)
-            _layout(device, there, add)
+            if not _load(snap, device, there, schema, add):
+                _layout(device, there, add)
     if target.topology:
         present = {(d.qemu_id, d.instance_id) for d in source.devices}
         for d in target.devices:
@@ -237,6 +241,34 @@ def _register(offset: int, config: bytes) -> str:
             return f"{name} capability at {at:#x}: message control (table size)"
         return f"{name} capability at {at:#x}, byte {offset - at}"
     return "config space"
+
+
+def _load(snap: Snapshot, device: TargetDevice, there: TargetDevice, schema: Any, add: Any) -> bool:
+    """Load the section's bytes with the target's layout, as QEMU will (snapfmt.state.load);
+    True when that was simulated (so no layout warning is needed)."""
+    if there.fields is None or device.path is None or device.version != there.version:
+        return False
+    if any(isinstance(f, dict) and f.get("type") in _OPAQUE for f in there.fields):
+        return False  # read by QEMU's own code, not by layout (its PCI config is checked)
+    same = (device.fields == there.fields and not there.values
+            and (device.subsections or []) == (there.subsections or []))  # fmt: skip
+    if same:
+        return True  # the same layout reads the same bytes the same way
+    state = snap.device(Path.parse(device.path))
+    known = (schema or {}).get("subsections")
+    # a subsection the target knows but did not send has no layout of its own there:
+    # the snapshot's is taken for it (one vmsd, one layout within a version)
+    theirs = {s.get("vmsd_name") for s in there.subsection_layouts or [] if isinstance(s, dict)}
+    layouts = [*(there.subsection_layouts or []),
+               *(s for s in device.subsection_layouts or []
+                 if isinstance(s, dict) and s.get("vmsd_name") not in theirs
+                 and (known is None or s.get("vmsd_name") in known))]  # fmt: skip
+    problem = simulate(device.qemu_id, device.vmstate, state.data, there.fields, layouts,
+                       known, there.values)  # fmt: skip
+    if problem is not None:
+        add(Finding(problem.code, "error", device.path, None, None, problem.message,
+                    problem.qemu))  # fmt: skip
+    return True
 
 
 def _layout(device: TargetDevice, there: TargetDevice, add: Any) -> None:
