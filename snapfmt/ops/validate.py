@@ -12,7 +12,7 @@ from typing import Any, NamedTuple
 from snapfmt.model import Snapshot
 from snapfmt.ops.machine import PCI_COMPARED, Machine, TargetDevice, from_snapshot, pci_identity
 from snapfmt.paths import Path
-from snapfmt.state.load import simulate
+from snapfmt.state.load import compared_values, simulate
 from snapfmt.state.pci import first_bad_byte
 
 
@@ -250,11 +250,15 @@ def _load(snap: Snapshot, device: TargetDevice, there: TargetDevice, schema: Any
         return False
     if any(isinstance(f, dict) and f.get("type") in _OPAQUE for f in there.fields):
         return False  # read by QEMU's own code, not by layout (its PCI config is checked)
-    same = (device.fields == there.fields and not there.values
-            and (device.subsections or []) == (there.subsections or []))  # fmt: skip
-    if same:
-        return True  # the same layout reads the same bytes the same way
     state = snap.device(Path.parse(device.path))
+    if device.fields == there.fields and (device.subsections or []) == (there.subsections or []):
+        # the same layout reads the same bytes the same way; only the compared values
+        # can differ, read as far as the last of them (the e1000's is its first field)
+        problem = compared_values(device.qemu_id, device.vmstate, state, there.values or {})
+        if problem is not None:
+            add(Finding(problem.code, "error", device.path, None, None, problem.message,
+                        problem.qemu))  # fmt: skip
+        return True
     known = (schema or {}).get("subsections")
     # a subsection the target knows but did not send has no layout of its own there:
     # the snapshot's is taken for it (one vmsd, one layout within a version)

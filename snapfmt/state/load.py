@@ -15,7 +15,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 from snapfmt.errors import LayoutError
-from snapfmt.vmstate import load
+from snapfmt.model import DeviceState
+from snapfmt.vmstate import Field, load
 
 
 class LoadProblem(NamedTuple):
@@ -51,17 +52,9 @@ def simulate(
                            f"of the section's {len(data)} bytes",
                            f"Missing section footer for {idstr}")  # fmt: skip
     for f in decoded:
-        own = (equal or {}).get(f.name)
-        if own is None or not isinstance(f.value, int):
-            continue
-        if f.type == "int32 le" and not 0 <= f.value <= own:
-            return LoadProblem("load-equal", f"{idstr}: {f.name} is {f.value} in the snapshot, "
-                               f"above the target's {own}",
-                               f"{vmstate}:{f.name}: loaded {f.value} > current {own}")  # fmt: skip
-        if f.type.endswith(" equal") and f.value != own:
-            return LoadProblem("load-equal", f"{idstr}: {f.name} is {f.value} in the snapshot, "
-                               f"{own} on the target, which requires them equal",
-                               f"{f.value:x} != {own:x}; Failed to load {vmstate}:{f.name}")  # fmt: skip
+        problem = _compared(idstr, vmstate, f, equal or {})
+        if problem is not None:
+            return problem
     if unknown is not None and unknown not in names:
         return LoadProblem("load-subsection", f"{idstr}: subsection {unknown} is unknown to "
                            "the target", f"VM subsection '{unknown}' in '{vmstate}' does not exist")  # fmt: skip
@@ -70,4 +63,41 @@ def simulate(
     if used != len(data):
         return LoadProblem("load-footer", f"{idstr}: the target's layout takes {used} of the "
                            f"section's {len(data)} bytes", f"Missing section footer for {idstr}")  # fmt: skip
+    return None
+
+
+def _compared(idstr: str, vmstate: str, f: Field, values: Mapping[str, int]) -> LoadProblem | None:
+    """QEMU's check of one loaded ``… equal`` or ``int32 le`` field against the target's."""
+    own = values.get(f.name)
+    if own is None or not isinstance(f.value, int):
+        return None
+    if f.type == "int32 le" and not 0 <= f.value <= own:
+        return LoadProblem("load-equal", f"{idstr}: {f.name} is {f.value} in the snapshot, "
+                           f"above the target's {own}",
+                           f"{vmstate}:{f.name}: loaded {f.value} > current {own}")  # fmt: skip
+    if f.type.endswith(" equal") and f.value != own:
+        return LoadProblem("load-equal", f"{idstr}: {f.name} is {f.value} in the snapshot, "
+                           f"{own} on the target, which requires them equal",
+                           f"{f.value:x} != {own:x}; Failed to load {vmstate}:{f.name}")  # fmt: skip
+    return None
+
+
+def compared_values(
+    idstr: str, vmstate: str, state: DeviceState, values: Mapping[str, int]
+) -> LoadProblem | None:
+    """The compared fields of a section whose layout is the target's: decoded only as far
+    as the last of them."""
+    wanted = set(values)
+    if not wanted:
+        return None
+    try:
+        for f in state.iter_fields():
+            problem = _compared(idstr, vmstate, f, values)
+            if problem is not None:
+                return problem
+            wanted.discard(f.name)
+            if not wanted:
+                break
+    except LayoutError:
+        return None  # (a layout that does not fit the state is shown by dump, not here)
     return None
