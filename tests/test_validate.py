@@ -262,3 +262,21 @@ def test_a_load_simulated_with_the_targets_layout() -> None:
     )
     # known to the target but sent without a layout: not simulated past it
     assert check(body + extra, subsections=[], known=["dev/extra"]) is None
+
+
+def test_offered_features_from_their_names() -> None:
+    """x-query-virtio-status names features; bits as the virtio specification numbers
+    them (QEMU 7.2's virtio-net with mrg_rxbuf=off: 0x10179bf0064, as QEMU prints)."""
+    from snapfmt.state.virtio_features import feature_bits
+
+    names = ["VHOST_USER_F_PROTOCOL_FEATURES", "VIRTIO_NET_F_GSO", "VIRTIO_NET_F_CTRL_MAC_ADDR",
+             "VIRTIO_NET_F_GUEST_ANNOUNCE", "VIRTIO_NET_F_CTRL_RX_EXTRA", "VIRTIO_NET_F_CTRL_VLAN",
+             "VIRTIO_NET_F_CTRL_RX", "VIRTIO_NET_F_CTRL_VQ", "VIRTIO_NET_F_STATUS",
+             "VIRTIO_NET_F_MAC", "VIRTIO_NET_F_CTRL_GUEST_OFFLOADS"]  # fmt: skip
+    transports = ["VIRTIO_RING_F_EVENT_IDX", "VIRTIO_RING_F_INDIRECT_DESC", "VIRTIO_F_VERSION_1",
+                  "VIRTIO_F_ANY_LAYOUT", "VIRTIO_F_NOTIFY_ON_EMPTY"]  # fmt: skip
+    status = {"unknown-dev-features": 1 << 40,
+              "dev-features": [f"{n}: what it means" for n in names],
+              "transports": [f"{n}: what it means" for n in transports]}  # fmt: skip
+    assert feature_bits(status) == 0x10179BF0064
+    assert feature_bits({"dev-features": ["VIRTIO_NET_F_FROM_THE_FUTURE: ?"]}) is None

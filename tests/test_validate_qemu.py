@@ -160,6 +160,14 @@ PAIRS = {
         machine("pc-q35-7.2", devices=(ROOT_PORT, "virtio-net-pci,bus=rp1,romfile=")),
         machine("pc-q35-7.2", devices=(ROOT_PORT, "virtio-net-pci,bus=rp1,romfile=")),
     ),
+    "virtio-blk queues 2 to 1, vectors fixed": virtio(
+        "virtio-blk-pci,drive=d0,addr=07.0,num-queues=2,vectors=4",
+        "virtio-blk-pci,drive=d0,addr=07.0,num-queues=1,vectors=4",
+    ),
+    "virtio-scsi queues 1 to 4, vectors fixed": virtio(
+        "virtio-scsi-pci,addr=08.0,num_queues=1,vectors=8",
+        "virtio-scsi-pci,addr=08.0,num_queues=4,vectors=8",
+    ),
     "identical virtio machine": virtio(
         "virtio-blk-pci,drive=d0,addr=07.0", "virtio-blk-pci,drive=d0,addr=07.0"
     ),
@@ -297,3 +305,47 @@ def test_validate_agrees_with_qemu_across_versions(tmp_path: Path, run: Run, nam
     except qmp.QemuError as e:
         qemu_says, refusal = "refused", str(e)
     assert (verdict.code == 0) == (qemu_says == "loaded"), (name, verdict.out, refusal)
+
+
+@pytest.mark.parametrize("target", ["", ",mrg_rxbuf=off"])
+def test_guest_features_the_target_does_not_offer(
+    qemu: str, tmp_path: Path, run: Run, target: str
+) -> None:
+    """A save whose guest took mergeable receive buffers (bit 15; written into the stream
+    here, as no guest runs): a target without them refuses it, in QEMU's words."""
+    import snapfmt
+    from snapfmt.state import understand
+
+    args = machine(devices=(VIRTIO,))
+    stream, taken = tmp_path / "vm.mig", tmp_path / "taken.mig"
+    with qmp.Qemu(binary=qemu, args=args) as vm:
+        vm.save(str(stream))
+    with snapfmt.open(stream) as snap:
+        fields = {
+            f.name: f for f in understand(snap.device(snap.select_one("virtio-net-pci"))).fields
+        }
+    features = 1 << 32 | 1 << 15  # VERSION_1, MRG_RXBUF
+    data = bytearray(stream.read_bytes())
+    for name, size in (
+        ("virtio.guest_features", 4),
+        ("virtio.virtio/64bit_features:guest_features", 8),
+    ):
+        at = fields[name].offset
+        data[at : at + size] = (features & (1 << 8 * size) - 1).to_bytes(size, "big")
+    taken.write_bytes(data)
+    description = tmp_path / "target.json"
+    target_args = machine(devices=(f"{VIRTIO}{target}",))
+    assert run("machine", "capture", "-o", description, "--", qemu, *target_args).code == 0
+    verdict = run("validate", taken, "--target", description, "--json")
+    try:
+        with qmp.Qemu(binary=qemu, args=target_args, incoming=f"exec:cat {taken}") as vm:
+            qemu_says, refusal = vm.wait_incoming(), ""
+    except qmp.QemuError as e:
+        qemu_says, refusal = "refused", str(e)
+    assert qemu_says == ("refused" if target else "loaded")
+    assert verdict.code == (1 if target else 0), verdict.out
+    if target:
+        import json
+
+        (error,) = [f for f in json.loads(verdict.out)["findings"] if f["severity"] == "error"]
+        assert error["code"] == "virtio-features" and error["qemu"] in refusal, (error, refusal)

@@ -26,6 +26,7 @@ from snapfmt.formats.native import SectionKind
 from snapfmt.model import DeviceState, Snapshot
 from snapfmt.paths import escape
 from snapfmt.qemu.qmp import BINARY, Qemu
+from snapfmt.state.virtio_features import host_features
 
 FORMAT = "snapfmt-machine"
 MAX_DESCRIPTION = 64 << 20  # bytes a description may hold, decompressed
@@ -54,6 +55,7 @@ class TargetDevice(NamedTuple):
     bus: str | None = None
     subsection_layouts: list[Any] | None = None  # the layouts of the subsections it sent
     values: dict[str, int] | None = None  # its values of the fields QEMU compares on load
+    virtio_features: int | None = None  # the feature bits a virtio device offers
 
 
 class TargetRam(NamedTuple):
@@ -287,6 +289,7 @@ def capture(argv: Sequence[str], binary: str = BINARY) -> Machine:
             with Qemu(list(argv), binary=binary) as vm:
                 qtree = vm.command("human-monitor-command", **{"command-line": "info qtree"})
                 ramblocks = vm.command("human-monitor-command", **{"command-line": "info ramblock"})
+                offered = host_features(vm)
                 vm.save(probe)
         except QemuError as e:
             raise SnapfmtError(f"capture: {e}") from None
@@ -302,6 +305,8 @@ def capture(argv: Sequence[str], binary: str = BINARY) -> Machine:
                 schemas = _dump_schemas(json_loads(f.read()))
     names = qtree_devices(qtree)
     devices = [_with_schema(_real_name(d, names), schemas) for d in probed.devices]
+    devices = [d._replace(virtio_features=offered.get(d.qemu_id.partition("/")[0]))
+               if d.vmstate.startswith("virtio") else d for d in devices]  # fmt: skip
     maxima = ramblock_maxima(ramblocks)
     ram_blocks = [
         block._replace(max_size=maxima[block.qemu_id])  # resizeable: up to this
@@ -435,6 +440,7 @@ def _parse_device(path: str, where: str, d: Any) -> TargetDevice:
         _need(path, f"{where}.bus", d.get("bus"), str, True),
         _need(path, f"{where}.subsection_layouts", d.get("subsection_layouts"), list, True),
         _need(path, f"{where}.values", d.get("values"), dict, True),
+        _need(path, f"{where}.virtio_features", d.get("virtio_features"), int, True),
     )
 
 

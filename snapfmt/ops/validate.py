@@ -107,6 +107,7 @@ def _devices(snap: Snapshot, source: Machine, target: Machine, add: Any) -> None
         _version(device, there, schema, add)
         if there is not None:
             _pci(device, there, add)
+            _features(snap, device, there, add)
             if not _load(snap, device, there, schema, add):
                 _layout(device, there, add)
     if target.topology:
@@ -210,6 +211,28 @@ def _pci(device: TargetDevice, there: TargetDevice, add: Any) -> None:
         add(Finding("pci-subsystem", "warning", device.path, {k: device.pci[k] for k in differ},
                     {k: there.pci.get(k) for k in differ},
                     f"{device.qemu_id}: PCI {', '.join(differ)} differ (QEMU does not compare them on load)"))  # fmt: skip
+
+
+def _features(snap: Snapshot, device: TargetDevice, there: TargetDevice, add: Any) -> None:
+    """Guest features the target's virtio device does not offer (QEMU's virtio_load)."""
+    if there.virtio_features is None or device.path is None:
+        return
+    from snapfmt.state import safe_understand
+
+    understood = safe_understand(snap.device(Path.parse(device.path)))
+    if understood is None:
+        return
+    by_name = {f.name: f.value for f in understood.fields}
+    guest = by_name.get("virtio.virtio/64bit_features:guest_features",
+                        by_name.get("virtio.guest_features"))  # fmt: skip
+    if not isinstance(guest, int) or not guest & ~there.virtio_features:
+        return
+    extra = guest & ~there.virtio_features
+    bits = ", ".join(str(b) for b in range(64) if extra >> b & 1)
+    add(Finding("virtio-features", "error", device.path, guest, there.virtio_features,
+                f"{device.qemu_id}: the guest uses feature bits the target's device does not "
+                f"offer ({bits})",
+                f"Features {guest:#x} unsupported. Allowed features: {there.virtio_features:#x}"))  # fmt: skip
 
 
 def _config(pci: dict[str, Any]) -> bytes | None:
