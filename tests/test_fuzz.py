@@ -1,0 +1,66 @@
+"""The fuzz harness (tests/fuzz.py) catches what it is for, and every input it ever kept
+(tests/fuzz_corpus/) still behaves."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+from tests import fuzz
+
+KEPT = sorted(p for p in fuzz.CORPUS.glob("*") if p.is_file()) if fuzz.CORPUS.exists() else []
+
+
+def test_the_harness_flags_what_is_not_a_clean_refusal(monkeypatch: pytest.MonkeyPatch) -> None:
+    import snapfmt.render as render
+    from snapfmt.errors import FormatError
+
+    tiny = str(fuzz.SEEDS[0])
+    assert fuzz.run_one(["info", tiny]) is None
+    assert fuzz.run_one(["info", "/nonexistent/file"]) is None  # a clean one-line refusal
+
+    def crash(*args: object, **kwargs: object) -> None:
+        raise ValueError("boom")
+
+    monkeypatch.setattr(render, "info_text", crash)
+    assert fuzz.run_one(["info", tiny]) == "snapfmt: error: unexpected ValueError: boom"
+
+    def two_lines(*args: object, **kwargs: object) -> None:
+        raise FormatError("first line\nsecond line")
+
+    monkeypatch.setattr(render, "info_text", two_lines)
+    problem = fuzz.run_one(["info", tiny])
+    assert problem is None or "lines" in problem  # (one_line escapes it: still one line)
+
+    def hang(*args: object, **kwargs: object) -> None:
+        raise fuzz.Hang("over 20 s")
+
+    monkeypatch.setattr(render, "info_text", hang)
+    assert (fuzz.run_one(["info", tiny]) or "").startswith("Hang: over 20 s")
+
+
+def test_mutations_of_every_kind(tmp_path: Path) -> None:
+    """A few dozen inputs of both kinds, fixed seed: every command behaves on each."""
+    rng = random.Random(16)
+    blobs = {seed: fuzz.seed_bytes(seed) for seed in fuzz.SEEDS}
+    states = fuzz._states(fuzz.SEEDS[4])
+    targets = fuzz.descriptions(tmp_path)
+    for n in range(24):
+        if n % 2:
+            seed = fuzz.SEEDS[n % len(fuzz.SEEDS)]
+            case = tmp_path / ("case" + fuzz.suffix(seed))
+            case.write_bytes(fuzz.mutate(blobs[seed], rng, list(blobs.values())))
+        else:
+            seed = fuzz.SEEDS[4]
+            case = tmp_path / "case.snap"
+            fuzz.mutate_state(states, rng, case, list(blobs.values()))
+        for argv in fuzz.commands(case, seed, tmp_path, targets[seed]):
+            assert fuzz.run_one(argv) is None, (n, argv)
+
+
+def test_every_kept_input_behaves(tmp_path: Path) -> None:
+    assert KEPT, "tests/fuzz_corpus holds the inputs that once failed"
+    for path in KEPT:
+        assert fuzz.replay(path, tmp_path) == [], path.name
