@@ -131,3 +131,59 @@ file = "blob.bin"
 )
 def test_manifest_values_are_checked(tmp_path: Path, run: Run, text: str, message: str) -> None:
     test_manifest_errors(tmp_path, run, text, message)
+
+
+def test_a_huge_sparse_block_costs_its_regions_not_its_size(tmp_path: Path, run: Run) -> None:
+    """64 GiB with one page of pattern: the gaps are zero runs, never made (one table
+    entry per chunk); a block whose chunk table could not be written is refused first."""
+    manifest = tmp_path / "big.toml"
+    manifest.write_text(
+        'machine = "pc-i440fx-7.2"\n[[ram]]\npath = "/pc.ram"\nsize = "64G"\n'
+        'fill = [ { offset = 0x1001, length = 0x1000, pattern = "55aa" } ]\n'
+    )
+    out = tmp_path / "big.snap"
+    assert run("write", manifest, "-o", out).code == 0
+    assert out.stat().st_size < 32 << 20  # (its chunk table: 1 Mi entries)
+    with snapfmt.open(out) as snap:
+        block = snap.ram_block(DevPath.parse("/pc.ram"))
+        assert block.length == 64 << 30
+        assert block.read(0x1000, 4) == b"\x00\x55\xaa\x55"
+        assert block.summary()[:2] == (1 << 20, (1 << 20) - 1)
+    assert run("verify", out).code == 0
+    for size, hint in (("4096T", "the native format holds at most 0x4000000000000 bytes"),
+                       ("8T", "give a chunk size of at least 0x20000")):  # fmt: skip
+        manifest.write_text(manifest.read_text().replace('"64G"', f'"{size}"'))
+        result = run("write", manifest, "-o", tmp_path / "refused.snap")
+        assert result.code == 2 and hint in result.err, result.err
+        manifest.write_text(manifest.read_text().replace(f'"{size}"', '"64G"'))
+    assert not (tmp_path / "refused.snap").exists()
+
+
+def test_zero_runs_write_what_zero_bytes_write(tmp_path: Path) -> None:
+    """The Zeros fast path against the plain one: the same pieces, as zero runs (whole
+    chunks skipped) or as zero bytes, give byte-identical files."""
+    from snapfmt.native.writer import Zeros
+
+    pieces = [b"\x01" * 100, 70000, b"\x02" * 5, 3 << 16, b"\x03", 65535, b"\x04" * 65536, 9]
+    files = []
+    for zeros in (True, False):
+        target = tmp_path / f"{zeros}.snap"
+        source = [Zeros(p) if isinstance(p, int) and zeros else bytes(p) if isinstance(p, int)
+                  else p for p in pieces]  # fmt: skip
+        with snapfmt.Writer(target, machine="pc") as w:
+            w.add_ram_block("/pc.ram", source, chunk_size=1 << 16)
+        files.append(target.read_bytes())
+    assert files[0] == files[1]
+
+
+def test_the_chunk_limit_holds_for_sources_of_unknown_length(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from snapfmt.errors import WriteError
+    from snapfmt.native import writer
+
+    monkeypatch.setattr(writer, "MAX_CHUNKS", 4)
+    with pytest.raises(WriteError, match="more than 4 chunks of 0x10000 bytes"):  # noqa: SIM117
+        with snapfmt.Writer(tmp_path / "x.snap", machine="pc") as w:
+            w.add_ram_block("/pc.ram", [writer.Zeros(5 << 16)])
+    assert not (tmp_path / "x.snap").exists()

@@ -24,14 +24,33 @@ from snapfmt import _io as atomic
 from snapfmt._io import json_dumps
 from snapfmt.errors import WriteError
 from snapfmt.formats import native as nf
-from snapfmt.native.chunks import ChunkCodec, Encoded
+from snapfmt.native.chunks import ChunkCodec, Encoded, zero_hash
 from snapfmt.paths import Path
 from snapfmt.perf.parallel import ordered_map
 
-__all__ = ["RamSource", "Writer", "WrittenBlock"]
+__all__ = ["MAX_CHUNKS", "RamSource", "Writer", "WrittenBlock", "Zeros"]
 
-RamSource = str | os.PathLike[str] | IO[bytes] | Iterable[bytes | bytearray | memoryview]
+
+class Zeros(int):
+    """In a RAM source's pieces: that many zero bytes, never made.  A run of them costs
+    one chunk table entry per whole chunk and no bytes, however long it is."""
+
+    __slots__ = ()
+
+
+RamSource = str | os.PathLike[str] | IO[bytes] | Iterable[bytes | bytearray | memoryview | Zeros]
 _BATCH_BYTES = 1 << 22
+# Chunks one RAM block may have: its chunk table is then at most 1.5 GiB (a 4 TiB block of
+# 64 KiB chunks); a larger block takes a larger chunk size (spec/format.md §1).
+MAX_CHUNKS = 1 << 26
+
+
+class _ZeroChunks(int):
+    """A batch of that many all-zero chunks (from a Zeros run), passed through as is."""
+
+    __slots__ = ()
+
+
 _STR16_MAX = 0xFFFF
 
 
@@ -231,6 +250,17 @@ class Writer:
         path = _as_path(path)
         chunk_size = chunk_size or self.chunk_size
         _check_chunk_size(chunk_size, self.page_size, self.target)
+        if length is not None and -(-length // chunk_size) > MAX_CHUNKS:
+            larger = _chunk_for(length, self.page_size)
+            hint = (f"give a chunk size of at least {larger:#x}" if larger <= nf.MAX_CHUNK_SIZE
+                    else f"the native format holds at most {MAX_CHUNKS * nf.MAX_CHUNK_SIZE:#x} "
+                    "bytes in one block")  # fmt: skip
+            raise WriteError(
+                f"RAM block {path}: {length:#x} bytes in chunks of {chunk_size:#x} would be "
+                f"{-(-length // chunk_size)} chunks, more than the {MAX_CHUNKS} a block may "
+                f"have; {hint}",
+                file=self.target,
+            )
         key = _str16(str(path), "path", self.target)
         qemu_idstr = _str16(qemu_idstr or "", "QEMU identifier", self.target)
         self._claim(nf.SectionKind.RAM_BLOCK, key)
@@ -265,8 +295,17 @@ class Writer:
         spooling their table entries to *table*; returns (bytes, chunks, zero chunks)."""
         encode = functools.partial(self._encode_batch, chunk_size=chunk_size)
         total = chunks = zeros = 0
-        batches = _batches(source, max(_BATCH_BYTES, chunk_size))
+        batches = _batches(source, max(_BATCH_BYTES, chunk_size), chunk_size)
+        zero_entry = nf.CHUNK_ENTRY.pack(nf.ChunkEncoding.ZERO, 0, 0, zero_hash(chunk_size))
         for batch, results in ordered_map(encode, batches, self._threads):
+            if isinstance(batch, _ZeroChunks):
+                for first in range(0, batch, 1 << 16):  # (the table in bounded pieces)
+                    table.write(zero_entry * min(1 << 16, batch - first))
+                chunks, zeros, total = chunks + batch, zeros + batch, total + batch * chunk_size
+                self._limit(chunks, chunk_size)
+                if progress:
+                    progress(batch * chunk_size)
+                continue
             for encoding, payload, digest in results:
                 stored = len(payload) if payload is not None else 0
                 table.write(
@@ -277,9 +316,18 @@ class Writer:
                 zeros += encoding == nf.ChunkEncoding.ZERO
             chunks += len(results)
             total += len(batch)
+            self._limit(chunks, chunk_size)
             if progress:
                 progress(len(batch))
         return total, chunks, zeros
+
+    def _limit(self, chunks: int, chunk_size: int) -> None:
+        if chunks > MAX_CHUNKS:
+            raise WriteError(
+                f"RAM block has more than {MAX_CHUNKS} chunks of {chunk_size:#x} bytes; "
+                "a larger chunk size holds it",
+                file=self.target,
+            )
 
     def _descriptor(self, head: bytes, table: IO[bytes]) -> int:
         """Write a RAM block's descriptor (its head, then the spooled chunk table);
@@ -292,8 +340,10 @@ class Writer:
             self._write(piece)
         return int(hasher.intdigest())
 
-    def _encode_batch(self, batch: bytes, chunk_size: int) -> list[Encoded]:
+    def _encode_batch(self, batch: bytes | _ZeroChunks, chunk_size: int) -> list[Encoded]:
         """Encode each chunk of *batch* (runs on a pool thread)."""
+        if isinstance(batch, _ZeroChunks):
+            return []
         codec = getattr(self._local, "codec", None)
         if codec is None:
             codec = self._local.codec = ChunkCodec(self.page_size, self._level)
@@ -364,24 +414,51 @@ def _check_chunk_size(chunk_size: int, page_size: int, target: str) -> None:
         )
 
 
-def _batches(source: RamSource, size: int) -> Iterator[bytes]:
-    """The source's bytes as pieces of *size* (the last may be shorter)."""
+def _chunk_for(length: int, page_size: int) -> int:
+    """The smallest chunk size that holds *length* bytes within MAX_CHUNKS."""
+    size = max(nf.MIN_CHUNK_SIZE, page_size)
+    while -(-length // size) > MAX_CHUNKS:
+        size *= 2
+    return size
+
+
+def _batches(source: RamSource, size: int, chunk_size: int) -> Iterator[bytes | _ZeroChunks]:
+    """The source's bytes as pieces of *size* (the last may be shorter); the whole chunks
+    of a Zeros run as one _ZeroChunks (the pieces before it then end on a chunk)."""
     if isinstance(source, str | os.PathLike):
         with open(source, "rb") as f:
-            yield from _batches(f, size)
+            yield from _batches(f, size, chunk_size)
         return
     read = getattr(source, "read", None)
     if read is not None:
-        pieces: Iterable[bytes] = iter(lambda: read(size), b"")
+        pieces: Iterable[bytes | Zeros] = iter(lambda: read(size), b"")
     else:
         pieces = source  # type: ignore[assignment]
     pending = bytearray()
+    done = 0  # bytes yielded
     for piece in pieces:
-        if not pending and len(piece) == size:
+        if isinstance(piece, Zeros):
+            run = int(piece)
+            lead = min(run, -(done + len(pending)) % chunk_size)
+            pending += bytes(lead)
+            run -= lead
+            whole = run // chunk_size
+            if whole and pending:
+                done += len(pending)
+                yield bytes(pending)
+                pending.clear()
+            if whole:
+                done += whole * chunk_size
+                yield _ZeroChunks(whole)
+            pending += bytes(run - whole * chunk_size)
+        elif not pending and len(piece) == size:
+            done += size
             yield bytes(piece)
             continue
-        pending += piece
+        else:
+            pending += piece
         while len(pending) >= size:
+            done += size
             yield bytes(pending[:size])
             del pending[:size]
     if pending:

@@ -12,7 +12,7 @@ from typing import Any, NamedTuple
 from snapfmt._io import json_loads
 from snapfmt.errors import LayoutError, ManifestError, PathSyntaxError, SnapfmtError
 from snapfmt.formats import native as nf
-from snapfmt.native.writer import RamSource, Writer
+from snapfmt.native.writer import RamSource, Writer, Zeros
 from snapfmt.paths import Path
 from snapfmt.vmstate import encode_fields
 
@@ -202,7 +202,9 @@ def _device_state(m: Manifest, dev: Mapping[str, Any], where: str) -> tuple[byte
         raise ManifestError(f"{m.name}: {where}: 'state' must be hex digits") from None
 
 
-def _fill_source(m: Manifest, ram: Mapping[str, Any], size: int, where: str) -> Iterator[bytes]:
+def _fill_source(
+    m: Manifest, ram: Mapping[str, Any], size: int, where: str
+) -> Iterator[bytes | Zeros]:
     regions = []
     for j, fill in enumerate(_tables(m, ram, "fill", where)):
         at = f"{where}.fill[{j}]"
@@ -256,23 +258,20 @@ def _generator(m: Manifest, kind: str, value: Any, where: str) -> Callable[[int,
 
 def _fill_pieces(
     regions: list[tuple[int, int, Callable[[int, int], bytes]]], size: int
-) -> Iterator[bytes]:
+) -> Iterator[bytes | Zeros]:
     pos = 0
     for offset, length, gen in regions:
-        while pos < offset:
-            step = min(_PIECE, offset - pos)
-            yield bytes(step)
-            pos += step
+        if pos < offset:  # the gaps are zero runs, never made (work follows the regions)
+            yield Zeros(offset - pos)
+            pos = offset
         done = 0
         while done < length:
             step = min(_PIECE, length - done)
             yield gen(done, step)
             done += step
         pos += length
-    while pos < size:
-        step = min(_PIECE, size - pos)
-        yield bytes(step)
-        pos += step
+    if pos < size:
+        yield Zeros(size - pos)
 
 
 def ram_bytes(manifest: Manifest) -> int:
