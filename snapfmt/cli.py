@@ -206,28 +206,42 @@ def write(manifest_file: str, output: str, quiet: bool) -> int:
 @click.option(
     "--to",
     "to",
-    type=click.Choice(("native", "qemu")),  # convert.FORMATS; not imported at start-up
-    help="Output format (default: the other one).",
+    type=click.Choice(("native", "qemu", "libvirt")),  # convert.FORMATS (not imported at start)
+    help="Output format (default: the other one of native and qemu).",
 )
+@click.option("--xml", "xml_file", type=existing_file,
+              help="libvirt: the domain XML (default: the one the snapshot keeps).")  # fmt: skip
+@click.option("--compress", "compression", default="raw",
+              type=click.Choice(("raw", "gzip", "xz", "zstd")),
+              help="libvirt: how the stream in the image is compressed.")  # fmt: skip
 @quiet_option
-def convert_cmd(source: str, target: str, to: str | None, quiet: bool) -> int:
-    """Convert between the native container and QEMU migration streams.
+def convert_cmd(
+    source: str, target: str, to: str | None, xml_file: str | None, compression: str, quiet: bool
+) -> int:
+    """Convert between the native container, QEMU migration streams and libvirt save
+    images.
 
     A QEMU stream keeps every section identity, so converting to native and back gives a
-    stream QEMU restores.  Written atomically.
+    stream QEMU restores; a libvirt save image's domain XML is kept in the native file,
+    and `--to libvirt` writes an image `virsh restore` takes.  Written atomically.
 
     \b
     Examples:
       snapfmt convert samples/qemu/pc.mig pc.snap
       snapfmt convert pc.snap pc.mig --to qemu
+      snapfmt convert vm.save vm.snap && snapfmt convert vm.snap back.save --to libvirt
     """
     from snapfmt.ops import convert as convert_mod
 
+    xml = None
+    if xml_file is not None:
+        with open(xml_file, encoding="utf-8", errors="strict") as f:
+            xml = f.read(16 << 20)
     with (
         open_snapshot(source) as snap,
         progress(inspect.ram_bytes(snap), "converting", quiet) as tick,
     ):
-        made = convert_mod.convert(snap, target, to, tick)
+        made = convert_mod.convert(snap, target, to, tick, xml, compression)
     emit(f"wrote {target} ({made}, {render.human(os.path.getsize(target))})")
     return EXIT_OK
 

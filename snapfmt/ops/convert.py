@@ -11,7 +11,9 @@ from snapfmt.model import Snapshot
 from snapfmt.native.writer import Writer
 from snapfmt.qemu.writer import write_qemu
 
-FORMATS = ("native", "qemu")
+FORMATS = ("native", "qemu", "libvirt")
+COMPRESSIONS = ("raw", "gzip", "xz", "zstd")  # of a libvirt save image's stream
+LIBVIRT_DOCUMENT = "libvirt"  # the metadata document a native file keeps a domain in
 Progress = Callable[[int], None] | None
 
 
@@ -52,11 +54,84 @@ def to_native(snap: Snapshot, target: str, progress: Progress = None) -> None:
                 )
             elif section.kind == SectionKind.METADATA:
                 w.add_metadata(section.key, snap.metadata(section.key))
+        wrapper = snap.wrapper
+        if wrapper is not None and wrapper.domain_xml is not None and not _has_document(snap):
+            # a libvirt save image's domain, kept: `convert --to libvirt` writes it back
+            w.add_metadata(LIBVIRT_DOCUMENT, {"domain_xml": wrapper.domain_xml,
+                                              "was_running": bool(wrapper.was_running)})  # fmt: skip
 
 
-def convert(snap: Snapshot, target: str, to: str | None = None, progress: Progress = None) -> str:
+def _has_document(snap: Snapshot) -> bool:
+    return any(s.kind == SectionKind.METADATA and s.key == LIBVIRT_DOCUMENT for s in snap.sections)
+
+
+def _domain(snap: Snapshot, xml: str | None, target: str) -> tuple[str, bool]:
+    """(domain XML, was running) for a libvirt save image of *snap*: the XML given, else
+    the one the snapshot keeps (a save image's own, or a native file's document)."""
+    kept: dict[str, object] = {}
+    if _has_document(snap):
+        document = snap.metadata(LIBVIRT_DOCUMENT)
+        kept = document if isinstance(document, dict) else {}
+    elif snap.wrapper is not None and snap.wrapper.domain_xml is not None:
+        kept = {"domain_xml": snap.wrapper.domain_xml, "was_running": snap.wrapper.was_running}
+    text = xml if xml is not None else kept.get("domain_xml")
+    if not isinstance(text, str) or not text.strip():
+        raise WriteError("a libvirt save image needs the domain's XML: the snapshot keeps "
+                         "none; give --xml FILE", file=target)  # fmt: skip
+    if "\0" in text:
+        raise WriteError("the domain XML holds a NUL character", file=target)
+    return text, bool(kept.get("was_running", False))
+
+
+def to_libvirt(
+    snap: Snapshot, target: str, xml: str | None = None, compression: str = "raw",
+    progress: Progress = None,
+) -> None:  # fmt: skip
+    """A save image `virsh restore` takes: libvirt's header, the domain XML, then the QEMU
+    stream, compressed as *compression* says (formats/libvirt.py)."""
+    import gzip
+    import lzma
+
+    import zstandard
+
+    from snapfmt._io import replace
+    from snapfmt.formats import libvirt as lf
+    from snapfmt.qemu.writer import checked_stream
+
+    if compression not in COMPRESSIONS:
+        raise WriteError(
+            f"unknown compression {compression!r}, expected one of {', '.join(COMPRESSIONS)}",
+            file=target,
+        )
+    text, was_running = _domain(snap, xml, target)
+    write_stream = checked_stream(snap, target)
+    data = text.encode("utf-8") + b"\0"
+    header = lf.HeaderLE.build({"magic": lf.MAGIC, "version": 2, "data_len": len(data),
+                                "was_running": int(was_running),
+                                "format": int(lf.Compression[compression.upper()]),
+                                "cookie_offset": 0, "unused": [0] * 14})  # fmt: skip
+    with replace(target, buffering=1 << 20) as f:
+        f.write(header + data)
+        if compression == "raw":
+            write_stream(f, progress)
+        elif compression == "gzip":
+            with gzip.GzipFile(fileobj=f, mode="wb", compresslevel=1, mtime=0) as packed:
+                write_stream(packed, progress)  # type: ignore[arg-type]
+        elif compression == "xz":
+            with lzma.LZMAFile(f, "wb", preset=0) as packed:
+                write_stream(packed, progress)
+        else:
+            with zstandard.ZstdCompressor(level=3).stream_writer(f, closefd=False) as packed:
+                write_stream(packed, progress)
+
+
+def convert(
+    snap: Snapshot, target: str, to: str | None = None, progress: Progress = None,
+    xml: str | None = None, compression: str = "raw",
+) -> str:  # fmt: skip
     """Write *snap* to *target* in format *to* (default: the other one); returns it.
-    *target* may not be the file *snap* is read from (it would be replaced while read)."""
+    *target* may not be the file *snap* is read from (it would be replaced while read).
+    *xml* and *compression* are for a libvirt save image."""
     if os.path.exists(target) and os.path.samefile(snap.origin, target):
         raise WriteError("is the file being converted; name another output", file=target)
     for block in snap.ram_blocks():  # refused before a byte is written
@@ -66,6 +141,8 @@ def convert(snap: Snapshot, target: str, to: str | None = None, progress: Progre
         to_native(snap, target, progress)
     elif to == "qemu":
         write_qemu(snap, target, progress)
+    elif to == "libvirt":
+        to_libvirt(snap, target, xml, compression, progress)
     else:
         raise SnapfmtError(f"unknown target format {to!r}, expected one of {', '.join(FORMATS)}")
     return to

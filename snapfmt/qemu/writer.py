@@ -63,6 +63,13 @@ def write_qemu(snap: Snapshot, target: str, progress: Progress = None) -> None:
         _write(snap, devices, blocks, f, progress)
 
 
+def checked_stream(snap: Snapshot, target: str) -> Callable[[IO[bytes], Progress], None]:
+    """Check that *snap* fits a QEMU stream (before a byte of *target* is written), and
+    return what writes that stream to an open file (a libvirt save image holds one)."""
+    devices, blocks = _check(snap, target)
+    return lambda f, progress: _write(snap, devices, blocks, f, progress)
+
+
 def _check(snap: Snapshot, target: str) -> tuple[list[DeviceState], list[RamBlock]]:
     """The devices and RAM blocks to write, checked to fit a stream before a byte is."""
     config = snap.configuration
