@@ -402,7 +402,10 @@ def test_a_terminated_write_leaves_no_partial_file(tmp_path: Path) -> None:
     import time
 
     manifest = tmp_path / "big.toml"
-    manifest.write_text('machine = "pc"\n[[ram]]\npath = "/pc.ram"\nsize = "64T"\nfill = []\n')
+    manifest.write_text(  # (a region of 64 GiB: minutes of writing)
+        'machine = "pc"\n[[ram]]\npath = "/pc.ram"\nsize = "64G"\n'
+        'fill = [ { offset = 0, length = "64G", pattern = "55aa" } ]\n'
+    )
     out = tmp_path / "out"
     out.mkdir()
     proc = subprocess.Popen(
