@@ -16,20 +16,14 @@ import pytest
 
 import snapfmt
 from tests.helpers import Run
-from tests.test_memory_qemu import LIBVIRT_DOMAIN, LOW_MARK, MARKER, need_tool
+from tests.test_memory_qemu import libvirt_domain, need_tool
 
 
 @pytest.mark.parametrize("compression", ["raw", "gzip"])
 def test_a_save_image_through_native_restores(tmp_path: Path, run: Run, compression: str) -> None:
     virsh = need_tool("virsh")
-    shared = Path(tempfile.mkdtemp(prefix="snapfmt-libvirt-"))
-    shared.chmod(0o755)
-    marker = shared / "marker.bin"
-    marker.write_bytes(MARKER)
-    marker.chmod(0o644)
     name = f"snapfmt-roundtrip-{os.getpid()}-{compression}"
-    xml = tmp_path / "domain.xml"
-    xml.write_text(LIBVIRT_DOMAIN.format(name=name, marker=marker, address=LOW_MARK))
+    xml, shared = libvirt_domain(tmp_path, name)
     saved, native, back, again = (tmp_path / n for n in ("vm.save", "vm.snap", "back.save",
                                                           "again.save"))  # fmt: skip
     images = Path(tempfile.mkdtemp(prefix="snapfmt-libvirt-images-"))  # (libvirt's user reads)

@@ -347,17 +347,23 @@ LIBVIRT_DOMAIN = """<domain type='qemu' xmlns:qemu='http://libvirt.org/schemas/d
 """
 
 
-def test_libvirt_save_image_gives_the_core_virsh_dump_gives(tmp_path: Path) -> None:
-    virsh = need_tool("virsh")
-    # QEMU under libvirt runs as another user: the marker goes where it may read it
+def libvirt_domain(tmp_path: Path, name: str) -> tuple[Path, Path]:
+    """(domain XML file, the folder of its marker file): QEMU under libvirt runs as
+    another user, so the marker goes where it may read it (remove the folder after)."""
     shared = Path(tempfile.mkdtemp(prefix="snapfmt-libvirt-"))
     shared.chmod(0o755)
     marker = shared / "marker.bin"
     marker.write_bytes(MARKER)
     marker.chmod(0o644)
-    name = f"snapfmt-memory-{os.getpid()}"
     xml = tmp_path / "domain.xml"
     xml.write_text(LIBVIRT_DOMAIN.format(name=name, marker=marker, address=LOW_MARK))
+    return xml, shared
+
+
+def test_libvirt_save_image_gives_the_core_virsh_dump_gives(tmp_path: Path) -> None:
+    virsh = need_tool("virsh")
+    name = f"snapfmt-memory-{os.getpid()}"
+    xml, shared = libvirt_domain(tmp_path, name)
     dump, image = tmp_path / "virsh.core", tmp_path / "vm.save"
 
     def call(*args: str) -> None:

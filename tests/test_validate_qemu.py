@@ -189,22 +189,31 @@ def qemu(request: pytest.FixtureRequest) -> str:
     return need_qemu(request.param)
 
 
-@pytest.mark.parametrize("name", sorted(PAIRS))
-def test_validate_agrees_with_qemu(qemu: str, tmp_path: Path, run: Run, name: str) -> None:
-    source, target = PAIRS[name]
+def judged(
+    run: Run, tmp_path: Path, source_qemu: str, source: list[str], target_qemu: str,
+    target: list[str],
+) -> tuple[Any, str, str]:  # fmt: skip
+    """(validate's verdict, "loaded" or "refused", QEMU's words): the source saved, the
+    target captured, validated, and really restored into."""
     if not Path(DISK).exists():
         Path(DISK).write_bytes(bytes(1 << 20))
     stream, description = tmp_path / "vm.mig", tmp_path / "target.json"
-    with qmp.Qemu(binary=qemu, args=source) as vm:
+    with qmp.Qemu(binary=source_qemu, args=source) as vm:
         vm.save(str(stream))
-    assert run("machine", "capture", "-o", description, "--", qemu, *target).code == 0
+    assert run("machine", "capture", "-o", description, "--", target_qemu, *target).code == 0
     verdict = run("validate", stream, "--target", description, "--json")
     assert verdict.code in (0, 1), verdict.err
     try:
-        with qmp.Qemu(binary=qemu, args=target, incoming=f"exec:cat {stream}") as vm:
-            qemu_says, refusal = vm.wait_incoming(), ""
+        with qmp.Qemu(binary=target_qemu, args=target, incoming=f"exec:cat {stream}") as vm:
+            return verdict, vm.wait_incoming(), ""
     except qmp.QemuError as e:
-        qemu_says, refusal = "refused", str(e)
+        return verdict, "refused", str(e)
+
+
+@pytest.mark.parametrize("name", sorted(PAIRS))
+def test_validate_agrees_with_qemu(qemu: str, tmp_path: Path, run: Run, name: str) -> None:
+    source, target = PAIRS[name]
+    verdict, qemu_says, refusal = judged(run, tmp_path, qemu, source, qemu, target)
     assert (verdict.code == 0) == (qemu_says == "loaded"), (name, verdict.out, refusal)
     import json
 
@@ -289,21 +298,9 @@ def test_validate_agrees_with_qemu_across_versions(tmp_path: Path, run: Run, nam
     verdict is the restoring QEMU's."""
     source_version, target_version, kind, devices, *target_devices = CROSS[name]
     source_qemu, target_qemu = need_qemu(source_version), need_qemu(target_version)
-    if not Path(DISK).exists():
-        Path(DISK).write_bytes(bytes(1 << 20))
     args = machine(kind, devices=devices, drive=True)
     target = machine(kind, devices=target_devices[0], drive=True) if target_devices else args
-    stream, description = tmp_path / "vm.mig", tmp_path / "target.json"
-    with qmp.Qemu(binary=source_qemu, args=args) as vm:
-        vm.save(str(stream))
-    assert run("machine", "capture", "-o", description, "--", target_qemu, *target).code == 0
-    verdict = run("validate", stream, "--target", description, "--json")
-    assert verdict.code in (0, 1), verdict.err
-    try:
-        with qmp.Qemu(binary=target_qemu, args=target, incoming=f"exec:cat {stream}") as vm:
-            qemu_says, refusal = vm.wait_incoming(), ""
-    except qmp.QemuError as e:
-        qemu_says, refusal = "refused", str(e)
+    verdict, qemu_says, refusal = judged(run, tmp_path, source_qemu, args, target_qemu, target)
     assert (verdict.code == 0) == (qemu_says == "loaded"), (name, verdict.out, refusal)
 
 
