@@ -233,10 +233,7 @@ def convert_cmd(
     """
     from snapfmt.ops import convert as convert_mod
 
-    xml = None
-    if xml_file is not None:
-        with open(xml_file, encoding="utf-8", errors="strict") as f:
-            xml = f.read(16 << 20)
+    xml = convert_mod.read_xml(xml_file) if xml_file is not None else None
     with (
         open_snapshot(source) as snap,
         progress(inspect.ram_bytes(snap), "converting", quiet) as tick,
@@ -255,16 +252,8 @@ def convert_cmd(
 @click.option("--pages", is_flag=True, help="List the differing RAM ranges.")
 @field_option
 @quiet_option
-def diff_cmd(
-    a: str,
-    b: str,
-    as_json: bool,
-    stat: bool,
-    no_fields: bool,
-    pages: bool,
-    patterns: tuple[str, ...],
-    quiet: bool,
-) -> int:
+def diff_cmd(a: str, b: str, as_json: bool, stat: bool, no_fields: bool, pages: bool,
+             patterns: tuple[str, ...], quiet: bool) -> int:  # fmt: skip
     """What changed between two snapshots of any format, mixed.
 
     Sections are matched by path; device state is compared field by field, RAM page by

@@ -61,6 +61,18 @@ def to_native(snap: Snapshot, target: str, progress: Progress = None) -> None:
                                               "was_running": bool(wrapper.was_running)})  # fmt: skip
 
 
+def read_xml(path: str) -> str:
+    """A domain XML file (`convert --xml`): UTF-8, at most 16 MiB."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read((16 << 20) + 1)
+        if len(data) > 16 << 20:
+            raise SnapfmtError(f"{path}: larger than 16 MiB; a domain XML is far smaller")
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise SnapfmtError(f"{path}: offset {e.start:#x}: the domain XML is not UTF-8") from None
+
+
 def _has_document(snap: Snapshot) -> bool:
     return any(s.kind == SectionKind.METADATA and s.key == LIBVIRT_DOCUMENT for s in snap.sections)
 
