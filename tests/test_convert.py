@@ -97,7 +97,7 @@ def test_ignore_shared_streams_are_not_written(tmp_path: Path, run: Run) -> None
     )  # q35.snap has x-ignore-shared
     assert (result.code, result.err) == (
         2,
-        f"snapfmt: error: {tmp_path / 'x.mig'}: writing streams with x-ignore-shared or mapped-ram is not supported\n",
+        f"snapfmt: error: {tmp_path / 'x.mig'}: writing streams with x-ignore-shared is not supported\n",
     )
 
 

@@ -243,3 +243,35 @@ def test_a_save_converted_twice_restores_in_the_other_version(
     assert run("convert", native, back, "--to", "qemu").code == 0
     with qmp.Qemu(args, binary=binaries[loader], incoming=f"exec:cat {back}") as vm:
         assert vm.wait_incoming() == "loaded"
+
+
+def test_a_mapped_ram_save_converts_to_a_stream_both_versions_load(tmp_path: Path) -> None:
+    """QEMU 10.0 saves with mapped-ram (pages at fixed file offsets); converted, it is an
+    ordinary stream without that capability, and QEMU 7.2 and 10.0 load it with their
+    defaults, the RAM what the mapped-ram file held."""
+    save, plain = tmp_path / "mapped.mig", tmp_path / "plain.mig"
+    ram = bytearray(16 << 20)
+    ram[0x200000:0x201000] = b"mapped-ram page " * 256
+    ram_file = tmp_path / "ram.img"
+    ram_file.write_bytes(ram)
+    args = machine(ram_file, "pc-i440fx-7.2")
+    with qmp.Qemu(binary=need_qemu("10.0"), args=args) as vm:
+        vm.command("migrate-set-capabilities",
+                   capabilities=[{"capability": "mapped-ram", "state": True}])  # fmt: skip
+        vm.command("migrate", uri=f"file:{save}")
+        assert vm.wait_migration()["status"] == "completed"
+    with snapfmt.open(save) as snap:
+        assert "mapped-ram" in snap.configuration.capabilities
+        from snapfmt.ops.convert import convert
+
+        convert(snap, str(plain), "qemu")
+    with snapfmt.open(plain) as snap:
+        assert "mapped-ram" not in snap.configuration.capabilities
+        block = snap.ram_block(snap.select_one("/pc.ram"))
+        assert block.read(0, block.length) == bytes(ram)
+        with snapfmt.open(save) as original:
+            found = diff(original, snap)
+        assert [c.name for c in found.configuration] == ["capabilities"] and not found.sections
+    for version in ("7.2", "10.0"):
+        with qmp.Qemu(binary=need_qemu(version), args=args, incoming=f"exec:cat {plain}") as vm:
+            assert vm.wait_incoming() == "loaded"

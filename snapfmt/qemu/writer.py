@@ -73,10 +73,8 @@ def checked_stream(snap: Snapshot, target: str) -> Callable[[IO[bytes], Progress
 def _check(snap: Snapshot, target: str) -> tuple[list[DeviceState], list[RamBlock]]:
     """The devices and RAM blocks to write, checked to fit a stream before a byte is."""
     config = snap.configuration
-    if "x-ignore-shared" in config.capabilities or "mapped-ram" in config.capabilities:
-        raise WriteError(
-            "writing streams with x-ignore-shared or mapped-ram is not supported", file=target
-        )
+    if "x-ignore-shared" in config.capabilities:
+        raise WriteError("writing streams with x-ignore-shared is not supported", file=target)
     _name(config.machine, "machine type", target)
     for capability in config.capabilities:
         _name(capability, "capability", target)
@@ -132,7 +130,10 @@ def _write(
     config = snap.configuration
     page = config.page_size
     out.write(qf.FileHeader.build({"version": qf.VERSION}))
-    _configuration(out, config.machine, page, config.capabilities, config.metadata.get("uuid"))
+    # A mapped-ram input has all its RAM: it is written as an ordinary stream, whose
+    # pages follow one another, so without the capability that lays them out by offset.
+    capabilities = tuple(c for c in config.capabilities if c != "mapped-ram")
+    _configuration(out, config.machine, page, capabilities, config.metadata.get("uuid"))
     # Section ids start at 1: QEMU finds the handler of a PART/END section by its load
     # section id, which is 0 for every handler not loaded yet, so id 0 would be ambiguous.
     ram_id = 1
