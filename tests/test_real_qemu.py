@@ -275,3 +275,47 @@ def test_a_mapped_ram_save_converts_to_a_stream_both_versions_load(tmp_path: Pat
     for version in ("7.2", "10.0"):
         with qmp.Qemu(binary=need_qemu(version), args=args, incoming=f"exec:cat {plain}") as vm:
             assert vm.wait_incoming() == "loaded"
+
+
+def test_a_postcopy_save_keeps_postcopy_through_native(qemu: str, tmp_path: Path) -> None:
+    """The postcopy-ram sample converted to native and back keeps its POSTCOPY_ADVISE and
+    its huge-page block size: QEMU refuses the copy without postcopy-ram, as it refuses
+    the original, and loads it with the capability on."""
+    from snapfmt.ops.convert import convert
+
+    samples = Path(__file__).resolve().parent.parent / "samples" / "qemu"
+    make = _load(samples / "make_qemu_samples.py")
+    try:
+        make.reserve_huge_pages()
+    except OSError as e:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"cannot reserve 2 MiB huge pages: {e}")
+        pytest.skip(f"cannot reserve 2 MiB huge pages: {e}")
+    page = tmp_path / "page.bin"
+    page.write_bytes(make.POSTCOPY_TEXT)
+    original, native, copy = (
+        tmp_path / "pc-postcopy.mig",
+        tmp_path / "pc.snap",
+        tmp_path / "copy.mig",
+    )
+    original.write_bytes((samples / "pc-postcopy.mig").read_bytes())
+    with snapfmt.open(original) as snap:
+        convert(snap, str(native), "native")
+    with snapfmt.open(native) as snap:
+        assert "postcopy-ram" in snap.configuration.capabilities
+        convert(snap, str(copy), "qemu")
+    with snapfmt.open(copy) as snap:
+        assert snap.ram_block(snap.select_one("/pc.ram")).host_page_size == 2 << 20
+    for stream in (original, copy):
+        for enabled in (False, True):
+            with qmp.Qemu(
+                binary=qemu, args=[*make.postcopy_machine(str(page)), "-incoming", "defer"]
+            ) as vm:
+                vm.command("migrate-set-capabilities",
+                           capabilities=[{"capability": "postcopy-ram", "state": enabled}])  # fmt: skip
+                vm.command("migrate-incoming", uri=f"exec:cat {stream}")
+                try:
+                    outcome = vm.wait_incoming()
+                except qmp.QemuError:
+                    outcome = "refused"
+            assert outcome == ("loaded" if enabled else "refused"), (stream.name, enabled)

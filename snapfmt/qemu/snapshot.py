@@ -22,6 +22,10 @@ if TYPE_CHECKING:
     from snapfmt.wrappers import Wrapper
 
 
+POSTCOPY_RAM = "postcopy-ram"
+HOST_PAGE_SIZES = "host_page_sizes"  # configuration metadata: {RAM block id: page size}
+
+
 class QemuStream(Snapshot):
     format_name = "qemu"
     version = "3"
@@ -90,7 +94,16 @@ class QemuStream(Snapshot):
         meta: dict[str, Any] = {}
         if self.layout.uuid:
             meta["uuid"] = self.layout.uuid
-        return Configuration(self.layout.machine, self.page_size, self.layout.capabilities, meta)
+        capabilities = self.layout.capabilities
+        if self.layout.postcopy is not None and self.layout.postcopy != -1:
+            # saved with postcopy-ram (POSTCOPY_ADVISE's long form): QEMU loads it only
+            # with the capability on, so it is one, though the configuration omits it
+            capabilities = (*capabilities, POSTCOPY_RAM)
+            sizes = {b.idstr: b.host_page_size for b in self.layout.blocks.values()
+                     if b.host_page_size}  # fmt: skip
+            if sizes:
+                meta[HOST_PAGE_SIZES] = sizes
+        return Configuration(self.layout.machine, self.page_size, capabilities, meta)
 
     @property
     def sections(self) -> list[SectionInfo]:

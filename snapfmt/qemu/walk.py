@@ -53,6 +53,7 @@ class StreamLayout(NamedTuple):
     footers: bool | None  # whether sections end with footers; None: no section seen
     vmdesc: dict[str, Any] | None
     vmdesc_offset: int | None
+    postcopy: int | None = None  # POSTCOPY_ADVISE's page-size summary; -1: its short form
 
 
 class Cursor:
@@ -159,7 +160,7 @@ class _Walk:
         return StreamLayout(
             self.machine, self.page_size, self.capabilities, self.uuid,
             list(self.sections.values()), ram.blocks, self.commands, self.footers,
-            vmdesc, vmdesc_offset,
+            vmdesc, vmdesc_offset, self.postcopy,
         )  # fmt: skip
 
     def _ram_walk(self) -> RamWalk:

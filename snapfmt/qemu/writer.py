@@ -9,6 +9,8 @@ footer.  Written atomically like native snapshots.
 
 from __future__ import annotations
 
+import functools
+import operator
 from collections.abc import Callable
 from typing import IO, Any
 
@@ -68,6 +70,20 @@ def checked_stream(snap: Snapshot, target: str) -> Callable[[IO[bytes], Progress
     return what writes that stream to an open file (a libvirt save image holds one)."""
     devices, blocks = _check(snap, target)
     return lambda f, progress: _write(snap, devices, blocks, f, progress)
+
+
+HOST_PAGE_SIZE = 4096  # the page size of the hosts QEMU x86 runs on
+
+
+def _host_page_sizes(config: Any, blocks: list[RamBlock]) -> dict[str, int]:
+    """{block id: page size} of the huge-page blocks a postcopy stream names: from the
+    blocks (a QEMU stream), else from the configuration (a native file keeps them)."""
+    kept = config.metadata.get("host_page_sizes")
+    sizes = dict(kept) if isinstance(kept, dict) else {}
+    for block in blocks:
+        if block.host_page_size:
+            sizes[str(block.qemu_idstr)] = block.host_page_size
+    return {k: v for k, v in sizes.items() if isinstance(v, int) and v > 0}
 
 
 def _check(snap: Snapshot, target: str) -> tuple[list[DeviceState], list[RamBlock]]:
@@ -132,8 +148,16 @@ def _write(
     out.write(qf.FileHeader.build({"version": qf.VERSION}))
     # A mapped-ram input has all its RAM: it is written as an ordinary stream, whose
     # pages follow one another, so without the capability that lays them out by offset.
-    capabilities = tuple(c for c in config.capabilities if c != "mapped-ram")
+    # postcopy-ram is no configuration capability: QEMU says it with POSTCOPY_ADVISE.
+    capabilities = tuple(c for c in config.capabilities if c not in ("mapped-ram", "postcopy-ram"))
     _configuration(out, config.machine, page, capabilities, config.metadata.get("uuid"))
+    huge = _host_page_sizes(config, blocks) if "postcopy-ram" in config.capabilities else None
+    if huge is not None:
+        summary = functools.reduce(operator.or_, [*huge.values(), HOST_PAGE_SIZE])
+        advise = qf.PostcopyAdvise.build({"host_page_sizes": summary, "target_page_size": page})
+        out.write(bytes([qf.SectionType.COMMAND]))
+        out.write(qf.CommandHead.build({"command": qf.Command.POSTCOPY_ADVISE,
+                                        "length": len(advise)}) + advise)  # fmt: skip
     # Section ids start at 1: QEMU finds the handler of a PART/END section by its load
     # section id, which is 0 for every handler not loaded yet, so id 0 would be ambiguous.
     ram_id = 1
@@ -143,6 +167,9 @@ def _write(
         for block in blocks:
             entry = {"idstr": block.qemu_idstr, "used_length": block.length}
             out.write(qf.MemSizeEntry.build(entry))
+            size = (huge or {}).get(str(block.qemu_idstr))
+            if size is not None and size != HOST_PAGE_SIZE:  # (postcopy: a huge-page block)
+                out.write(qf.BlockWord.build({"value": size}))
         out.write(qf.RAM_WORD.pack(_EOS))
         _footer(out, ram_id)
         out.write(bytes([qf.SectionType.END]) + qf.SectionPartEnd.build({"section_id": ram_id}))
