@@ -302,3 +302,16 @@ def test_the_vmxnet3_low_mac_word_a_driver_wrote() -> None:
     assert shown.display == "MACL 52:54:00:12"
     (zero,) = understand_fields("vmxnet3", [Field("temp_mac", "uint32", 0, 4, 0)]).fields
     assert zero.display is None
+
+
+def test_virtio_feature_words_named() -> None:
+    """By the device's own names, then the transport's; the modern state's second word
+    counts from bit 32."""
+    features = (1 << 32) | (1 << 15) | (1 << 5) | (1 << 29)
+    fields = [Field("virtio.virtio/64bit_features:guest_features", "uint64", 0, 8, features),
+              Field("virtio.virtio_pci/modern_state:guest_features[1]", "uint32", 8, 4, 1),
+              Field("virtio.guest_features", "uint32", 12, 4, 0)]  # fmt: skip
+    shown = [f.display for f in understand_fields("virtio-net", fields).fields]
+    assert shown == ["features MAC MRG_RXBUF EVENT_IDX VERSION_1", "features VERSION_1", None]
+    (blk,) = understand_fields("virtio-blk", fields[:1]).fields
+    assert blk.display == "features RO LIFETIME EVENT_IDX VERSION_1"

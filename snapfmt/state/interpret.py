@@ -195,3 +195,30 @@ def pci_header(m: re.Match[str], f: Field, fields: Fields) -> str | None:
                 parts.append(f"BAR{bar} {kind} {address:#x}")
             bar += step
     return ", ".join(parts)
+
+
+_DEVICE_PREFIX = {"virtio-net": "VIRTIO_NET_F_", "virtio-blk": "VIRTIO_BLK_F_",
+                  "virtio-scsi": "VIRTIO_SCSI_F_", "virtio-balloon": "VIRTIO_BALLOON_F_",
+                  "virtio-console": "VIRTIO_CONSOLE_F_", "virtio-gpu": "VIRTIO_GPU_F_"}  # fmt: skip
+
+
+def virtio_features(vmstate_name: str, shift: int = 0) -> Interpreter:
+    """The feature bits of a virtio device's features word, by the names the virtio
+    specification gives them (the device's own, then the transport's); *shift*: the
+    word holds bits from there up (the modern state's second word: 32)."""
+    from snapfmt.state.virtio_features import FEATURE_BITS
+
+    prefix = _DEVICE_PREFIX.get(vmstate_name, "")
+    names: dict[int, str] = {}
+    for name, bit in FEATURE_BITS.items():
+        transport = name.startswith(("VIRTIO_F_", "VIRTIO_RING_F_", "VHOST_"))
+        if (prefix and name.startswith(prefix)) or (transport and bit >= 24):
+            names.setdefault(bit, name.split("_F_", 1)[-1])
+
+    def show(m: re.Match[str], f: Field, fields: Fields) -> str | None:
+        if not isinstance(f.value, int) or not f.value:
+            return None
+        value = f.value << shift
+        return "features " + " ".join(names.get(b, f"bit{b}") for b in range(64) if value >> b & 1)
+
+    return show

@@ -19,6 +19,16 @@ SUBARRAYS: dict[str, dict[str, tuple[str, int]]] = {
 
 RA = 0x5400 >> 2  # an Intel NIC's first receive address register (RAL0; RAH0 follows)
 
+_VIRTIO = (
+    "virtio-net",
+    "virtio-blk",
+    "virtio-scsi",
+    "virtio-balloon",
+    "virtio-console",
+    "virtio-rng",
+    "virtio-input",
+    "virtio-gpu",
+)
 _FULL = "e1000/full_mac_state:mac_reg"
 _RAL_RAH = [("e1000", ("mac_reg[RA+0]", "mac_reg[RA+1]")),
             ("e1000", (f"{_FULL}[{RA}]", f"{_FULL}[{RA + 1}]")),
@@ -47,6 +57,10 @@ DISPLAYS: list[tuple[str, str, i.Interpreter]] = [
     ("globalstate", "runstate", i.c_string),
     ("mc146818rtc", "cmos_data", i.rtc_cmos),
     ("mc146818rtc", "base_rtc", i.epoch_seconds),
+    *((name, field, i.virtio_features(name, shift)) for name in _VIRTIO for field, shift in (
+        ("virtio.guest_features", 0), ("virtio.virtio/64bit_features:guest_features", 0),
+        ("virtio.virtio_pci/modern_state:guest_features[0]", 0),
+        ("virtio.virtio_pci/modern_state:guest_features[1]", 32))),
     ("*", "type:pci config", i.pci_header),
     ("*", "virtio.pci.config", i.pci_header),
 ]  # fmt: skip
