@@ -26,6 +26,7 @@ from snapfmt.formats.native import SectionKind
 from snapfmt.model import DeviceState, Snapshot
 from snapfmt.paths import escape
 from snapfmt.qemu.qmp import BINARY, Qemu
+from snapfmt.state.pci import PCI_CAP_ID_EXP, capabilities
 from snapfmt.state.virtio_features import host_features
 
 FORMAT = "snapfmt-machine"
@@ -38,7 +39,6 @@ PCI_IDENTITY = {  # offset, size in PCI config space
 # What QEMU's pci_init_cmask (plus each capability's bytes) makes it compare on load; the
 # subsystem ids are recorded but not compared by QEMU.
 PCI_COMPARED = frozenset({"vendor", "device", "revision", "class", "header_type", "capabilities"})
-PCI_CAP_ID_EXP = 0x10
 
 
 class TargetDevice(NamedTuple):
@@ -95,14 +95,7 @@ def pci_identity(config: bytes) -> dict[str, Any]:
         for name, (at, n) in PCI_IDENTITY.items()
         if len(config) >= at + n
     }
-    capabilities = []
-    if len(config) >= 0x40 and config[0x06] & 0x10:  # status: capabilities list present
-        at, seen = config[0x34] & 0xFC, set[int]()
-        while at >= 0x40 and at + 1 < len(config) and at not in seen and len(seen) < 48:
-            seen.add(at)
-            capabilities.append([at, config[at]])
-            at = config[at + 1] & 0xFC
-    identity["capabilities"] = capabilities
+    identity["capabilities"] = [[at, cap] for at, cap in capabilities(config)]
     identity["config"] = config.hex()
     return identity
 
@@ -154,7 +147,7 @@ def _pci_config(fields: Iterable[Any]) -> bytes | None:
             return bytes(f.value)
         if f.type == "virtio" and isinstance(f.value, bytes) and len(f.value) >= 260:
             config = bytes(f.value[4:260])
-            if PCI_CAP_ID_EXP in dict(pci_identity(config)["capabilities"]).values():
+            if any(cap == PCI_CAP_ID_EXP for _, cap in capabilities(config)):
                 return bytes(f.value[4:4100])  # a PCI Express device saves 4096 bytes
             return config
     return None

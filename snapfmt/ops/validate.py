@@ -10,10 +10,10 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 from snapfmt.model import Snapshot
-from snapfmt.ops.machine import PCI_COMPARED, Machine, TargetDevice, from_snapshot, pci_identity
+from snapfmt.ops.machine import PCI_COMPARED, Machine, TargetDevice, from_snapshot
 from snapfmt.paths import Path
 from snapfmt.state.load import compared_values, simulate
-from snapfmt.state.pci import first_bad_byte
+from snapfmt.state.pci import capabilities, first_bad_byte
 
 
 class Finding(NamedTuple):
@@ -256,7 +256,7 @@ def _register(offset: int, config: bytes) -> str:
     for at in sorted(_HEADER, reverse=True):
         if offset >= at and offset < 0x40:
             return _HEADER[at] if offset < at + (3 if at == 0x09 else 2) else "header"
-    caps = [(at, cap) for at, cap in pci_identity(config)["capabilities"] if at <= offset]
+    caps = [(at, cap) for at, cap in capabilities(config) if at <= offset]
     if caps:
         at, cap = max(caps)
         name = _CAPABILITIES.get(cap, f"capability {cap:#04x}")

@@ -53,14 +53,16 @@ def masks(config: bytes) -> Masks:
                       (0x34, 0xFF)):  # fmt: skip
         if at < size:
             m.cmask[at] = value
-    for at, cap in _capabilities(config):
+    for at, cap in capabilities(config):
         length = _length(config, at, cap)
         m.cmask[at : at + length] = b"\xff" * len(m.cmask[at : at + length])
         _writable(config, at, cap, m)
     return m
 
 
-def _capabilities(config: bytes) -> list[tuple[int, int]]:
+def capabilities(config: bytes) -> list[tuple[int, int]]:
+    """(offset, id) of each capability in a config space's list, in list order; a loop
+    or a pointer out of the standard 256 bytes ends it."""
     found: list[tuple[int, int]] = []
     if len(config) < 0x40 or not config[0x06] & 0x10:
         return found

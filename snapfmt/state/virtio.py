@@ -23,6 +23,7 @@ from typing import Any, NamedTuple
 from snapfmt.errors import LayoutError
 from snapfmt.formats import virtio as vf
 from snapfmt.state.located import Walk
+from snapfmt.state.pci import capabilities
 from snapfmt.vmstate import Field
 
 PCI_DEVICE_VERSION = 2  # the version word virtio-pci's PCIDevice state starts with
@@ -45,21 +46,11 @@ class Decoded(NamedTuple):
     note: str | None  # why part of the state stayed undecoded; None when all of it decoded
 
 
-def capabilities(config: bytes) -> dict[int, int]:
-    """{capability id: offset} of a PCI config space's capability list."""
-    found: dict[int, int] = {}
-    if len(config) < 0x40 or not config[0x06] & 0x10:  # PCI_STATUS_CAP_LIST
-        return found
-    at, seen = config[0x34] & 0xFC, 0
-    while at >= 0x40 and at + 1 < len(config) and seen < 48:
-        found.setdefault(config[at], at)
-        at, seen = config[at + 1] & 0xFC, seen + 1
-    return found
-
-
-def _params(vmstate_name: str, data: bytes) -> dict[str, Any]:
+def _params(data: bytes) -> dict[str, Any]:
     config = data[4 : 4 + vf.PCI_CONFIG_SIZE]
-    caps = capabilities(config)
+    caps: dict[int, int] = {}  # capability id -> offset of its first instance
+    for at, cap in capabilities(config):
+        caps.setdefault(cap, at)
     msix = 0
     if vf.PCI_CAP_ID_MSIX in caps and caps[vf.PCI_CAP_ID_MSIX] + 4 <= len(config):
         at = caps[vf.PCI_CAP_ID_MSIX]
@@ -79,7 +70,7 @@ def decode_virtio(vmstate_name: str, data: bytes, base: int, label: str = "virti
     """The fields of a ``virtio`` field's *data* (at file offset *base*)."""
     if data[:4] != PCI_DEVICE_VERSION.to_bytes(4, "big") or len(data) < 4 + vf.PCI_CONFIG_SIZE:
         return _rest([], data, base, 0, label, "not a virtio-pci device's state")
-    params = _params(vmstate_name, data)
+    params = _params(data)
     walk = Walk(data, base, params)
     config_decl, device_decl = _DEVICES.get(vmstate_name, (None, None))
     known = vmstate_name in _DEVICES
