@@ -260,7 +260,7 @@ def main() -> int:
                     continue
                 failures += 1
                 args.keep.mkdir(parents=True, exist_ok=True)
-                kept = args.keep / f"{seed.name.split('.')[0]}-{seed_value}-{cases}{suffix(seed)}"
+                kept = args.keep / f"{seed.name.split('.')[0]}-{seed_value}-{cases}{case.suffix}"
                 kept.write_bytes(data)
                 print(f"FAIL {kept.name}: snapfmt {' '.join(argv[:1])}: {problem}", file=sys.stderr)
                 break

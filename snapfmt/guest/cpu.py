@@ -59,7 +59,8 @@ def _cpu(index: int, values: dict[str, Any], where: str) -> Cpu:
     def get(name: str) -> int:
         value = values.get("env." + name)
         if not isinstance(value, int):
-            raise GuestMemoryError(f"{where}: no field env.{name} in the CPU state")
+            what = "no field" if value is None else "not an integer:"
+            raise GuestMemoryError(f"{where}: {what} env.{name} in the CPU state")
         return value
 
     regs = {name: get(f"regs[{i}]") for i, name in enumerate(REGS)}
@@ -71,8 +72,8 @@ def _cpu(index: int, values: dict[str, Any], where: str) -> Cpu:
     for name in TABLES:
         segments[name] = Segment(*(get(f"{name}.{part}") for part in SEGMENT_PARTS))
     cr = (get("cr[0]"), 0, get("cr[2]"), get("cr[3]"), get("cr[4]"))
-    kernel_gs_base = values.get("env.kernelgsbase", 0)
-    return Cpu(index, regs, segments, cr, int(kernel_gs_base), get("hflags"))
+    kernel_gs_base = get("kernelgsbase") if "env.kernelgsbase" in values else 0
+    return Cpu(index, regs, segments, cr, kernel_gs_base, get("hflags"))
 
 
 # -- notes -----------------------------------------------------------------------------------
