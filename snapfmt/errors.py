@@ -39,6 +39,16 @@ class FormatError(SnapfmtError):
         self.expected = expected
         super().__init__(self._compose())
 
+    @property
+    def detail(self) -> str:
+        """What is wrong, with what was found and expected, but not where."""
+        detail = self.what
+        if self.found is not None:
+            detail += f": found {self.found}"
+        if self.expected is not None:
+            detail += f", expected {self.expected}"
+        return detail
+
     def _compose(self) -> str:
         parts = []
         if self.file is not None:
@@ -47,12 +57,7 @@ class FormatError(SnapfmtError):
             parts.append(f"offset {self.offset:#x}")
         if self.section:
             parts.append(self.section)
-        detail = self.what
-        if self.found is not None:
-            detail += f": found {self.found}"
-        if self.expected is not None:
-            detail += f", expected {self.expected}"
-        parts.append(detail)
+        parts.append(self.detail)
         return ": ".join(parts)
 
 
@@ -66,6 +71,10 @@ class ChecksumError(FormatError):
 
 class UnsupportedError(FormatError):
     """A structurally valid file uses a feature or version this snapfmt cannot read."""
+
+
+class ParentError(FormatError):
+    """A delta snapshot's parent is missing, is another file, or cannot be read."""
 
 
 class WriteError(SnapfmtError):

@@ -18,6 +18,7 @@ from snapfmt.ops.inspect import (
     Dump,
     Info,
     MetadataDump,
+    Parent,
     RamDump,
     SectionRow,
 )
@@ -28,8 +29,6 @@ from snapfmt.vmstate import Field
 if TYPE_CHECKING:  # annotations only: importing these costs every command start-up time
     from snapfmt.ops.diff import Diff
     from snapfmt.ops.extract import Extracted
-    from snapfmt.ops.machine import Machine
-    from snapfmt.ops.validate import Validation
     from snapfmt.ops.verify import Report
 
 HEX_ROW = 16
@@ -101,6 +100,16 @@ def _config_json(config: Configuration) -> dict[str, Any]:
 # -- info ------------------------------------------------------------------------------------
 
 
+def _parent_lines(parents: list[Parent]) -> list[str]:
+    """A delta's chain: each parent as its child names it, and whether it was found."""
+    lines = []
+    for depth, p in enumerate(parents):
+        label = "parent" if depth == 0 else ""
+        state = "found" if p.problem is None else p.problem
+        lines.append(f"{label:<14}{p.file} (id {p.id}, {human(p.length)}): {state}")
+    return lines
+
+
 def _container_lines(c: Container | None) -> list[str]:
     if c is None:
         return []
@@ -141,6 +150,7 @@ def info_text(info: Info) -> list[str]:
         f"file          {info.file} ({human(info.file_size)})",
         f"format        snapfmt {info.format} {info.version}",
         *_container_lines(info.container),
+        *_parent_lines(info.parents),
         f"machine       {config.machine}",
         f"page size     {config.page_size}",
         f"capabilities  {', '.join(config.capabilities) or '-'}",
@@ -171,6 +181,7 @@ def info_json(info: Info) -> dict[str, Any]:
         "version": info.version,
         "file_size": info.file_size,
         "container": _container_json(info.container),
+        "parents": [p._asdict() for p in info.parents],
         "configuration": _config_json(info.configuration),
         "sections": [_row_json(r) for r in info.rows],
     }
@@ -445,50 +456,4 @@ def diff_json(d: Diff) -> dict[str, Any]:
             for s in d.sections
         ],
         "same_sections": d.same_sections,
-    }
-
-
-# -- machine descriptions ---------------------------------------------------------------------
-
-
-def machine_written(output: str, description: Machine) -> str:
-    return one_line(
-        f"wrote {output}: {description.machine}, {len(description.devices)} device sections, "
-        f"{len(description.ram_blocks)} RAM blocks"
-    )
-
-
-# -- validate -----------------------------------------------------------------------------------
-
-
-def validation_text(v: Validation) -> Iterator[str]:
-    for f in v.findings:
-        where = f"{shown(f.path)}: " if f.path else ""
-        yield f"{f.severity.upper():<8}{f.code:<20}{where}{f.message}"
-        if f.severity == "error" and f.qemu:
-            yield f"{'':<28}QEMU: {f.qemu}"
-    errors = len(v.errors)
-    warnings = sum(f.severity == "warning" for f in v.findings)
-    verdict = "compatible" if v.compatible else "incompatible"
-    yield f"{verdict}: {errors} error{'s' if errors != 1 else ''}, {warnings} warning{'s' if warnings != 1 else ''}"
-
-
-def validation_json(v: Validation) -> dict[str, Any]:
-    return {
-        "snapshot": v.snapshot,
-        "target": v.target,
-        "schema_only": v.schema_only,
-        "compatible": v.compatible,
-        "findings": [
-            {
-                "code": f.code,
-                "severity": f.severity,
-                "path": f.path,
-                "snapshot": f.snapshot,
-                "target": f.target,
-                "message": f.message,
-                "qemu": f.qemu,
-            }
-            for f in v.findings
-        ],
     }

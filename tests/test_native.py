@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import snapfmt
-from snapfmt.errors import ChecksumError, SnapfmtError, UnsupportedError
+from snapfmt.errors import ChecksumError, FormatError, SnapfmtError, UnsupportedError
 from snapfmt.formats import native as nf
 from snapfmt.native.writer import Writer
 from snapfmt.paths import Component, Path
@@ -233,7 +233,7 @@ def _reseal(data: bytearray) -> bytes:
     return bytes(data)
 
 
-def test_parent_chunks_are_reported_unsupported(tmp_path: FsPath) -> None:
+def test_a_parent_chunk_outside_a_delta_is_refused(tmp_path: FsPath) -> None:
     target = tmp_path / "s.snap"
     with Writer(target, machine="pc", chunk_size=4096) as w:
         w.add_ram_block("/pc.ram", [bytes(4096)])
@@ -244,7 +244,9 @@ def test_parent_chunks_are_reported_unsupported(tmp_path: FsPath) -> None:
     target.write_bytes(_reseal(data))
     with snapfmt.open(target) as snap:
         block = snap.ram_block(Path.of("pc.ram"))
-        with pytest.raises(UnsupportedError, match="chunk 0 lives in a parent snapshot"):
+        with pytest.raises(
+            FormatError, match="chunk 0 lives in a parent, but the file is not a delta"
+        ):
             block.read(0, 1)
 
 

@@ -21,6 +21,8 @@ MAGIC = b"\x89SNAPF\r\n"
 FOOTER_MAGIC = b"SNAPFEND"
 VERSION_MAJOR = 1
 VERSION_MINOR = 0
+DELTA_VERSION_MINOR = 1  # §7: a delta snapshot is a 1.1 file; every other file stays 1.0
+PARENT_DOCUMENT = "parent"  # §7: the metadata document naming a delta's parent
 
 HEADER_SIZE = 64
 FOOTER_SIZE = 48
@@ -59,9 +61,11 @@ class ChunkEncoding(IntEnum):
     ZERO = 0  # nothing stored: the chunk is all zero bytes
     RAW = 1  # stored as is
     ZSTD = 2  # one zstd frame holding the uncompressed bytes
-    PARENT = 3  # §7 Delta snapshots (reserved): the parent holds the bytes
+    PARENT = 3  # §7 Delta snapshots: the parent's chunk at the same index holds the bytes
     PAGES_RAW = 4  # a bitmap of the non-zero pages, then those pages as they are
     PAGES_ZSTD = 5  # a bitmap of the non-zero pages, then one zstd frame of those pages
+    PARENT_PAGES = 6  # §7: a bitmap of the pages that differ from the parent's chunk, then
+    # one zstd frame of those pages; the other pages are the parent's
 
 
 # The chunk table is the hot path: read and written with this struct.Struct, which a test

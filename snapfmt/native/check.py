@@ -25,26 +25,38 @@ def check(snap: NativeSnapshot, progress: Progress = None) -> CheckResult:
     ]
     problems: list[Problem] = []
     covered = [0, 0]  # chunks, bytes
+    parent_ok = _check_parent(snap, problems)
     for section in snap.all_sections:
         label = section.key or "configuration"
         regions.append((section.offset, section.length, label))
         if section.data_length:
             regions.append((section.data_offset, section.data_length, f"{label} data"))
         try:
-            _check_section(snap, section, covered, problems, progress)
+            _check_section(snap, section, covered, problems, progress, parent_ok)
         except FormatError as e:
             problems.append(_problem(section, e))
     problems.extend(_tiling(regions))
     return CheckResult(len(snap.all_sections), covered[0], covered[1], problems)
 
 
+def _check_parent(snap: NativeSnapshot, problems: list[Problem]) -> bool:
+    """A delta's parent must be there and be the file the delta was made from; whether
+    it is.  Each of its chunks the delta uses is then checked with the delta's."""
+    from snapfmt.native.delta import chain
+
+    for _, problem in chain(snap):  # (the whole chain: a grandparent may be missing)
+        if problem is not None:
+            problems.append(Problem(nf.PARENT_DOCUMENT, None, problem))
+            return False
+    return True
+
+
 def _problem(section: SectionInfo, error: FormatError) -> Problem:
-    message = error.what
-    if error.found is not None:
-        message += f": found {error.found}"
-        if error.expected is not None:
-            message += f", expected {error.expected}"
-    return Problem(section.key or "configuration", error.offset, message)
+    return Problem(section.key or "configuration", error.offset, _message(error))
+
+
+def _message(error: FormatError) -> str:
+    return error.detail
 
 
 def _check_section(
@@ -53,14 +65,16 @@ def _check_section(
     covered: list[int],
     problems: list[Problem],
     progress: Progress,
+    parent_ok: bool = True,
 ) -> None:
-    """Check one section, adding the chunks and bytes it covers to *covered*."""
+    """Check one section, adding the chunks and bytes it covers to *covered*.  Without
+    *parent_ok*, a delta's chunks in the parent are left out (its problem is reported)."""
     if section.kind == nf.SectionKind.RAM_BLOCK:
         from snapfmt.native.ramblock import NativeRamBlock
 
         block = NativeRamBlock(snap, section)
         covered[1] += block.length
-        for chunk, error in block.verify():
+        for chunk, error in block.verify(parents=parent_ok):
             span = (chunk.offset, chunk.offset + chunk.length - 1) if chunk else None
             problems.append(Problem(section.key, error.offset, error.what, span))
         covered[0] += block.chunk_count

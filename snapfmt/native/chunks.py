@@ -21,6 +21,7 @@ _FRAME_BITS_CLEAR = 0x10 | 0x08 | 0x04 | 0x03  # unused, reserved, checksum, dic
 # plain ints: comparing with IntEnum members costs an attribute lookup per chunk
 _ZERO, _RAW, _ZSTD = int(ChunkEncoding.ZERO), int(ChunkEncoding.RAW), int(ChunkEncoding.ZSTD)
 _PAGES_RAW, _PAGES_ZSTD = int(ChunkEncoding.PAGES_RAW), int(ChunkEncoding.PAGES_ZSTD)
+_PARENT_PAGES = int(ChunkEncoding.PARENT_PAGES)
 
 
 @cache
@@ -96,6 +97,23 @@ class ChunkCodec:
             return ChunkEncoding.RAW, chunk, digest
         return encoding, stored_bytes, digest
 
+    def encode_against(self, chunk: bytes, base: bytes | bytearray, digest: int) -> Encoded | None:
+        """*chunk* as the pages that differ from *base* (the parent's chunk at the same
+        index, of the same length): PARENT_PAGES; None when nothing differs or the
+        pages would not be smaller than the chunk."""
+        length, ps = len(chunk), self.page_size
+        view, theirs = memoryview(chunk), memoryview(base)
+        differ = [view[at : at + ps] != theirs[at : at + ps] for at in range(0, length, ps)]
+        if not any(differ):
+            return None
+        bitmap = bytearray(bitmap_length(length, ps))
+        for page, changed in enumerate(differ):
+            if changed:
+                bitmap[page >> 3] |= 1 << (page & 7)
+        kept = b"".join(view[p * ps : (p + 1) * ps] for p, changed in enumerate(differ) if changed)
+        stored = bytes(bitmap) + self._cctx.compress(kept)
+        return (_PARENT_PAGES, stored, digest) if len(stored) < length else None
+
     # -- reading -------------------------------------------------------------------------
 
     def _inflate(self, frame: bytes | memoryview, expected: int) -> bytes | str:
@@ -124,7 +142,8 @@ class ChunkCodec:
 
     def decode_into(self, encoding: int, stored: memoryview, dest: memoryview) -> str | None:
         """Write the chunk's plain bytes into *dest* (its exact length); return None, or
-        what is wrong with the stored bytes.  The caller checks the hash."""
+        what is wrong with the stored bytes.  The caller checks the hash.  For
+        PARENT_PAGES, *dest* holds the parent's chunk, whose listed pages are replaced."""
         length = len(dest)
         if encoding < _PAGES_RAW:  # a whole chunk: zero, raw or zstd (the pages kinds after)
             if encoding == _ZERO:
@@ -150,7 +169,7 @@ class ChunkCodec:
         if length % ps and bits >> (pages - 1):
             kept -= ps - length % ps
         payload: bytes | memoryview = stored[nbitmap:]
-        if encoding == _PAGES_ZSTD:
+        if encoding != _PAGES_RAW:
             inflated = self._inflate(payload, kept)
             if isinstance(inflated, str):
                 return inflated
@@ -174,7 +193,7 @@ class ChunkCodec:
                     to = at + end - start
                     dest[start:end] = payload[at:to]
                     at = to
-                else:
+                elif encoding != _PARENT_PAGES:
                     dest[start:end] = zero[: end - start]
             base += 8 * ps
         return None

@@ -15,10 +15,11 @@ from typing import TYPE_CHECKING, Any
 import xxhash
 from xxhash import xxh3_64_intdigest
 
-from snapfmt.errors import ChecksumError, FormatError, UnsupportedError
+from snapfmt.errors import ChecksumError, FormatError
 from snapfmt.formats import native as nf
 from snapfmt.model import ChunkInfo, RamBlock, SectionInfo
 from snapfmt.native.chunks import ChunkCodec, zero_hash
+from snapfmt.native.delta import ParentChunks
 from snapfmt.paths import Path
 from snapfmt.perf.compare import page_changes
 from snapfmt.perf.parallel import WORKERS, forked_map, ordered_map
@@ -32,9 +33,10 @@ _PAIRS = 32  # differing chunk pairs decoded at a time
 _SCREEN = 1 << 14  # bytes of two differing chunks compared at once, then their pages
 _NONZERO = re.compile(rb"[^\x00]")
 _RING_BUDGET = 1 << 25  # bytes of reusable output buffers iter_spans may hold
-_TABLE_STEP = 8192
+_TABLE_STEP = 8192  # chunk table entries read at a time
 _ZERO, _RAW = int(nf.ChunkEncoding.ZERO), int(nf.ChunkEncoding.RAW)
-_KNOWN = frozenset(int(e) for e in nf.ChunkEncoding) - {nf.ChunkEncoding.PARENT}
+_PARENT, _PARENT_PAGES = int(nf.ChunkEncoding.PARENT), int(nf.ChunkEncoding.PARENT_PAGES)
+_KNOWN = frozenset(int(e) for e in nf.ChunkEncoding) - {_PARENT, _PARENT_PAGES}  # (any file's)
 
 
 class NativeRamBlock(RamBlock):
@@ -56,6 +58,8 @@ class NativeRamBlock(RamBlock):
         self._table_offset = section.offset + len(nf.RamBlockHead.build(head))
         self._check_head(head)
         self._local = threading.local()
+        self._delta = bool(snapshot.flags & nf.HeaderFlag.DELTA)
+        self._parents = ParentChunks(self) if self._delta else None
 
     def _error(self, cls: type[FormatError], what: str, offset: int, **kw: Any) -> FormatError:
         return cls(what, file=self.file, offset=offset, section=str(self.path), **kw)
@@ -132,12 +136,15 @@ class NativeRamBlock(RamBlock):
             length = min(chunk_size, block_length - start)
             if enc == _ZERO:
                 sound = not stored and not offset
+            elif enc == _PARENT:
+                sound = self._delta and not stored and not offset
             elif enc == _RAW:
                 sound = stored == length and lo <= offset and offset + stored <= hi
             else:
                 sound = (
-                    enc in _KNOWN and 0 < stored < length and lo <= offset and offset + stored <= hi
-                )
+                    (enc in _KNOWN or (enc == _PARENT_PAGES and self._delta))
+                    and 0 < stored < length and lo <= offset and offset + stored <= hi
+                )  # fmt: skip
             if not sound:
                 self._bad_entry(i, enc, stored, offset, length)
             out.append(ChunkInfo(i, start, length, enc, stored, offset, digest))
@@ -148,19 +155,22 @@ class NativeRamBlock(RamBlock):
         lo = self.section.data_offset
         hi = lo + self.section.data_length
         entry_at = self._table_offset + i * nf.CHUNK_ENTRY.size
-        if enc == nf.ChunkEncoding.PARENT:
+        if enc in (_PARENT, _PARENT_PAGES) and not self._delta:
             raise self._error(
-                UnsupportedError,
-                f"chunk {i} lives in a parent snapshot (delta snapshots are not supported yet)",
-                entry_at,
+                FormatError, f"chunk {i} lives in a parent, but the file is not a delta", entry_at
             )
-        if enc not in _KNOWN:
+        if enc == _PARENT:
+            raise self._error(
+                FormatError, f"chunk {i} lives in the parent but stores bytes", entry_at,
+                found=f"{stored} bytes at {offset:#x}", expected="none",
+            )  # fmt: skip
+        if enc not in _KNOWN and enc != _PARENT_PAGES:
             raise self._error(
                 FormatError,
                 f"chunk {i} has an unknown encoding",
                 entry_at,
                 found=enc,
-                expected="0, 1, 2, 4 or 5",
+                expected="0-6",
             )
         low, high = {_ZERO: (0, 0), _RAW: (length, length)}.get(enc, (1, length - 1))
         if not low <= stored <= high:
@@ -196,7 +206,7 @@ class NativeRamBlock(RamBlock):
         chunks = zeros = stored = 0
         for chunk in self.chunks():
             chunks += 1
-            zeros += chunk.stored_length == 0
+            zeros += chunk.encoding == _ZERO
             stored += chunk.stored_length
         return chunks, zeros, stored
 
@@ -298,6 +308,9 @@ class NativeRamBlock(RamBlock):
         """Decode one chunk into *dest* and check its hash; with no *dest*, only check
         (a ZERO chunk then costs nothing)."""
         encoding = c.encoding
+        if encoding == _PARENT and self._parents is not None:
+            self._parents.decode(c, dest)
+            return
         if encoding == _ZERO:
             if c.hash != zero_hash(c.length):
                 raise self._chunk_error(c, "zero chunk has a hash other than that of zeros")
@@ -305,6 +318,8 @@ class NativeRamBlock(RamBlock):
                 return
         if dest is None:
             dest = self._scratch(c.length)
+        if encoding == _PARENT_PAGES and self._parents is not None:
+            self._parents.base(c, dest)
         problem = codec.decode_into(encoding, src, dest)
         if problem:
             raise self._chunk_error(c, problem)
@@ -408,9 +423,10 @@ class NativeRamBlock(RamBlock):
         for (_, batch), view in ordered_map(job, numbered(), window=window):
             yield batch[0].offset, view
 
-    def verify(self) -> Iterator[tuple[ChunkInfo | None, FormatError]]:
+    def verify(self, parents: bool = True) -> Iterator[tuple[ChunkInfo | None, FormatError]]:
         """Check every chunk, and that the stored chunks fill the data region in block
-        order without gaps; yields each problem instead of raising."""
+        order without gaps; yields each problem instead of raising.  A delta's chunks in
+        the parent are checked there too, unless not *parents*."""
 
         def job(batch: list[ChunkInfo]) -> list[tuple[ChunkInfo, FormatError]]:
             codec = self._codec()
@@ -420,6 +436,8 @@ class NativeRamBlock(RamBlock):
             except FormatError as e:
                 return [(batch[0], e)]
             for c, src in sources:
+                if c.encoding in (_PARENT, _PARENT_PAGES) and not parents:
+                    continue
                 try:
                     self._decode(codec, c, src, None)
                 except FormatError as e:

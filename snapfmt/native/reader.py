@@ -12,6 +12,8 @@ import struct
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+import xxhash
+
 from snapfmt._io import FileReader, json_loads, parse, short
 from snapfmt.errors import (
     ChecksumError,
@@ -41,6 +43,8 @@ class NativeSnapshot(Snapshot):
         self.file = self.origin = reader.name
         self._config: Configuration | None = None
         self._aliases: dict[str, Path] | None = None
+        self._parent: NativeSnapshot | None = None
+        self.depth = 0  # how far down a chain of deltas this file was opened
         self._read_header()
         self._read_footer_and_index()
 
@@ -128,6 +132,7 @@ class NativeSnapshot(Snapshot):
                 found=len(entries),
                 expected=footer.section_count,
             )
+        self.snapshot_id = xxhash.xxh3_128_digest(raw_index)  # (§7: big-endian digest)
         self.index_offset = footer.index_offset
         self.index_length = footer.index_length
         self.index_hash = footer.index_hash
@@ -418,6 +423,14 @@ class NativeSnapshot(Snapshot):
         parsed = self.parse(con, head, section.offset, f"section {section.key}")
         return str(parsed.qemu_idstr)
 
+    def parent(self) -> NativeSnapshot:
+        """A delta's parent, opened and checked on first use (snapfmt.native.delta)."""
+        if self._parent is None:
+            from snapfmt.native.delta import open_parent
+
+            self._parent = open_parent(self)
+        return self._parent
+
     def check(self, progress: Callable[[int], None] | None = None) -> CheckResult:
         from snapfmt.native.check import check
 
@@ -431,4 +444,6 @@ class NativeSnapshot(Snapshot):
         return self._io.fd
 
     def close(self) -> None:
+        if self._parent is not None:
+            self._parent.close()
         self._io.close()

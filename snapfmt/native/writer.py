@@ -14,9 +14,9 @@ import functools
 import os
 import tempfile
 import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
-from typing import IO, Any, NamedTuple
+from typing import IO, TYPE_CHECKING, Any, NamedTuple
 
 import xxhash
 
@@ -25,30 +25,22 @@ from snapfmt._io import json_dumps
 from snapfmt.errors import WriteError
 from snapfmt.formats import native as nf
 from snapfmt.native.chunks import ChunkCodec, Encoded, zero_hash
+from snapfmt.native.delta import reference_for
+from snapfmt.native.sources import RamSource, ZeroChunks, Zeros, batches, numbered
 from snapfmt.paths import Path
 from snapfmt.perf.parallel import ordered_map
+
+if TYPE_CHECKING:
+    from snapfmt.native.ramblock import NativeRamBlock
+    from snapfmt.native.reader import NativeSnapshot
 
 __all__ = ["MAX_CHUNKS", "RamSource", "Writer", "WrittenBlock", "Zeros"]
 
 
-class Zeros(int):
-    """In a RAM source's pieces: that many zero bytes, never made.  A run of them costs
-    one chunk table entry per whole chunk and no bytes, however long it is."""
-
-    __slots__ = ()
-
-
-RamSource = str | os.PathLike[str] | IO[bytes] | Iterable[bytes | bytearray | memoryview | Zeros]
 _BATCH_BYTES = 1 << 22
 # Chunks one RAM block may have: its chunk table is then at most 1.5 GiB (a 4 TiB block of
 # 64 KiB chunks); a larger block takes a larger chunk size (spec/format.md §1).
 MAX_CHUNKS = 1 << 26
-
-
-class _ZeroChunks(int):
-    """A batch of that many all-zero chunks (from a Zeros run), passed through as is."""
-
-    __slots__ = ()
 
 
 _STR16_MAX = 0xFFFF
@@ -91,7 +83,11 @@ class Writer:
         chunk_size: int = nf.DEFAULT_CHUNK_SIZE,
         level: int = 3,
         threads: int | None = None,
+        parent: str | os.PathLike[str] | None = None,
     ) -> None:
+        """With *parent* (a native snapshot), the file is a delta (spec/format.md §7):
+        each RAM chunk equal to the parent's chunk at the same index is stored as a
+        reference to it."""
         if page_size & (page_size - 1) or not nf.MIN_PAGE_SIZE <= page_size <= nf.MAX_PAGE_SIZE:
             raise WriteError(
                 f"page size {page_size} is not a power of two from "
@@ -111,19 +107,10 @@ class Writer:
         self._pos = 0
         self._closed = False
         self._local = threading.local()
+        self._parent: NativeSnapshot | None = None
+        self._minor = nf.VERSION_MINOR
         try:
-            header = {
-                "fields": {
-                    "value": {
-                        "version_major": nf.VERSION_MAJOR,
-                        "version_minor": nf.VERSION_MINOR,
-                        "flags": 0,
-                        "parent_id": bytes(16),
-                        "reserved": bytes(24),
-                    }
-                }
-            }
-            self._write(nf.Header.build(header))
+            self._start(parent)
             body = nf.Configuration.build(
                 {
                     "machine": _str16(machine, "machine type", self.target),
@@ -133,9 +120,24 @@ class Writer:
                 }
             )
             self._add_section(nf.SectionKind.CONFIGURATION, "", body, len(body))
+            if self._parent is not None:
+                ref = reference_for(self._parent, self.target)
+                self._claim(nf.SectionKind.METADATA, nf.PARENT_DOCUMENT)
+                self._metadata(nf.PARENT_DOCUMENT, ref.to_json())
         except BaseException:
             self.abort()
             raise
+
+    def _start(self, parent: str | os.PathLike[str] | None) -> None:
+        """The header: version 1.0, or for a delta 1.1 with its parent's id."""
+        flags, parent_id = 0, bytes(16)
+        if parent is not None:
+            self._parent = _open_parent(parent, self.target)
+            flags, parent_id = nf.HeaderFlag.DELTA, self._parent.snapshot_id
+            self._minor = nf.DELTA_VERSION_MINOR
+        fields = {"version_major": nf.VERSION_MAJOR, "version_minor": self._minor,
+                  "flags": int(flags), "parent_id": parent_id, "reserved": bytes(24)}  # fmt: skip
+        self._write(nf.Header.build({"fields": {"value": fields}}))
 
     # -- plumbing ----------------------------------------------------------------------------
 
@@ -228,8 +230,14 @@ class Writer:
         self._add_section(nf.SectionKind.DEVICE, key, head + bytes(state), len(state))
 
     def add_metadata(self, name: str, document: Any) -> None:
-        """Add a free JSON document under *name*."""
+        """Add a free JSON document under *name* (not `parent`: spec/format.md §7)."""
+        if name == nf.PARENT_DOCUMENT:
+            raise WriteError(f"the metadata name {name!r} is kept for a delta's parent",
+                             file=self.target)  # fmt: skip
         self._claim(nf.SectionKind.METADATA, _str16(name, "metadata name", self.target))
+        self._metadata(name, document)
+
+    def _metadata(self, name: str, document: Any) -> None:
         text = self._json(document, f"metadata {name!r}")
         body = nf.Metadata.build({"document": text})
         self._add_section(nf.SectionKind.METADATA, name, body, len(text.encode("utf-8")))
@@ -265,8 +273,9 @@ class Writer:
         qemu_idstr = _str16(qemu_idstr or "", "QEMU identifier", self.target)
         self._claim(nf.SectionKind.RAM_BLOCK, key)
         data_offset = self._pos
+        theirs = self._parent_block(path, chunk_size)
         with tempfile.SpooledTemporaryFile(max_size=8 << 20) as table:
-            total, chunks, zeros = self._chunks(source, chunk_size, table, progress)
+            total, chunks, zeros = self._chunks(source, chunk_size, table, progress, theirs)
             if length is not None and total != length:
                 raise WriteError(
                     f"RAM block {key}: the source gave {total} bytes, expected {length}",
@@ -290,15 +299,19 @@ class Writer:
         chunk_size: int,
         table: IO[bytes],
         progress: Callable[[int], None] | None,
+        theirs: NativeRamBlock | None = None,
     ) -> tuple[int, int, int]:
         """Encode *source* chunk by chunk on the pool, writing the stored chunks and
-        spooling their table entries to *table*; returns (bytes, chunks, zero chunks)."""
-        encode = functools.partial(self._encode_batch, chunk_size=chunk_size)
+        spooling their table entries to *table*; returns (bytes, chunks, zero chunks).
+        A chunk equal to the one at its index in *theirs* (a parent's block) is a
+        PARENT entry, neither compressed nor stored; one that differs in a few pages may
+        store just those (PARENT_PAGES)."""
+        encode = functools.partial(self._encode_batch, chunk_size=chunk_size, theirs=theirs)
         total = chunks = zeros = 0
-        batches = _batches(source, max(_BATCH_BYTES, chunk_size), chunk_size)
+        pieces = numbered(batches(source, max(_BATCH_BYTES, chunk_size), chunk_size), chunk_size)
         zero_entry = nf.CHUNK_ENTRY.pack(nf.ChunkEncoding.ZERO, 0, 0, zero_hash(chunk_size))
-        for batch, results in ordered_map(encode, batches, self._threads):
-            if isinstance(batch, _ZeroChunks):
+        for (_, batch), results in ordered_map(encode, pieces, self._threads):
+            if isinstance(batch, ZeroChunks):
                 for first in range(0, batch, 1 << 16):  # (the table in bounded pieces)
                     table.write(zero_entry * min(1 << 16, batch - first))
                 chunks, zeros, total = chunks + batch, zeros + batch, total + batch * chunk_size
@@ -340,16 +353,50 @@ class Writer:
             self._write(piece)
         return int(hasher.intdigest())
 
-    def _encode_batch(self, batch: bytes | _ZeroChunks, chunk_size: int) -> list[Encoded]:
-        """Encode each chunk of *batch* (runs on a pool thread)."""
-        if isinstance(batch, _ZeroChunks):
+    def _encode_batch(
+        self, item: tuple[int, bytes | ZeroChunks], chunk_size: int,
+        theirs: NativeRamBlock | None,
+    ) -> list[Encoded]:  # fmt: skip
+        """Encode each chunk of a batch, chunk *first* on (runs on a pool thread)."""
+        first, batch = item
+        if isinstance(batch, ZeroChunks):
             return []
         codec = getattr(self._local, "codec", None)
         if codec is None:
             codec = self._local.codec = ChunkCodec(self.page_size, self._level)
-        return [
-            codec.encode(batch[at : at + chunk_size]) for at in range(0, len(batch), chunk_size)
-        ]
+        pieces = [batch[at : at + chunk_size] for at in range(0, len(batch), chunk_size)]
+        if theirs is None or first >= theirs.chunk_count:
+            return [codec.encode(piece) for piece in pieces]
+        count = min(len(pieces), theirs.chunk_count - first)
+        parents = theirs.entries_at(first, theirs.table_raw(first, count), range(count))
+        out: list[Encoded] = []
+        for i, piece in enumerate(pieces):
+            their = parents[i] if i < count else None
+            if their is None or their.encoding == nf.ChunkEncoding.ZERO:
+                out.append(codec.encode(piece))
+                continue
+            digest = nf.xxh3_64(piece)
+            if their.hash == digest and their.length == len(piece):
+                out.append((int(nf.ChunkEncoding.PARENT), None, digest))
+                continue
+            plain = codec.encode(piece)
+            if their.length == len(piece) and plain[1] is not None:
+                base = theirs.decode([their], reuse=True)[0]
+                pages = codec.encode_against(piece, base, digest)
+                if pages is not None and pages[1] is not None and len(pages[1]) < len(plain[1]):
+                    plain = pages
+            out.append(plain)
+        return out
+
+    def _parent_block(self, path: Path, chunk_size: int) -> NativeRamBlock | None:
+        """The parent's block of *path* when its chunks line up with this block's."""
+        if self._parent is None:
+            return None
+        try:
+            block = self._parent.ram_block(path)
+        except KeyError:
+            return None
+        return block if block.chunk_size == chunk_size else None
 
     # -- finishing ---------------------------------------------------------------------------
 
@@ -368,7 +415,7 @@ class Writer:
                         "index_length": len(index),
                         "index_hash": nf.xxh3_64(index),
                         "version_major": nf.VERSION_MAJOR,
-                        "version_minor": nf.VERSION_MINOR,
+                        "version_minor": self._minor,
                         "section_count": len(self._entries),
                     }
                 }
@@ -376,6 +423,7 @@ class Writer:
             self._write(nf.Footer.build(footer))
             atomic.commit(self._file, self._tmp, self.target)
             self._closed = True
+            self._close_parent()
         except BaseException:
             self.abort()
             raise
@@ -385,6 +433,12 @@ class Writer:
         self._closed = True
         self._file.close()
         atomic.discard(self._tmp)
+        self._close_parent()
+
+    def _close_parent(self) -> None:
+        if self._parent is not None:
+            self._parent.close()
+            self._parent = None
 
     def __enter__(self) -> Writer:
         return self
@@ -422,44 +476,16 @@ def _chunk_for(length: int, page_size: int) -> int:
     return size
 
 
-def _batches(source: RamSource, size: int, chunk_size: int) -> Iterator[bytes | _ZeroChunks]:
-    """The source's bytes as pieces of *size* (the last may be shorter); the whole chunks
-    of a Zeros run as one _ZeroChunks (the pieces before it then end on a chunk)."""
-    if isinstance(source, str | os.PathLike):
-        with open(source, "rb") as f:
-            yield from _batches(f, size, chunk_size)
-        return
-    read = getattr(source, "read", None)
-    if read is not None:
-        pieces: Iterable[bytes | Zeros] = iter(lambda: read(size), b"")
-    else:
-        pieces = source  # type: ignore[assignment]
-    pending = bytearray()
-    done = 0  # bytes yielded
-    for piece in pieces:
-        if isinstance(piece, Zeros):
-            run = int(piece)
-            lead = min(run, -(done + len(pending)) % chunk_size)
-            pending += bytes(lead)
-            run -= lead
-            whole = run // chunk_size
-            if whole and pending:
-                done += len(pending)
-                yield bytes(pending)
-                pending.clear()
-            if whole:
-                done += whole * chunk_size
-                yield _ZeroChunks(whole)
-            pending += bytes(run - whole * chunk_size)
-        elif not pending and len(piece) == size:
-            done += size
-            yield bytes(piece)
-            continue
-        else:
-            pending += piece
-        while len(pending) >= size:
-            done += size
-            yield bytes(pending[:size])
-            del pending[:size]
-    if pending:
-        yield bytes(pending)
+def _open_parent(parent: str | os.PathLike[str], target: str) -> NativeSnapshot:
+    from snapfmt.native.reader import NativeSnapshot
+    from snapfmt.opener import open_snapshot
+
+    name = os.fspath(parent)
+    if os.path.exists(name) and os.path.exists(target) and os.path.samefile(name, target):
+        raise WriteError("is the parent named; a delta is written to another file", file=target)
+    snap = open_snapshot(name)
+    if not isinstance(snap, NativeSnapshot):
+        snap.close()
+        raise WriteError(f"the parent {name} is a {snap.format_name} snapshot; a delta's "
+                         "parent is a native one (convert it first)", file=target)  # fmt: skip
+    return snap

@@ -17,8 +17,12 @@ LIBVIRT_DOCUMENT = "libvirt"  # the metadata document a native file keeps a doma
 Progress = Callable[[int], None] | None
 
 
-def to_native(snap: Snapshot, target: str, progress: Progress = None) -> None:
-    """Every section, in order, with QEMU identities and field layouts kept."""
+def to_native(
+    snap: Snapshot, target: str, progress: Progress = None, parent: str | None = None
+) -> None:
+    """Every section, in order, with QEMU identities and field layouts kept.  With
+    *parent* (a native snapshot), a delta of it (spec/format.md §7).  A delta read is
+    resolved through its chain: without *parent*, the output stands alone (flatten)."""
     iterative = snap.iterative_sections()
     if iterative:
         raise SnapfmtError(
@@ -31,6 +35,7 @@ def to_native(snap: Snapshot, target: str, progress: Progress = None) -> None:
         page_size=config.page_size,
         capabilities=config.capabilities,
         metadata=config.metadata,
+        parent=parent,
     ) as w:
         for section in snap.sections:
             path = section.path
@@ -52,13 +57,26 @@ def to_native(snap: Snapshot, target: str, progress: Progress = None) -> None:
                 w.add_ram_block(
                     path, spans, length=block.length, qemu_idstr=block.qemu_idstr, progress=progress
                 )
-            elif section.kind == SectionKind.METADATA:
+            elif section.kind == SectionKind.METADATA and not _own_parent(snap, section.key):
                 w.add_metadata(section.key, snap.metadata(section.key))
         wrapper = snap.wrapper
         if wrapper is not None and wrapper.domain_xml is not None and not _has_document(snap):
             # a libvirt save image's domain, kept: `convert --to libvirt` writes it back
             w.add_metadata(LIBVIRT_DOCUMENT, {"domain_xml": wrapper.domain_xml,
                                               "was_running": bool(wrapper.was_running)})  # fmt: skip
+
+
+def _own_parent(snap: Snapshot, name: str) -> bool:
+    """Whether *name* is the document in which a delta names its parent (the output
+    names its own, if any)."""
+    from snapfmt.formats import native as nf
+    from snapfmt.native.reader import NativeSnapshot
+
+    return (
+        name == nf.PARENT_DOCUMENT
+        and isinstance(snap, NativeSnapshot)
+        and bool(snap.flags & nf.HeaderFlag.DELTA)
+    )
 
 
 def read_xml(path: str) -> str:
@@ -139,18 +157,20 @@ def to_libvirt(
 
 def convert(
     snap: Snapshot, target: str, to: str | None = None, progress: Progress = None,
-    xml: str | None = None, compression: str = "raw",
+    xml: str | None = None, compression: str = "raw", parent: str | None = None,
 ) -> str:  # fmt: skip
     """Write *snap* to *target* in format *to* (default: the other one); returns it.
     *target* may not be the file *snap* is read from (it would be replaced while read).
-    *xml* and *compression* are for a libvirt save image."""
+    *xml* and *compression* are for a libvirt save image, *parent* for a native delta."""
     if os.path.exists(target) and os.path.samefile(snap.origin, target):
         raise WriteError("is the file being converted; name another output", file=target)
+    if parent is not None and (to or "native") != "native":
+        raise WriteError(f"--parent makes a native delta, not a {to} file", file=target)
     for block in snap.ram_blocks():  # refused before a byte is written
         block.require_contents()
-    to = to or ("qemu" if snap.format_name == "native" else "native")
+    to = to or ("native" if parent or snap.format_name != "native" else "qemu")
     if to == "native":
-        to_native(snap, target, progress)
+        to_native(snap, target, progress, parent)
     elif to == "qemu":
         write_qemu(snap, target, progress)
     elif to == "libvirt":

@@ -60,6 +60,16 @@ def container(snap: Snapshot) -> Container | None:
     )
 
 
+class Parent(NamedTuple):
+    """One parent up a delta's chain: its file as the child names it, its snapshot id
+    and length, and what is wrong with it (None: found, and the file it should be)."""
+
+    file: str
+    id: str
+    length: int
+    problem: str | None
+
+
 class Info(NamedTuple):
     file: str
     format: str
@@ -68,6 +78,18 @@ class Info(NamedTuple):
     configuration: Configuration
     rows: list[SectionRow]
     container: Container | None = None
+    parents: list[Parent] = []  # noqa: RUF012  (a NamedTuple default, never changed)
+
+
+def parents(snap: Snapshot) -> list[Parent]:
+    """A delta snapshot's chain of parents, nearest first (spec/format.md §7)."""
+    from snapfmt.native.reader import NativeSnapshot
+
+    if not isinstance(snap, NativeSnapshot):
+        return []
+    from snapfmt.native.delta import chain
+
+    return [Parent(ref.file, ref.id.hex(), ref.length, problem) for ref, problem in chain(snap)]
 
 
 def info(snap: Snapshot) -> Info:
@@ -103,6 +125,7 @@ def info(snap: Snapshot) -> Info:
         snap.configuration,
         rows,
         container(snap),
+        parents(snap),
     )
 
 
