@@ -77,6 +77,10 @@ class ParentError(FormatError):
     """A delta snapshot's parent is missing, is another file, or cannot be read."""
 
 
+class RebuildError(SnapfmtError):
+    """A saved machine record cannot be turned into a QEMU command line."""
+
+
 class WriteError(SnapfmtError):
     """What was to be written cannot be: the message reads ``FILE: offset 0x…: what``,
     FILE being the file being written and the offset where the refused part would go."""

@@ -5,10 +5,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from snapfmt.render import one_line, shown
+from snapfmt.render import human, one_line, shown
 
 if TYPE_CHECKING:
     from snapfmt.ops.machine import Machine
+    from snapfmt.ops.restore import Restored
+    from snapfmt.ops.save import Saved
     from snapfmt.ops.validate import Validation
 
 
@@ -56,3 +58,20 @@ def validation_json(v: Validation) -> dict[str, Any]:
             for f in v.findings
         ],
     }
+
+
+def saved_text(s: Saved) -> str:
+    again = "; the guest runs again" if s.resumed else ""
+    return one_line(f"wrote {s.target}: {s.machine}, {s.devices} device sections, "
+                    f"{s.ram_blocks} RAM blocks ({human(s.ram_bytes)}){again}")  # fmt: skip
+
+
+def cmdline_text(argv: list[str]) -> str:
+    import shlex
+
+    return shlex.join(argv)
+
+
+def restored_text(r: Restored) -> list[str]:
+    return [f"QEMU {r.pid} has loaded the snapshot and is {r.state}",
+            f"QMP socket    {r.socket}"]  # fmt: skip

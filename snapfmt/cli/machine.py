@@ -187,3 +187,81 @@ def machine_from_snapshot(snapshot: str, output: str) -> int:
     write_json(output, description.to_json())
     emit(render_machine.machine_written(output, description))
     return EXIT_OK
+
+
+@cli.command(name="save", context_settings={"ignore_unknown_options": True})
+@click.option("--qmp", "socket_path", help="The QMP socket of a running or paused QEMU.")
+@click.option("-o", "--output", required=True, help="The native snapshot to write.")
+@click.option("--parent", type=existing_file, help="Write a delta of this native snapshot.")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+@quiet_option
+def save_cmd(socket_path: str | None, output: str, parent: str | None,
+             command: tuple[str, ...], quiet: bool) -> int:  # fmt: skip
+    """Save a QEMU straight into a native snapshot, with the machine it ran on.
+
+    Either a QEMU already running (`--qmp SOCKET`: it is stopped for the save and runs
+    again after, if it ran), or one started for it (`-- qemu-system-x86_64 ARGS`: it is
+    started paused, saved and stopped).  The stream is read as QEMU writes it; nothing
+    else is written.  The `qemu` metadata document records the QEMU version and binary,
+    the machine type, memory, CPUs and the device tree from QOM.
+
+    \b
+    Examples:
+      snapfmt save --qmp /run/vm.qmp -o vm.snap
+      snapfmt save --qmp /run/vm.qmp -o later.snap --parent vm.snap
+      snapfmt save -o fresh.snap -- qemu-system-x86_64 -M pc -m 256M
+    """
+    from snapfmt.ops import save as save_mod
+
+    if (socket_path is None) == (not command):
+        raise click.UsageError("give --qmp SOCKET or -- QEMU COMMAND, one of the two")
+    with save_mod.connected(socket_path, command) as qmp:
+        saved = save_mod.save(qmp, output, parent)
+    emit(render_machine.saved_text(saved))
+    return EXIT_OK
+
+
+@machine_group.command(name="cmdline")
+@click.argument("snapshot", type=existing_file)
+@click.option("--qemu", "binary", help="The QEMU to rebuild for (default: the saved one).")
+def machine_cmdline(snapshot: str, binary: str | None) -> int:
+    """Print the QEMU command line that rebuilds a saved machine.
+
+    Rebuilt from the device tree `snapfmt save` records: the machine type, memory and
+    CPUs, then each device the bare machine type does not make (asked of the QEMU).
+
+    \b
+    Example:
+      snapfmt machine cmdline vm.snap
+    """
+    from snapfmt.ops import restore as restore_mod
+
+    with open_snapshot(snapshot) as snap:
+        emit(render_machine.cmdline_text(restore_mod.cmdline(snap, binary)))
+    return EXIT_OK
+
+
+@cli.command(name="restore", context_settings={"ignore_unknown_options": True})
+@click.argument("snapshot", type=existing_file)
+@click.option("--qemu", "binary", help="The QEMU to start (default: the saved one).")
+@click.option("--paused", is_flag=True, help="Leave the guest paused after the load.")
+@click.option("--qmp", "socket_path", help="Where QEMU's QMP socket goes.")
+@click.argument("extra", nargs=-1, type=click.UNPROCESSED)
+def restore_cmd(snapshot: str, binary: str | None, paused: bool, socket_path: str | None,
+                extra: tuple[str, ...]) -> int:  # fmt: skip
+    """Start QEMU from a snapshot's own machine record and load the snapshot into it.
+
+    The command line is rebuilt as `machine cmdline` prints it (plus EXTRA ARGS after
+    --), validated against the snapshot first, and QEMU is left running (or paused)
+    with its QMP socket printed.
+
+    \b
+    Example:
+      snapfmt restore vm.snap --paused
+    """
+    from snapfmt.ops import restore as restore_mod
+
+    with open_snapshot(snapshot) as snap:
+        restored = restore_mod.restore(snap, binary, paused, extra, socket_path)
+    emit(render_machine.restored_text(restored))
+    return EXIT_OK

@@ -11,7 +11,7 @@ loops over a chunk's pages, never over bytes.  One ChunkCodec per thread.
 
 from __future__ import annotations
 
-from functools import cache
+from functools import cache, lru_cache
 
 from snapfmt.formats.native import ChunkEncoding, xxh3_64
 
@@ -24,12 +24,14 @@ _PAGES_RAW, _PAGES_ZSTD = int(ChunkEncoding.PAGES_RAW), int(ChunkEncoding.PAGES_
 _PARENT_PAGES = int(ChunkEncoding.PARENT_PAGES)
 
 
-@cache
+# Bounded: a hostile file may give many chunk lengths, each up to 16 MiB of zeros, and a
+# process reading many files (the fuzzer, a service) must not keep them all.
+@lru_cache(maxsize=8)
 def zeros(length: int) -> bytes:
     return bytes(length)
 
 
-@cache
+@lru_cache(maxsize=64)
 def zero_hash(length: int) -> int:
     return xxh3_64(zeros(length))
 

@@ -14,11 +14,12 @@ import re
 import threading
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from snapfmt.errors import FormatError, ParentError
+from snapfmt.errors import FormatError, ParentError, WriteError
 from snapfmt.formats import native as nf
 
 if TYPE_CHECKING:
     from snapfmt.model import ChunkInfo
+    from snapfmt.native.chunks import ChunkCodec, Encoded
     from snapfmt.native.ramblock import NativeRamBlock
     from snapfmt.native.reader import NativeSnapshot
 
@@ -203,3 +204,52 @@ class ParentChunks:
         theirs, entry = self._entry(c)
         source = theirs._read_at(entry.file_offset, entry.stored_length)
         theirs._decode(theirs._codec(), entry, source, dest)
+
+
+# -- writing ---------------------------------------------------------------------------
+
+
+def open_parent_for(parent: str | os.PathLike[str], target: str) -> NativeSnapshot:
+    """The parent a delta written to *target* is made against: a native snapshot."""
+    from snapfmt.native.reader import NativeSnapshot
+    from snapfmt.opener import open_snapshot
+
+    name = os.fspath(parent)
+    if os.path.exists(name) and os.path.exists(target) and os.path.samefile(name, target):
+        raise WriteError("is the parent named; a delta is written to another file", file=target)
+    snap = open_snapshot(name)
+    if not isinstance(snap, NativeSnapshot):
+        snap.close()
+        raise WriteError(f"the parent {name} is a {snap.format_name} snapshot; a delta's "
+                         "parent is a native one (convert it first)", file=target)  # fmt: skip
+    return snap
+
+
+def encode_against(
+    codec: ChunkCodec, pieces: list[bytes], theirs: NativeRamBlock, first: int
+) -> list[Encoded]:
+    """Chunks *first*, *first* + 1, ... of a delta's block, against the parent's block
+    *theirs*: PARENT where the parent's chunk is the same, PARENT_PAGES where only a few
+    pages differ and that is smaller, else the chunk's own encoding (spec/format.md §7)."""
+    count = max(0, min(len(pieces), theirs.chunk_count - first))
+    parents = (
+        theirs.entries_at(first, theirs.table_raw(first, count), range(count)) if count else []
+    )
+    out: list[Encoded] = []
+    for i, piece in enumerate(pieces):
+        their = parents[i] if i < count else None
+        if their is None or their.encoding == nf.ChunkEncoding.ZERO:
+            out.append(codec.encode(piece))
+            continue
+        digest = nf.xxh3_64(piece)
+        if their.hash == digest and their.length == len(piece):
+            out.append((int(nf.ChunkEncoding.PARENT), None, digest))
+            continue
+        plain = codec.encode(piece)
+        if their.length == len(piece) and plain[1] is not None:
+            base = theirs.decode([their], reuse=True)[0]
+            pages = codec.encode_against(piece, base, digest)
+            if pages is not None and pages[1] is not None and len(pages[1]) < len(plain[1]):
+                plain = pages
+        out.append(plain)
+    return out

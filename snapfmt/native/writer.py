@@ -25,7 +25,7 @@ from snapfmt._io import json_dumps
 from snapfmt.errors import WriteError
 from snapfmt.formats import native as nf
 from snapfmt.native.chunks import ChunkCodec, Encoded, zero_hash
-from snapfmt.native.delta import reference_for
+from snapfmt.native.delta import encode_against, open_parent_for, reference_for
 from snapfmt.native.sources import RamSource, ZeroChunks, Zeros, batches, numbered
 from snapfmt.paths import Path
 from snapfmt.perf.parallel import ordered_map
@@ -44,6 +44,18 @@ MAX_CHUNKS = 1 << 26
 
 
 _STR16_MAX = 0xFFFF
+
+
+class Out:
+    """A file written front to back, and how far: the snapshot itself, or a staged RAM
+    block's data (snapfmt.native.staging)."""
+
+    def __init__(self, file: IO[bytes]) -> None:
+        self.file, self.pos = file, 0
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.file.write(data)
+        self.pos += len(data)
 
 
 class WrittenBlock(NamedTuple):
@@ -104,7 +116,7 @@ class Writer:
         self._keys: set[tuple[str, str]] = set()
         fd, self._tmp = atomic.temp_beside(self.target)
         self._file = os.fdopen(fd, "wb", buffering=1 << 20)
-        self._pos = 0
+        self._out = Out(self._file)
         self._closed = False
         self._local = threading.local()
         self._parent: NativeSnapshot | None = None
@@ -132,7 +144,7 @@ class Writer:
         """The header: version 1.0, or for a delta 1.1 with its parent's id."""
         flags, parent_id = 0, bytes(16)
         if parent is not None:
-            self._parent = _open_parent(parent, self.target)
+            self._parent = open_parent_for(parent, self.target)
             flags, parent_id = nf.HeaderFlag.DELTA, self._parent.snapshot_id
             self._minor = nf.DELTA_VERSION_MINOR
         fields = {"version_major": nf.VERSION_MAJOR, "version_minor": self._minor,
@@ -142,8 +154,11 @@ class Writer:
     # -- plumbing ----------------------------------------------------------------------------
 
     def _write(self, data: bytes | bytearray | memoryview) -> None:
-        self._file.write(data)
-        self._pos += len(data)
+        self._out.write(data)
+
+    @property
+    def _pos(self) -> int:
+        return self._out.pos
 
     def _json(self, document: Any, what: str) -> str:
         """*document* as compact, strict JSON (what a reader accepts)."""
@@ -282,16 +297,25 @@ class Writer:
                     file=self.target,
                     offset=data_offset,
                 )
-            data_length = self._pos - data_offset
-            head = {"path": key, "qemu_idstr": qemu_idstr, "length": total,
-                    "page_size": self.page_size, "chunk_size": chunk_size, "chunk_count": chunks}  # fmt: skip
-            offset, checksum = self._pos, self._descriptor(nf.RamBlockHead.build(head), table)
+            stored = self.finish_block(
+                key, qemu_idstr, total, chunk_size, chunks, table, data_offset
+            )
+        return WrittenBlock(path, total, chunks, zeros, stored)
+
+    def finish_block(self, key: str, qemu_idstr: str, total: int, chunk_size: int,
+                     chunks: int, table: IO[bytes], data_offset: int) -> int:  # fmt: skip
+        """After a RAM block's data region: its descriptor (head, then the chunk table
+        spooled in *table*) and its index entry; returns the data region's length."""
+        data_length = self._pos - data_offset
+        head = {"path": key, "qemu_idstr": qemu_idstr, "length": total,
+                "page_size": self.page_size, "chunk_size": chunk_size, "chunk_count": chunks}  # fmt: skip
+        offset, checksum = self._pos, self._descriptor(nf.RamBlockHead.build(head), table)
         self._entries.append(
             {"kind": nf.SectionKind.RAM_BLOCK, "flags": 0, "reserved": 0, "offset": offset,
              "length": self._pos - offset, "checksum": checksum, "data_offset": data_offset,
              "data_length": data_length, "size": total, "key": key}
         )  # fmt: skip
-        return WrittenBlock(path, total, chunks, zeros, data_length)
+        return data_length
 
     def _chunks(
         self,
@@ -300,12 +324,14 @@ class Writer:
         table: IO[bytes],
         progress: Callable[[int], None] | None,
         theirs: NativeRamBlock | None = None,
+        out: Out | None = None,
     ) -> tuple[int, int, int]:
         """Encode *source* chunk by chunk on the pool, writing the stored chunks and
         spooling their table entries to *table*; returns (bytes, chunks, zero chunks).
         A chunk equal to the one at its index in *theirs* (a parent's block) is a
         PARENT entry, neither compressed nor stored; one that differs in a few pages may
-        store just those (PARENT_PAGES)."""
+        store just those (PARENT_PAGES).  The chunks go to *out* (default: the file)."""
+        out = out or self._out
         encode = functools.partial(self._encode_batch, chunk_size=chunk_size, theirs=theirs)
         total = chunks = zeros = 0
         pieces = numbered(batches(source, max(_BATCH_BYTES, chunk_size), chunk_size), chunk_size)
@@ -321,11 +347,9 @@ class Writer:
                 continue
             for encoding, payload, digest in results:
                 stored = len(payload) if payload is not None else 0
-                table.write(
-                    nf.CHUNK_ENTRY.pack(encoding, stored, self._pos if stored else 0, digest)
-                )
+                table.write(nf.CHUNK_ENTRY.pack(encoding, stored, out.pos if stored else 0, digest))
                 if payload is not None:
-                    self._write(payload)
+                    out.write(payload)
                 zeros += encoding == nf.ChunkEncoding.ZERO
             chunks += len(results)
             total += len(batch)
@@ -367,26 +391,7 @@ class Writer:
         pieces = [batch[at : at + chunk_size] for at in range(0, len(batch), chunk_size)]
         if theirs is None or first >= theirs.chunk_count:
             return [codec.encode(piece) for piece in pieces]
-        count = min(len(pieces), theirs.chunk_count - first)
-        parents = theirs.entries_at(first, theirs.table_raw(first, count), range(count))
-        out: list[Encoded] = []
-        for i, piece in enumerate(pieces):
-            their = parents[i] if i < count else None
-            if their is None or their.encoding == nf.ChunkEncoding.ZERO:
-                out.append(codec.encode(piece))
-                continue
-            digest = nf.xxh3_64(piece)
-            if their.hash == digest and their.length == len(piece):
-                out.append((int(nf.ChunkEncoding.PARENT), None, digest))
-                continue
-            plain = codec.encode(piece)
-            if their.length == len(piece) and plain[1] is not None:
-                base = theirs.decode([their], reuse=True)[0]
-                pages = codec.encode_against(piece, base, digest)
-                if pages is not None and pages[1] is not None and len(pages[1]) < len(plain[1]):
-                    plain = pages
-            out.append(plain)
-        return out
+        return encode_against(codec, pieces, theirs, first)
 
     def _parent_block(self, path: Path, chunk_size: int) -> NativeRamBlock | None:
         """The parent's block of *path* when its chunks line up with this block's."""
@@ -474,18 +479,3 @@ def _chunk_for(length: int, page_size: int) -> int:
     while -(-length // size) > MAX_CHUNKS:
         size *= 2
     return size
-
-
-def _open_parent(parent: str | os.PathLike[str], target: str) -> NativeSnapshot:
-    from snapfmt.native.reader import NativeSnapshot
-    from snapfmt.opener import open_snapshot
-
-    name = os.fspath(parent)
-    if os.path.exists(name) and os.path.exists(target) and os.path.samefile(name, target):
-        raise WriteError("is the parent named; a delta is written to another file", file=target)
-    snap = open_snapshot(name)
-    if not isinstance(snap, NativeSnapshot):
-        snap.close()
-        raise WriteError(f"the parent {name} is a {snap.format_name} snapshot; a delta's "
-                         "parent is a native one (convert it first)", file=target)  # fmt: skip
-    return snap

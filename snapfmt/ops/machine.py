@@ -250,14 +250,23 @@ def _dump_schemas(dump: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return schemas
 
 
-def _nested_subsections(desc: dict[str, Any]) -> list[str]:
-    found = []
+def _nested_subsections(desc: dict[str, Any], depth: int = 0) -> list[str]:
+    """Every subsection a -dump-vmstate description knows: its own, theirs, and those
+    of the descriptions of its struct fields (an IDE drive's `ide_drive/identify`)."""
+    found: list[Any] = []
+    if depth > 32:
+        return []
     subsections = desc.get("Subsections", []) or []
     for sub in subsections if isinstance(subsections, list) else []:
         if isinstance(sub, dict):
             found.append(sub.get("name"))
-            found.extend(_nested_subsections(sub))
-    return [f for f in found if isinstance(f, str)]
+            found.extend(_nested_subsections(sub, depth + 1))
+    fields = desc.get("Fields", []) or []
+    for field in fields if isinstance(fields, list) else []:
+        inner = field.get("Description") if isinstance(field, dict) else None
+        if isinstance(inner, dict):
+            found.extend(_nested_subsections(inner, depth + 1))
+    return list(dict.fromkeys(f for f in found if isinstance(f, str)))
 
 
 def from_dump_vmstate(dump: dict[str, Any]) -> Machine:
