@@ -3,11 +3,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import random
 from pathlib import Path
 
 import pytest
 
+from snapfmt.cli import main
 from tests import fuzz
 
 KEPT = sorted(p for p in fuzz.CORPUS.glob("*") if p.is_file()) if fuzz.CORPUS.exists() else []
@@ -64,3 +67,22 @@ def test_every_kept_input_behaves(tmp_path: Path) -> None:
     assert KEPT, "tests/fuzz_corpus holds the inputs that once failed"
     for path in KEPT:
         assert fuzz.replay(path, tmp_path) == [], path.name
+
+
+def test_commands_run_in_process_keep_no_output_alive() -> None:
+    """A process that runs many commands, swapping sys.stdout for each (the fuzzer, a
+    service), must not keep their output: click's default-stream cache once kept every
+    captured stream alive (10 MB a `dump --json` of a large device)."""
+    import gc
+    import weakref
+
+    tiny = str(fuzz.SEEDS[1])
+    refs = []
+    for _ in range(3):
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):
+            main(["dump", tiny, "--json"])
+        refs.append(weakref.ref(out))
+        del out
+    gc.collect()
+    assert [r() for r in refs] == [None, None, None]

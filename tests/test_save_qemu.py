@@ -4,6 +4,7 @@ small and exact, and failures leave no file.  In CI these fail, not skip, withou
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import time
@@ -122,6 +123,19 @@ def test_a_delta_of_a_changed_guest_is_small_and_exact(qemu: str, tmp_path: Path
     full, delta = (tmp_path / "base.snap").stat().st_size, (tmp_path / "delta.snap").stat().st_size
     assert delta < 0.03 * full
     assert _ram(tmp_path / "delta.snap") == second
+    # restored with no command line, the delta is the second state exactly
+    from snapfmt.ops import restore as restore_mod
+
+    with snapfmt.open(tmp_path / "delta.snap") as snap:
+        restored = restore_mod.restore(snap, qemu, paused=True)
+    conn = qmp.Qmp.connect(restored.socket)
+    try:
+        save_mod.save(conn, str(tmp_path / "again.snap"))
+    finally:
+        with contextlib.suppress(QemuError):
+            conn.command("quit")
+        conn.close()
+    assert _ram(tmp_path / "again.snap") == second
 
 
 def test_failures_are_one_line_and_leave_no_file(qemu: str, tmp_path: Path, run: Run) -> None:

@@ -35,13 +35,13 @@ def main(argv: list[str] | None = None) -> None:
     except click.exceptions.Exit as e:
         code = e.exit_code
     except click.ClickException as e:
-        e.show()
+        e.show(file=sys.stderr)
         code = EXIT_BAD_INPUT
     except click.exceptions.Abort:
-        click.echo("snapfmt: interrupted", err=True)
+        click.echo("snapfmt: interrupted", file=sys.stderr)
         code = 130
     except SnapfmtError as e:
-        click.echo(render.one_line(f"snapfmt: error: {e}"), err=True)
+        click.echo(render.one_line(f"snapfmt: error: {e}"), file=sys.stderr)
         code = EXIT_BAD_INPUT
     except BrokenPipeError:
         # The reader went away (e.g. `| head`); point stdout at /dev/null so the
@@ -49,13 +49,15 @@ def main(argv: list[str] | None = None) -> None:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         code = EXIT_OK
     except KeyboardInterrupt:
-        click.echo("snapfmt: interrupted", err=True)
+        click.echo("snapfmt: interrupted", file=sys.stderr)
         code = 130
     except OSError as e:
         where = f"{e.filename}: " if e.filename else ""
-        click.echo(render.one_line(f"snapfmt: error: {where}{e.strerror or e}"), err=True)
+        click.echo(render.one_line(f"snapfmt: error: {where}{e.strerror or e}"), file=sys.stderr)
         code = EXIT_BAD_INPUT
     except Exception as e:  # a case the checks above missed: still one line, never a traceback
-        click.echo(render.one_line(f"snapfmt: error: unexpected {type(e).__name__}: {e}"), err=True)
+        click.echo(
+            render.one_line(f"snapfmt: error: unexpected {type(e).__name__}: {e}"), file=sys.stderr
+        )
         code = EXIT_BAD_INPUT
     sys.exit(code if isinstance(code, int) else EXIT_OK)
