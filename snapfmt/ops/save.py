@@ -13,7 +13,6 @@ runs again after it, if it ran before.  The `qemu` metadata document records the
 from __future__ import annotations
 
 import contextlib
-import io
 import os
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -22,7 +21,7 @@ from snapfmt.errors import QemuError, SnapfmtError
 from snapfmt.native.sources import Zeros
 from snapfmt.native.staging import Staged, place, stage
 from snapfmt.native.writer import Writer
-from snapfmt.qemu.incoming import Page, Splitter
+from snapfmt.qemu.incoming import Page, Prefetch, Splitter
 from snapfmt.qemu.qmp import Qmp
 from snapfmt.qemu.tree import describe
 
@@ -103,7 +102,8 @@ def _stream(qmp: Qmp, target: str, parent: str | None, record: dict[str, Any],
         qmp.send_fd(FD_NAME, write_end)
     finally:
         os.close(write_end)
-    with io.BufferedReader(io.FileIO(read_end, "r"), 1 << 20) as pipe:
+    pipe = Prefetch(read_end)
+    try:
         qmp.command("migrate", uri=f"fd:{FD_NAME}")
         try:
             saved = _write(pipe, target, parent, record, progress)
@@ -111,6 +111,8 @@ def _stream(qmp: Qmp, target: str, parent: str | None, record: dict[str, Any],
             with contextlib.suppress(SnapfmtError, OSError):
                 qmp.command("migrate_cancel")
             raise
+    finally:
+        pipe.close()
     result = _finished(qmp)
     if result.get("status") != "completed":
         os.unlink(target)
@@ -129,7 +131,7 @@ def _finished(qmp: Qmp) -> dict[str, Any]:
     raise QemuError("the migration did not finish after its stream ended")
 
 
-def _write(pipe: io.BufferedReader[Any], target: str, parent: str | None, record: dict[str, Any],
+def _write(pipe: Prefetch, target: str, parent: str | None, record: dict[str, Any],
            progress: Progress) -> Saved:  # fmt: skip
     splitter = Splitter(pipe, "the migration stream")
     pages = _Peekable(splitter.pages())
