@@ -29,6 +29,7 @@ def to_native(
             f"iterative sections other than RAM cannot be converted yet: {', '.join(iterative)}"
         )
     config = snap.configuration
+    native = snap.format_name == "native"
     with Writer(
         target,
         machine=config.machine,
@@ -54,9 +55,11 @@ def to_native(
             elif section.kind == SectionKind.RAM_BLOCK and path is not None:
                 block = snap.ram_block(path)
                 spans = (view for _, view in block.iter_spans())
-                w.add_ram_block(
-                    path, spans, length=block.length, qemu_idstr=block.qemu_idstr, progress=progress
-                )
+                w.add_ram_block(path, spans, length=block.length, qemu_idstr=block.qemu_idstr,
+                                # a native block keeps its chunk size (write, read, write
+                                # again: the same file)
+                                chunk_size=block.chunk_size if native else None,
+                                progress=progress)  # fmt: skip
             elif section.kind == SectionKind.METADATA and not _own_parent(snap, section.key):
                 w.add_metadata(section.key, snap.metadata(section.key))
         wrapper = snap.wrapper

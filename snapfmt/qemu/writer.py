@@ -109,6 +109,9 @@ def _check(snap: Snapshot, target: str) -> tuple[list[DeviceState], list[RamBloc
         _name(part.qemu_idstr, name, target)
     _readable(config.machine, devices, blocks, target)
     for block in blocks:
+        if not block.length:  # (the block list ends when its lengths reach the total)
+            raise WriteError(f"RAM block {block.path} is empty; a QEMU stream's block list "
+                             "cannot hold an empty block", file=target)  # fmt: skip
         if block.length % config.page_size:
             raise WriteError(
                 f"RAM block {block.path} is not a whole number of {config.page_size}-byte pages",
@@ -126,6 +129,9 @@ def _readable(
         if not IDSTR.match(str(device.qemu_idstr).encode("latin-1")):
             raise WriteError(f"section id string {device.qemu_idstr!r} holds a space or a "
                              "control character, which a QEMU stream's reader refuses", file=target)  # fmt: skip
+        if device.qemu_idstr == "ram":  # (the RAM section's own: a reader takes it for RAM)
+            raise WriteError(f"{device.path}: a device section cannot have the id string "
+                             "'ram', which names the RAM section", file=target)  # fmt: skip
     names = PathAssigner(machine, [(str(d.qemu_idstr), d.instance_id) for d in devices])
     taken = [names.section(str(d.qemu_idstr), d.instance_id) for d in devices]
     taken += [names.ram_block(str(b.qemu_idstr)) for b in blocks]
