@@ -15,7 +15,7 @@ from functools import cache, lru_cache
 
 from snapfmt.formats.native import ChunkEncoding, xxh3_64
 
-Encoded = tuple[int, bytes | None, int]  # encoding, stored bytes, hash of the plain chunk
+Encoded = tuple[int, bytes | memoryview | None, int]  # encoding, stored bytes, hash of the chunk
 _FRAME_BITS_CLEAR = 0x10 | 0x08 | 0x04 | 0x03  # unused, reserved, checksum, dictionary id
 
 # plain ints: comparing with IntEnum members costs an attribute lookup per chunk
@@ -70,7 +70,7 @@ class ChunkCodec:
 
     # -- writing -------------------------------------------------------------------------
 
-    def encode(self, chunk: bytes) -> Encoded:
+    def encode(self, chunk: bytes | memoryview) -> Encoded:
         length = len(chunk)
         if chunk == zeros(length):
             return ChunkEncoding.ZERO, None, zero_hash(length)
@@ -99,7 +99,9 @@ class ChunkCodec:
             return ChunkEncoding.RAW, chunk, digest
         return encoding, stored_bytes, digest
 
-    def encode_against(self, chunk: bytes, base: bytes | bytearray, digest: int) -> Encoded | None:
+    def encode_against(
+        self, chunk: bytes | memoryview, base: bytes | bytearray, digest: int
+    ) -> Encoded | None:
         """*chunk* as the pages that differ from *base* (the parent's chunk at the same
         index, of the same length): PARENT_PAGES; None when nothing differs or the
         pages would not be smaller than the chunk."""

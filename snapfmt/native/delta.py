@@ -226,7 +226,7 @@ def open_parent_for(parent: str | os.PathLike[str], target: str) -> NativeSnapsh
 
 
 def encode_against(
-    codec: ChunkCodec, pieces: list[bytes], theirs: NativeRamBlock, first: int
+    codec: ChunkCodec, pieces: list[bytes | memoryview], theirs: NativeRamBlock, first: int
 ) -> list[Encoded]:
     """Chunks *first*, *first* + 1, ... of a delta's block, against the parent's block
     *theirs*: PARENT where the parent's chunk is the same, PARENT_PAGES where only a few

@@ -27,8 +27,8 @@ class ZeroChunks(int):
 
 
 def numbered(
-    batches: Iterable[bytes | ZeroChunks], chunk_size: int
-) -> Iterator[tuple[int, bytes | ZeroChunks]]:
+    batches: Iterable[bytes | memoryview | ZeroChunks], chunk_size: int
+) -> Iterator[tuple[int, bytes | memoryview | ZeroChunks]]:
     """Each batch with the index of its first chunk (every batch but the last ends on a
     chunk boundary)."""
     first = 0
@@ -37,9 +37,12 @@ def numbered(
         first += int(batch) if isinstance(batch, ZeroChunks) else len(batch) // chunk_size
 
 
-def batches(source: RamSource, size: int, chunk_size: int) -> Iterator[bytes | ZeroChunks]:
-    """The source's bytes as pieces of *size* (the last may be shorter); the whole chunks
-    of a Zeros run as one ZeroChunks (the pieces before it then end on a chunk)."""
+def batches(
+    source: RamSource, size: int, chunk_size: int
+) -> Iterator[bytes | memoryview | ZeroChunks]:
+    """The source's bytes as pieces of whole chunks, at most *size* (the last may end
+    short); the whole chunks of a Zeros run as one ZeroChunks (the pieces before it then
+    end on a chunk).  A piece may be a view of a bytes object the source gave."""
     if isinstance(source, str | os.PathLike):
         with open(source, "rb") as f:
             yield from batches(f, size, chunk_size)
@@ -66,12 +69,27 @@ def batches(source: RamSource, size: int, chunk_size: int) -> Iterator[bytes | Z
                 done += whole * chunk_size
                 yield ZeroChunks(whole)
             pending += bytes(run - whole * chunk_size)
-        elif not pending and len(piece) == size:
-            done += size
-            yield bytes(piece)
-            continue
         else:
-            pending += piece
+            # whole chunks go out as views of the piece, at most *size* at a time: no copy
+            # of bytes, which cannot change; one of a buffer the source may reuse (the
+            # views of iter_spans); only what does not fill a chunk waits in *pending*
+            view = memoryview(piece if isinstance(piece, bytes) else bytes(piece))
+            if pending:
+                take = min(len(view), -len(pending) % chunk_size)
+                pending += view[:take]
+                view = view[take:]
+                if len(pending) % chunk_size or (not view and len(pending) < size):
+                    continue
+                done += len(pending)
+                yield bytes(pending)
+                pending.clear()
+            whole = len(view) - len(view) % chunk_size
+            for at in range(0, whole, size):
+                step = min(size, whole - at)
+                done += step
+                yield view[at : at + step]
+            pending += view[whole:]
+            continue
         while len(pending) >= size:
             done += size
             yield bytes(pending[:size])

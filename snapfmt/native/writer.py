@@ -378,7 +378,7 @@ class Writer:
         return int(hasher.intdigest())
 
     def _encode_batch(
-        self, item: tuple[int, bytes | ZeroChunks], chunk_size: int,
+        self, item: tuple[int, bytes | memoryview | ZeroChunks], chunk_size: int,
         theirs: NativeRamBlock | None,
     ) -> list[Encoded]:  # fmt: skip
         """Encode each chunk of a batch, chunk *first* on (runs on a pool thread)."""
