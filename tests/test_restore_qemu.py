@@ -142,8 +142,12 @@ def test_cmdline_and_refusals(qemu: str, tmp_path: Path, run: Run) -> None:
     result = run("machine", "cmdline", tmp_path / "vm.snap", "--qemu", qemu)
     assert result.code == 0 and result.out.startswith(qemu + " -machine pc-i440fx-")
     assert f"file={tmp_path / 'd0.img'},format=raw" in result.out
+    import tempfile
+
+    folders = set(Path(tempfile.gettempdir()).glob("snapfmt-restore-*"))
     result = run("restore", tmp_path / "vm.snap", "--qemu", qemu, "--", "-device", "no-such")
     assert result.code == 2 and result.err.count("\n") == 1 and "no-such" in result.err
+    assert set(Path(tempfile.gettempdir()).glob("snapfmt-restore-*")) == folders
     (tmp_path / "d0.img").unlink()  # a disk file missing on restore
     result = run("restore", tmp_path / "vm.snap", "--qemu", qemu)
     assert result.code == 2 and result.err.count("\n") == 1 and "d0.img" in result.err

@@ -10,6 +10,7 @@ is captured from that very command line).  Then QEMU starts detached with
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import tempfile
 import time
@@ -108,6 +109,7 @@ def restore(
     except BaseException:
         proc.kill()
         proc.wait()
+        shutil.rmtree(folder, ignore_errors=True)  # (a QEMU that runs keeps its folder)
         raise
     return Restored(proc.pid, socket_path, run, state)
 
