@@ -13,20 +13,16 @@ import os
 import shutil
 import subprocess
 import tempfile
-import time
-from collections.abc import Sequence
-from typing import NamedTuple
+from collections.abc import Callable, Sequence
+from typing import IO, NamedTuple
 
 from snapfmt.errors import QemuError, RebuildError, SnapfmtError
 from snapfmt.model import Snapshot
 from snapfmt.ops import rebuild
-from snapfmt.qemu.qmp import BINARY, Qemu, Qmp
+from snapfmt.qemu.qmp import BINARY, Qemu, Qmp, connect_started
 from snapfmt.qemu.tree import devices
 
 FD_NAME = "snapfmt-restore"
-# QEMU's states once an incoming stream is loaded: with -S, the source's own state comes
-# back (a guest saved before it ever ran is "prelaunch").
-LOADED = ("running", "paused", "prelaunch", "postmigrate")
 
 
 class Restored(NamedTuple):
@@ -101,7 +97,10 @@ def restore(
         proc = subprocess.Popen(run, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
                                 start_new_session=True)  # fmt: skip
     try:
-        qmp = _connect(proc, socket_path, log)
+        try:
+            qmp = connect_started(proc, socket_path, 30, lambda: _said(log))
+        except QemuError as e:
+            raise QemuError(f"QEMU refused the rebuilt command line: {e}") from None
         try:
             state = _load(qmp, write_stream, proc, log)
         finally:
@@ -122,22 +121,8 @@ def _said(log: str) -> str:
         return "no message"
 
 
-def _connect(proc: subprocess.Popen[bytes], socket_path: str, log: str) -> Qmp:
-    deadline = time.monotonic() + 30
-    while True:
-        if proc.poll() is not None:
-            raise QemuError(f"QEMU refused the rebuilt command line: {_said(log)}")
-        if os.path.exists(socket_path):
-            try:
-                return Qmp.connect(socket_path)
-            except QemuError:
-                pass
-        if time.monotonic() > deadline:
-            raise QemuError("QEMU did not open its QMP socket in time")
-        time.sleep(0.02)
-
-
-def _load(qmp: Qmp, write_stream: object, proc: subprocess.Popen[bytes], log: str) -> str:
+def _load(qmp: Qmp, write_stream: Callable[[IO[bytes], None], None],
+          proc: subprocess.Popen[bytes], log: str) -> str:  # fmt: skip
     read_end, write_end = os.pipe()
     try:
         qmp.send_fd(FD_NAME, read_end)
@@ -146,18 +131,8 @@ def _load(qmp: Qmp, write_stream: object, proc: subprocess.Popen[bytes], log: st
     qmp.command("migrate-incoming", uri=f"fd:{FD_NAME}")
     try:
         with open(write_end, "wb", buffering=1 << 20) as pipe:
-            write_stream(pipe, None)  # type: ignore[operator]
+            write_stream(pipe, None)
     except BrokenPipeError:
         raise QemuError(f"QEMU stopped reading the snapshot: {_said(log)}") from None
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise QemuError(f"QEMU did not load the snapshot: {_said(log)}")
-        migrate = qmp.command("query-migrate")
-        state = qmp.command("query-status")["status"]
-        if migrate.get("status") == "failed":
-            raise QemuError(f"QEMU did not load the snapshot: {_said(log)}")
-        if state in LOADED and migrate.get("status") in (None, "completed"):
-            return "paused" if state != "running" else "running"
-        time.sleep(0.02)
-    raise QemuError("QEMU did not finish loading the snapshot in time")
+    state = qmp.wait_loaded(proc, lambda: _said(log))
+    return "running" if state == "running" else "paused"

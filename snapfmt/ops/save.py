@@ -113,22 +113,11 @@ def _stream(qmp: Qmp, target: str, parent: str | None, record: dict[str, Any],
             raise
     finally:
         pipe.close()
-    result = _finished(qmp)
+    result = qmp.wait_migration(30)  # (its stream has ended: it is finishing)
     if result.get("status") != "completed":
         os.unlink(target)
         raise QemuError(f"the migration {result.get('status')}: {result.get('error-desc', '')}")
     return saved
-
-
-def _finished(qmp: Qmp) -> dict[str, Any]:
-    import time
-
-    for _ in range(3000):
-        status: dict[str, Any] = qmp.command("query-migrate")
-        if status.get("status") in ("completed", "failed", "cancelled"):
-            return status
-        time.sleep(0.01)
-    raise QemuError("the migration did not finish after its stream ended")
 
 
 def _write(pipe: Prefetch, target: str, parent: str | None, record: dict[str, Any],

@@ -25,6 +25,9 @@ from snapfmt.errors import QemuError as QemuError  # defined in errors.py; re-ex
 
 BINARY = "qemu-system-x86_64"
 _BATCH = 64  # commands sent before their answers are read
+# QEMU's states once an incoming stream is loaded: with -S, the source's own state comes
+# back (a guest saved before it ever ran is "prelaunch")
+LOADED = ("running", "paused", "prelaunch", "postmigrate")
 
 
 def available(binary: str = BINARY) -> bool:
@@ -140,10 +143,66 @@ class Qmp:
             if "error" in message:
                 raise QemuError(f"QEMU refused getfd: {message['error']}")
 
+    def wait_migration(self, timeout: float = 30.0) -> dict[str, Any]:
+        """Poll until the migration in either direction completes or fails."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            status: dict[str, Any] = self.command("query-migrate")
+            if status.get("status") in ("completed", "failed", "cancelled"):
+                return status
+            time.sleep(0.01)
+        raise QemuError("migration did not finish in time")
+
+    def wait_loaded(self, proc: subprocess.Popen[bytes], said: Callable[[], str],
+                    timeout: float = 60.0) -> str:  # fmt: skip
+        """After an incoming migration: wait until QEMU has loaded the stream (its state
+        then: QEMU takes the source's own back with -S, "prelaunch" for a guest saved
+        before it ran), or raise QemuError with QEMU's message (*said*)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            state = str(self.command("query-status")["status"])
+            if state in LOADED:
+                migrate = self.command("query-migrate")
+                if migrate.get("status") in (None, "completed"):
+                    return state
+                if migrate.get("status") == "failed":
+                    break
+            if proc.poll() is not None:
+                break
+            time.sleep(0.02)
+        raise QemuError(f"QEMU did not load the stream: {said() or 'no message'}")
+
     def close(self) -> None:
         with contextlib.suppress(OSError):
             self._file.close()
         self._conn.close()
+
+
+def connect_started(
+    proc: subprocess.Popen[bytes], path: str, timeout: float, said: Callable[[], str],
+    gone: Callable[[], QemuError] | None = None,
+) -> Qmp:  # fmt: skip
+    """The QMP connection of a QEMU just started as *proc*, once it listens on *path*
+    (the socket file can exist before QEMU listens, or after it died); *said* gives
+    QEMU's own words when it exits first."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise QemuError(f"QEMU exited at start: {said() or 'no message'}")
+        if os.path.exists(path):
+            conn = socket.socket(socket.AF_UNIX)
+            conn.settimeout(timeout)
+            try:
+                conn.connect(path)
+            except OSError:
+                conn.close()
+            else:
+                qmp = Qmp(conn, gone)
+                qmp.greet()
+                return qmp
+        if time.monotonic() > deadline:
+            raise QemuError("QEMU did not open its QMP socket in time")
+        time.sleep(0.01)
 
 
 class Qemu:
@@ -192,30 +251,7 @@ class Qemu:
                 )
             except OSError as e:
                 raise QemuError(f"cannot start {self.binary}: {e.strerror}") from None
-        deadline = time.monotonic() + self.timeout
-        while not os.path.exists(self._socket):
-            if self._proc.poll() is not None:
-                raise QemuError(f"QEMU exited at start: {self.stderr() or 'no message'}")
-            if time.monotonic() > deadline:
-                raise QemuError("QEMU did not open its QMP socket in time")
-            time.sleep(0.01)
-        while True:  # the socket file can exist before QEMU listens, or after it died
-            conn = socket.socket(socket.AF_UNIX)
-            conn.settimeout(self.timeout)
-            try:
-                conn.connect(self._socket)
-                break
-            except OSError:
-                conn.close()
-                if self._proc.poll() is not None:
-                    raise QemuError(
-                        f"QEMU exited at start: {self.stderr() or 'no message'}"
-                    ) from None
-                if time.monotonic() > deadline:
-                    raise QemuError("QEMU did not accept QMP connections in time") from None
-                time.sleep(0.01)
-        self.qmp = Qmp(conn, self._gone)
-        self.qmp.greet()
+        self.qmp = connect_started(self._proc, self._socket, self.timeout, self.stderr, self._gone)
         return self
 
     def stderr(self) -> str:
@@ -270,14 +306,8 @@ class Qemu:
         return self.qmp.command(name, **arguments)
 
     def wait_migration(self) -> dict[str, Any]:
-        """Poll until the migration in either direction completes or fails."""
-        deadline = time.monotonic() + self.timeout
-        while time.monotonic() < deadline:
-            status: dict[str, Any] = self.command("query-migrate")
-            if status.get("status") in ("completed", "failed", "cancelled"):
-                return status
-            time.sleep(0.01)
-        raise QemuError("migration did not finish in time")
+        assert self.qmp is not None
+        return self.qmp.wait_migration(self.timeout)
 
     def save(self, path: str) -> None:
         """Write the paused machine's state as a migration stream to *path*."""
@@ -292,14 +322,6 @@ class Qemu:
         """After ``incoming=``: wait until QEMU has loaded the stream, or refused it.
 
         Returns "loaded", or raises QemuError with QEMU's own message."""
-        deadline = time.monotonic() + self.timeout
-        while time.monotonic() < deadline:
-            state = self.command("query-status")["status"]
-            if state in ("paused", "prelaunch", "running", "postmigrate"):
-                migrate = self.command("query-migrate")
-                if migrate.get("status") in (None, "completed") and state != "inmigrate":
-                    return "loaded"
-            if self._proc is not None and self._proc.poll() is not None:
-                break
-            time.sleep(0.02)
-        raise QemuError(f"QEMU did not load the stream: {self.stderr() or 'no message'}")
+        assert self.qmp is not None and self._proc is not None
+        self.qmp.wait_loaded(self._proc, self.stderr, self.timeout)
+        return "loaded"
