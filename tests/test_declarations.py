@@ -114,6 +114,8 @@ EXAMPLES: dict[tuple[str, str], dict[str, Any]] = {
     ("qemu", "RamRecordHead"): {"word": 0x1000 | 0x28},
     ("qemu", "MemSizeEntry"): {"idstr": "pc.ram", "used_length": 1 << 30},
     ("qemu", "BlockWord"): {"value": 0x200000},
+    ("qemu", "XbzrleHead"): {"encoding": 1, "length": 4096},
+    ("qemu", "CompressedHead"): {"length": 4110},
     ("qemu", "MappedRamHeader"): {
         "version": 1,
         "page_size": 4096,

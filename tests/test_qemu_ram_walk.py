@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import zlib
 from array import array
 from pathlib import Path
 
@@ -24,18 +25,73 @@ from snapfmt.qemu import records as ram_records
 
 PAGE = 4096
 CONTINUE, PAGE_FLAG, ZERO, MEM_SIZE, EOS = 0x20, 0x08, 0x02, 0x04, 0x10
+XBZRLE, COMPRESS = 0x40, 0x100
+# a record's tag: None (a zero page), an int or bytes (a whole page: its contents),
+# ("x", seed) (an XBZRLE delta changing a few bytes of the page as sent before) or
+# ("z", int) (that page's contents, compressed)
+Tag = int | bytes | tuple[str, int] | None
 
 
 def _page(tag: int | bytes) -> bytes:
     return tag if isinstance(tag, bytes) else tag.to_bytes(4, "big") * (PAGE // 4)
 
 
-def build(
-    blocks: dict[str, int], sections: list[list[tuple[str, int, int | bytes | None]]]
-) -> bytes:
+def _changed(old: bytes, seed: int) -> bytes:
+    new = bytearray(old)
+    for k in range(seed % 5 + 1):
+        new[(seed * 37 + k * 613) % len(new)] ^= (seed + k) % 255 + 1
+    return bytes(new)
+
+
+def _uleb(n: int) -> bytes:
+    return bytes([n]) if n < 0x80 else bytes([n & 0x7F | 0x80, n >> 7])
+
+
+def xbzrle(old: bytes, new: bytes) -> bytes:
+    """An XBZRLE delta from *old* to *new*: (bytes alike, bytes new, the new bytes)..."""
+    out, i, n = bytearray(), 0, len(new)
+    while i < n:
+        j = i
+        while j < n and old[j] == new[j]:
+            j += 1
+        if j == n:
+            break
+        k = j
+        while k < n and old[k] != new[k]:
+            k += 1
+        out += _uleb(j - i) + _uleb(k - j) + new[j:k]
+        i = k
+    return bytes(out)
+
+
+def contents(old: bytes, tag: Tag) -> bytes:
+    """The page after a record of *tag* over a page holding *old*."""
+    if tag is None:
+        return bytes(PAGE)
+    if isinstance(tag, tuple):
+        kind, value = tag
+        return _changed(old, value) if kind == "x" else _page(value)
+    return _page(tag)
+
+
+def payload(old: bytes, tag: Tag) -> tuple[int, bytes]:
+    """(flags, what follows the record's header) of a record of *tag*."""
+    if tag is None:
+        return ZERO, b"\x00"
+    if isinstance(tag, tuple) and tag[0] == "x":
+        delta = xbzrle(old, contents(old, tag))
+        return XBZRLE, b"\x01" + len(delta).to_bytes(2, "big") + delta
+    if isinstance(tag, tuple):
+        data = zlib.compress(contents(old, tag))
+        return COMPRESS, len(data).to_bytes(4, "big") + data
+    return PAGE_FLAG, _page(tag)
+
+
+def build(blocks: dict[str, int], sections: list[list[tuple[str, int, Tag]]]) -> bytes:
     """A QEVM stream: one RAM section declaring *blocks* (name: pages), then one PART
-    per entry of *sections*, each a list of records (block, page index, tag or None for
-    a zero page), then END and EOF."""
+    per entry of *sections*, each a list of records (block, page index, Tag), then END
+    and EOF."""
+    image: dict[str, dict[int, bytes]] = {name: {} for name in blocks}  # pages sent so far
     out = bytearray(b"QEVM" + (3).to_bytes(4, "big"))
     out += b"\x07" + (12).to_bytes(4, "big") + b"pc-i440fx-72"
     out += b"\x01" + (1).to_bytes(4, "big") + b"\x03ram" + (0).to_bytes(4, "big")
@@ -49,14 +105,16 @@ def build(
         out += b"\x02" + (1).to_bytes(4, "big")
         last = None
         for name, index, tag in records:
-            flags = ZERO if tag is None else PAGE_FLAG
+            old = image[name].get(index, bytes(PAGE))
+            flags, data = payload(old, tag)
+            image[name][index] = contents(old, tag)
             if name == last:
                 out += (index * PAGE | flags | CONTINUE).to_bytes(8, "big")
             else:
                 out += (index * PAGE | flags).to_bytes(8, "big")
                 out += bytes([len(name)]) + name.encode()
             last = name
-            out += b"\x00" if tag is None else _page(tag)
+            out += data
         out += EOS.to_bytes(8, "big") + b"\x7e" + (1).to_bytes(4, "big")
     out += b"\x03" + (1).to_bytes(4, "big") + EOS.to_bytes(8, "big")
     out += b"\x7e" + (1).to_bytes(4, "big") + b"\x00"
@@ -64,30 +122,37 @@ def build(
 
 
 def expected(
-    blocks: dict[str, int], sections: list[list[tuple[str, int, int | None]]]
+    blocks: dict[str, int], sections: list[list[tuple[str, int, Tag]]]
 ) -> dict[str, bytes]:
     image = {name: [bytes(PAGE)] * pages for name, pages in blocks.items()}
     for records in sections:
         for name, index, tag in records:
-            image[name][index] = bytes(PAGE) if tag is None else _page(tag)
+            image[name][index] = contents(image[name][index], tag)
     return {name: b"".join(pages) for name, pages in image.items()}
 
 
 @st.composite
-def streams(draw: st.DrawFn) -> tuple[dict[str, int], list[list[tuple[str, int, int | None]]]]:
+def streams(draw: st.DrawFn) -> tuple[dict[str, int], list[list[tuple[str, int, Tag]]]]:
     blocks = {"pc.ram": draw(st.integers(1, 300)), "vga.vram": draw(st.integers(1, 40))}
     tag = iter(range(1, 1 << 30))
     sections = []
     for _ in range(draw(st.integers(1, 4))):
-        records: list[tuple[str, int, int | None]] = []
+        records: list[tuple[str, int, Tag]] = []
         for _ in range(draw(st.integers(0, 6))):
             name = draw(st.sampled_from(sorted(blocks)))
             start = draw(st.integers(0, blocks[name] - 1))
             count = draw(st.integers(1, blocks[name] - start))
-            kind = draw(st.sampled_from(["page", "zero", "mixed"]))
+            kind = draw(st.sampled_from(["page", "zero", "mixed", "encoded"]))
             for i in range(start, start + count):
-                zero = kind == "zero" or (kind == "mixed" and draw(st.booleans()))
-                records.append((name, i, None if zero else next(tag)))
+                if kind == "mixed":
+                    got = draw(st.sampled_from(["page", "zero", "x", "z"]))
+                elif kind == "encoded":
+                    got = draw(st.sampled_from(["x", "z"]))
+                else:
+                    got = kind
+                value = next(tag)
+                record: Tag = {"page": value, "zero": None}.get(got, (got, value))
+                records.append((name, i, record))
         sections.append(records)
     return blocks, sections
 
@@ -226,9 +291,16 @@ def test_runs_split_like_the_plain_loop(pieces: list[tuple[str, int, int]]) -> N
     assert list(pagemap.runs_plain(where, 4104)) == naive_runs(where, 4104)
 
 
-@given(st.lists(st.one_of(st.just(0), st.just(-1), st.integers(1, 1 << 62)), max_size=500))
+@given(
+    st.lists(
+        st.one_of(st.just(0), st.just(-1), st.integers(1, 1 << 62), st.integers(-(1 << 40), -2)),
+        max_size=500,
+    )
+)
 def test_sent_counts_offsets(values: list[int]) -> None:
-    assert pagemap.count_sent(array("q", values)) == sum(v > 0 for v in values)
+    where = array("q", values)
+    assert pagemap.count_sent(where) == pagemap.count_sent_plain(where)
+    assert pagemap.count_sent(where) == sum(v > 0 or v <= pagemap.ENCODED for v in values)
 
 
 @given(

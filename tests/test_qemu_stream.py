@@ -184,11 +184,11 @@ def test_unsupported_records_are_clear(tmp_path: Path) -> None:
     data = bytearray((QEMU / "q35.mig").read_bytes())
     at = data.index(b"\x06pc.ram") - 8  # the first record naming pc.ram
     word = int.from_bytes(data[at : at + 8], "big")
-    data[at : at + 8] = (word & ~0xFFF | 0x40).to_bytes(8, "big")  # XBZRLE
-    target = tmp_path / "xbzrle.mig"
+    data[at : at + 8] = (word & ~0xFFF | 0x80).to_bytes(8, "big")  # HOOK (RDMA)
+    target = tmp_path / "hook.mig"
     target.write_bytes(data)
     with pytest.raises(
-        SnapfmtError, match=rf"offset {at:#x}: ram: RAM records of kind XBZRLE are not supported"
+        SnapfmtError, match=rf"offset {at:#x}: ram: RAM records of kind HOOK are not supported"
     ):
         snapfmt.open(target)
 

@@ -62,6 +62,14 @@ class RamFlag(IntFlag):
 
 
 RAM_FLAGS_MASK = 0x3FF  # flags stay below the smallest target page (1 KiB)
+XBZRLE_ENCODING = 0x01  # "XBZRLE": the one encoding an XBZRLE record may name
+
+
+def compress_bound(length: int) -> int:
+    """zlib's compressBound: the most a COMPRESS_PAGE record's data may take (QEMU:
+    "Invalid compressed data length")."""
+    return length + (length >> 12) + (length >> 14) + (length >> 25) + 13
+
 
 # The hot path of the RAM walk and writer: RamRecordHead (a test keeps them equal).
 RAM_WORD = struct.Struct(">Q")
@@ -169,7 +177,7 @@ def _sections() -> dict[str, Any]:
 
 def _ram() -> dict[str, Any]:
     """§2 The RAM section, and mapped-ram (§6 How users create these files)."""
-    from construct import Int32ub, Int64ub, Struct
+    from construct import Int8ub, Int16ub, Int32ub, Int64ub, Struct
 
     # every RAM record starts with be64 (offset | flags)
     RamRecordHead = Struct(
@@ -185,6 +193,17 @@ def _ram() -> dict[str, Any]:
     # "MEM_SIZE record", with postcopy-ram or x-ignore-shared: a be64 after the entry
     BlockWord = Struct(
         "value" / Int64ub,
+    )
+
+    # "XBZRLE": after the page header, the encoding and the length of the delta
+    XbzrleHead = Struct(
+        "encoding" / Int8ub,
+        "length" / Int16ub,
+    )
+
+    # "COMPRESS_PAGE": after the page header, the length of the zlib data
+    CompressedHead = Struct(
+        "length" / Int32ub,
     )
 
     # §6 "mapped-ram": packed, 28 bytes, big-endian

@@ -1,7 +1,9 @@
 """Page maps: where each page of a QEMU RAM block lies in the stream, and reading by one.
 
-A page map is an ``array("q")`` with one entry per page: NOT_SENT, ZERO_PAGE, or the
-file offset of the page's bytes (pages sent again later win: the walk overwrites).
+A page map is an ``array("q")`` with one entry per page: NOT_SENT, ZERO_PAGE, the
+file offset of the page's bytes, or, for a page sent encoded, a step of its block's log
+at or below ENCODED (snapfmt.qemu.encoded).  Pages sent again later win: the walk
+overwrites.
 """
 
 from __future__ import annotations
@@ -15,14 +17,20 @@ from typing import Any
 from snapfmt._io import FileReader
 from snapfmt.errors import FormatError
 from snapfmt.perf.runs import progression
+from snapfmt.qemu.encoded import ENCODED, decode
 
 NOT_SENT, ZERO_PAGE = 0, -1
 IOV_MAX = 1024  # iovecs per preadv (Linux's IOV_MAX)
 
 
 def count_sent(pages: Any) -> int:
-    """How many entries of a page map are file offsets (not NOT_SENT or ZERO_PAGE)."""
-    return sum(1 for where in pages if where > 0)
+    """How many entries of a page map are pages sent with their bytes: file offsets and
+    encoded pages (not NOT_SENT or ZERO_PAGE)."""
+    return len(pages) - pages.count(NOT_SENT) - pages.count(ZERO_PAGE)
+
+
+def count_sent_plain(pages: Any) -> int:
+    return sum(1 for where in pages if where > 0 or where <= ENCODED)
 
 
 def mapped_ram_pages(pages: Any, bitmap: bytes, pages_offset: int, page_size: int) -> None:
@@ -40,7 +48,8 @@ def mapped_ram_pages(pages: Any, bitmap: bytes, pages_offset: int, page_size: in
 def runs(where: Any, step: int) -> Iterator[tuple[int, int, int]]:
     """Split a page map slice into runs (i, j, w): entries [i, j) are either records
     one after another in the stream, the first at offset w > 0 (each *step* bytes on from
-    the one before), or all one of NOT_SENT or ZERO_PAGE (w is that value).
+    the one before), or all one of NOT_SENT or ZERO_PAGE (w is that value), or one
+    encoded page (w at or below ENCODED: no two are equal).
 
     Short runs are followed entry by entry; once a run is 8 long it is extended by
     comparing whole stretches of the map's bytes with what the run would hold, in C
@@ -92,10 +101,12 @@ def runs_plain(where: Any, step: int) -> Iterator[tuple[int, int, int]]:
 
 
 class Gather:
-    """A reused buffer of *per* pages and the iovecs to scatter page records into it."""
+    """A reused buffer of *per* pages and the iovecs to scatter page records into it;
+    *steps*: the log of the block's encoded pages."""
 
-    def __init__(self, reader: FileReader, page: int, per: int) -> None:
+    def __init__(self, reader: FileReader, page: int, per: int, steps: Any = None) -> None:
         self.reader, self.page, self.step = reader, page, page + 8
+        self.steps = steps
         self.view = memoryview(bytearray(per * page))
         self.blank = memoryview(bytes(per * page))
         sink = bytearray(8)  # the header between two pages of a run lands here
@@ -109,8 +120,16 @@ class Gather:
         for i, j, w in runs(where, self.step):
             if w > 0:
                 self.scatter(i, j, w)
+            elif w <= ENCODED:
+                self.decode(i, w)
             else:
                 view[i * page : j * page] = self.blank[: (j - i) * page]
+
+    def decode(self, i: int, entry: int) -> None:
+        """Buffer page *i* is the encoded page whose map entry is *entry*."""
+        self.view[i * self.page : (i + 1) * self.page] = decode(
+            self.reader, self.steps, entry, self.page
+        )
 
     def scatter(self, first: int, stop: int, where: int) -> None:
         """Read the run of page records for buffer pages [first, stop), the first page at

@@ -8,10 +8,12 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from snapfmt._io import FileReader, pwrite_all
+from snapfmt.errors import FormatError
 from snapfmt.model import RamBlock
 from snapfmt.paths import Path
 from snapfmt.perf import compare
 from snapfmt.perf.parallel import forked_map
+from snapfmt.qemu.encoded import ENCODED, decode
 from snapfmt.qemu.pagemap import Gather, runs
 from snapfmt.qemu.records import Block
 
@@ -28,6 +30,7 @@ class QemuRamBlock(RamBlock):
         # a block no page was sent for (x-ignore-shared) has no map: its contents are not
         # in the stream, and reading it is refused
         self.pages: Any = block.pages
+        self.steps: Any = block.steps  # the log of pages sent encoded (XBZRLE, compressed)
         if not len(block.pages) and block.length:
             self.missing = "no page of it is in the stream (x-ignore-shared keeps a shared block's pages in its backing file)"
         self.sent = sent
@@ -45,7 +48,7 @@ class QemuRamBlock(RamBlock):
         return self._reader.fd
 
     def _gather(self, per: int) -> Gather:
-        return Gather(self._reader, self.page_size, per)
+        return Gather(self._reader, self.page_size, per, self.steps)
 
     def read(self, offset: int, length: int) -> bytes:
         self.require_contents()
@@ -59,6 +62,18 @@ class QemuRamBlock(RamBlock):
         gather.fill(self.pages[first:last])
         skip = offset - first * page
         return bytes(gather.view[skip : skip + length])
+
+    def encoded_problems(self) -> Iterator[tuple[int, FormatError]]:
+        """(offset in the block, why) for each page sent encoded that does not decode:
+        verify's look at what reads would otherwise only find on the way."""
+        if not self.steps:
+            return
+        for index, entry in enumerate(self.pages):
+            if entry <= ENCODED:
+                try:
+                    decode(self._reader, self.steps, entry, self.page_size)
+                except FormatError as e:
+                    yield index * self.page_size, e
 
     def summary(self) -> tuple[int, int, int]:
         if self.missing:  # (no page is zero: none is known)
@@ -103,8 +118,11 @@ class QemuRamBlock(RamBlock):
         for lo in range(first, stop, per):
             where = self.pages[lo : min(lo + per, stop)]
             for i, j, w in runs(where, page + 8):
-                if w > 0:
-                    gather.scatter(i, j, w)
+                if w > 0 or w <= ENCODED:
+                    if w > 0:
+                        gather.scatter(i, j, w)
+                    else:
+                        gather.decode(i, w)
                     place = at + (lo - first + i) * page
                     pwrite_all(fd, [gather.view[i * page : j * page]], place)
             if progress:
@@ -136,6 +154,8 @@ class QemuRamBlock(RamBlock):
 def _span(a: QemuRamBlock, b: QemuRamBlock, first: int, n: int) -> list[tuple[int, int, int]]:
     """The differing pages of [first, first + n)."""
     step = a.page_size + 8
+    if a.steps or b.steps:  # pages sent encoded are decoded, not compared in place
+        return _copies(a, b, first, n)
     runs_a = list(runs(a.pages[first : first + n], step))
     runs_b = list(runs(b.pages[first : first + n], step))
     ext_a, ext_b = _extent(runs_a, step), _extent(runs_b, step)

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from snapfmt.errors import UnsupportedError
 from snapfmt.formats import qemu as qf
 from snapfmt.perf.runs import progression, run_length
+from snapfmt.qemu import encoded
 from snapfmt.qemu.pagemap import ZERO_PAGE, mapped_ram_pages
 
 if TYPE_CHECKING:
@@ -29,18 +30,23 @@ _RUN_MIN, _RUN_MAX = 64, 4096  # records checked at once: first, and at most
 _ZERO_RUN = array("q", [ZERO_PAGE]) * _RUN_MAX
 _WHOLE = int(qf.RamFlag.CONTINUE | qf.RamFlag.PAGE)  # plain ints for the hot loop
 _ZERO = int(qf.RamFlag.CONTINUE | qf.RamFlag.ZERO)
-_UNSUPPORTED = qf.RamFlag.XBZRLE | qf.RamFlag.COMPRESS_PAGE | qf.RamFlag.HOOK | qf.RamFlag.FULL
+_UNSUPPORTED = qf.RamFlag.HOOK | qf.RamFlag.FULL
+# what a page record holds: exactly one of these, maybe with CONTINUE
+_PAGE_KINDS = frozenset(int(f) for f in (qf.RamFlag.ZERO, qf.RamFlag.PAGE, qf.RamFlag.XBZRLE,
+                                          qf.RamFlag.COMPRESS_PAGE))  # fmt: skip
 
 
 class Block(NamedTuple):
-    """One RAM block: its page map holds, per page, NOT_SENT, ZERO_PAGE or the file
-    offset of the page's bytes.  The map stays empty until the block's first page comes
-    (a block no page is sent for costs nothing)."""
+    """One RAM block: its page map holds, per page, NOT_SENT, ZERO_PAGE, the file
+    offset of the page's bytes, or for a page sent encoded (XBZRLE, COMPRESS_PAGE) its
+    last step in *steps* (snapfmt.qemu.encoded).  The map stays empty until the block's
+    first page comes (a block no page is sent for costs nothing)."""
 
     idstr: str
     length: int
     pages: array  # type: ignore[type-arg]
     host_page_size: int | None = None  # postcopy streams: blocks in huge pages say it
+    steps: array | None = None  # type: ignore[type-arg]  # the log of encoded pages
 
 
 class _Windows:
@@ -192,23 +198,61 @@ class RamWalk:
                 found=f"{offset:#x}",
                 expected=f"below {block.length:#x}",
             )
-        if flags & qf.RamFlag.ZERO:
+        kind = flags & ~qf.RamFlag.CONTINUE
+        if kind not in _PAGE_KINDS:
+            cur.pos = at
+            raise cur.error("RAM record of no single page kind", section="ram",
+                            found=f"{flags:#x}")  # fmt: skip
+        if kind == qf.RamFlag.ZERO:
             fill = cur.u8()
             if fill:
                 raise cur.error("zero page with a non-zero fill byte", section="ram", found=fill)
             block.pages[index] = ZERO_PAGE
-        elif flags & qf.RamFlag.PAGE:
+        elif kind == qf.RamFlag.PAGE:
             block.pages[index] = cur.pos
             cur.pos += page
             if cur.pos > self.io.size:
                 cur.pos = self.io.size  # where the file ends
                 raise cur.error("stream ends inside a RAM page", section="ram")
         else:
-            cur.pos = at
-            raise cur.error(
-                "RAM record with neither ZERO nor PAGE", section="ram", found=f"{flags:#x}"
-            )
+            self._encoded(block, index, kind)
         return block, False
+
+    def _encoded(self, block: Block, index: int, kind: int) -> None:
+        """An XBZRLE or COMPRESS_PAGE record's header and data, checked as QEMU's loader
+        checks them (a delta also as xbzrle_decode_buffer does), and logged."""
+        cur, page = self.cur, self.page_size
+        at = cur.pos
+        if kind == qf.RamFlag.XBZRLE:
+            head = cur.parse(qf.XbzrleHead, "XBZRLE header")
+            problem = None
+            if head.encoding != qf.XBZRLE_ENCODING:
+                problem = f"encoding {head.encoding:#x}, expected {qf.XBZRLE_ENCODING:#x}"
+            elif head.length > page:
+                problem = f"a delta of {head.length} bytes, more than a page"
+            else:
+                problem = encoded.xbzrle_problem(self._data(head.length, "XBZRLE page"), page)
+            if problem:
+                cur.pos = at
+                raise cur.error(f"bad XBZRLE page: {problem}", section="ram")
+            step = encoded.XBZRLE
+        else:
+            length = cur.parse(qf.CompressedHead, "compressed page header").length
+            if length > qf.compress_bound(page):
+                cur.pos = at
+                raise cur.error("compressed RAM page longer than zlib makes a page",
+                                section="ram", found=length, expected=f"at most {qf.compress_bound(page)}")  # fmt: skip
+            self._data(length, "compressed RAM page")
+            step = encoded.COMPRESSED
+        assert block.steps is not None
+        block.pages[index] = encoded.step(block.steps, block.pages[index], at, step)
+
+    def _data(self, length: int, what: str) -> bytes:
+        """The *length* bytes at the cursor, which moves past them."""
+        if self.cur.pos + length > self.io.size:
+            self.cur.pos = self.io.size
+            raise self.cur.error(f"stream ends inside {what}", section="ram")
+        return self.cur.take(length)
 
     def _block_list(self, total: int) -> None:
         """The MEM_SIZE block list; it ends when the lengths add up to the total (not at
@@ -229,7 +273,7 @@ class RamWalk:
                 raise cur.error(
                     "bad RAM block list entry", section="ram", found=f"{idstr!r} {length:#x}"
                 )
-            block = Block(idstr, length, array("q"), self._host_page_size())
+            block = Block(idstr, length, array("q"), self._host_page_size(), array("q"))
             if "x-ignore-shared" in self.capabilities:  # the guest address: not needed here
                 cur.parse(qf.BlockWord, "RAM block address")
             self.blocks[idstr] = block
