@@ -26,7 +26,7 @@ IOV_MAX = 1024  # iovecs per preadv (Linux's IOV_MAX)
 def count_sent(pages: Any) -> int:
     """How many entries of a page map are pages sent with their bytes: file offsets and
     encoded pages (not NOT_SENT or ZERO_PAGE)."""
-    return len(pages) - pages.count(NOT_SENT) - pages.count(ZERO_PAGE)
+    return int(len(pages) - pages.count(NOT_SENT) - pages.count(ZERO_PAGE))
 
 
 def count_sent_plain(pages: Any) -> int:
