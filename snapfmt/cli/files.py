@@ -177,10 +177,12 @@ def write(manifest_file: str, output: str, quiet: bool) -> int:
               help="libvirt: how the stream in the image is compressed.")  # fmt: skip
 @click.option("--parent", type=existing_file,
               help="Write a native delta: only what differs from this native snapshot.")  # fmt: skip
+@click.option("--mapped-ram", is_flag=True,
+              help="qemu: lay RAM out by page offset, as QEMU's mapped-ram capability does.")  # fmt: skip
 @quiet_option
 def convert_cmd(
     source: str, target: str, to: str | None, xml_file: str | None, compression: str,
-    parent: str | None, quiet: bool,
+    parent: str | None, mapped_ram: bool, quiet: bool,
 ) -> int:  # fmt: skip
     """Convert between the native container, QEMU migration streams and libvirt save
     images.
@@ -195,6 +197,7 @@ def convert_cmd(
       snapfmt convert pc.snap pc.mig --to qemu
       snapfmt convert vm.save vm.snap && snapfmt convert vm.snap back.save --to libvirt
       snapfmt convert second.mig second.snap --parent first.snap
+      snapfmt convert vm.snap vm.mig --to qemu --mapped-ram   # for migrate-incoming file:
     """
     from snapfmt.ops import convert as convert_mod
 
@@ -203,7 +206,7 @@ def convert_cmd(
         open_snapshot(source) as snap,
         progress(inspect.ram_bytes(snap), "converting", quiet) as tick,
     ):
-        made = convert_mod.convert(snap, target, to, tick, xml, compression, parent)
+        made = convert_mod.convert(snap, target, to, tick, xml, compression, parent, mapped_ram)
     emit(f"wrote {target} ({made}{' delta' if parent else ''}, "
          f"{render.human(os.path.getsize(target))})")  # fmt: skip
     return EXIT_OK

@@ -161,10 +161,12 @@ def to_libvirt(
 def convert(
     snap: Snapshot, target: str, to: str | None = None, progress: Progress = None,
     xml: str | None = None, compression: str = "raw", parent: str | None = None,
+    mapped_ram: bool = False,
 ) -> str:  # fmt: skip
     """Write *snap* to *target* in format *to* (default: the other one); returns it.
     *target* may not be the file *snap* is read from (it would be replaced while read).
-    *xml* and *compression* are for a libvirt save image, *parent* for a native delta."""
+    *xml* and *compression* are for a libvirt save image, *parent* for a native delta,
+    *mapped_ram* for a QEMU stream laid out by page offset."""
     if os.path.exists(target) and os.path.samefile(snap.origin, target):
         raise WriteError("is the file being converted; name another output", file=target)
     if parent is not None and (to or "native") != "native":
@@ -172,10 +174,12 @@ def convert(
     for block in snap.ram_blocks():  # refused before a byte is written
         block.require_contents()
     to = to or ("native" if parent or snap.format_name != "native" else "qemu")
+    if mapped_ram and to != "qemu":
+        raise WriteError(f"--mapped-ram lays out a QEMU stream, not a {to} file", file=target)
     if to == "native":
         to_native(snap, target, progress, parent)
     elif to == "qemu":
-        write_qemu(snap, target, progress)
+        write_qemu(snap, target, progress, mapped_ram)
     elif to == "libvirt":
         to_libvirt(snap, target, xml, compression, progress)
     else:

@@ -5,6 +5,13 @@ section, the RAM section (START with the block list, then every page -- zero pag
 ZERO records -- in an END section), every device as a FULL section with its state bytes
 exactly as read, EOF, and a vmdesc built from the field layouts.  Every section has a
 footer.  Written atomically like native snapshots.
+
+With ``mapped_ram`` it is what QEMU 9.0 and later write to a ``file:`` URI with the
+mapped-ram capability (reference §6): each entry of the block list is followed by a
+header naming a bitmap and a page area at a 1 MiB boundary where page *i* lies at *i*
+pages on; pages that are not zero are written there and marked in the bitmap, the rest
+are holes; no page record is written.  QEMU loads it with mapped-ram on, with or without
+multifd.
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ from typing import IO, Any
 from snapfmt._io import json_dumps, replace
 from snapfmt.errors import WriteError
 from snapfmt.formats import qemu as qf
-from snapfmt.model import DeviceState, RamBlock, Snapshot
+from snapfmt.model import DeviceState, RamBlock, Snapshot, nonzero_runs
 from snapfmt.qemu.paths import PathAssigner
 from snapfmt.qemu.walk import IDSTR
 
@@ -58,11 +65,20 @@ def _vmdesc_entry(device: DeviceState) -> dict[str, Any]:
     return entry
 
 
-def write_qemu(snap: Snapshot, target: str, progress: Progress = None) -> None:
-    """Write *snap* as a QEMU stream to *target* (temp file beside it, fsync, rename)."""
+MAPPED_RAM_ALIGN = 1 << 20  # where QEMU puts each block's page area (mapped-ram)
+
+
+def write_qemu(
+    snap: Snapshot, target: str, progress: Progress = None, mapped_ram: bool = False
+) -> None:
+    """Write *snap* as a QEMU stream to *target* (temp file beside it, fsync, rename);
+    *mapped_ram*: laid out by page offset, as QEMU writes with that capability."""
     devices, blocks = _check(snap, target)
+    if mapped_ram and "postcopy-ram" in snap.configuration.capabilities:
+        raise WriteError("a mapped-ram stream cannot hold postcopy-ram's block page sizes; "
+                         "write an ordinary stream", file=target)  # fmt: skip
     with replace(target, buffering=1 << 20) as f:
-        _write(snap, devices, blocks, f, progress)
+        _write(snap, devices, blocks, f, progress, mapped_ram)
 
 
 def checked_stream(snap: Snapshot, target: str) -> Callable[[IO[bytes], Progress], None]:
@@ -148,14 +164,16 @@ def _write(
     blocks: list[RamBlock],
     out: IO[bytes],
     progress: Progress,
+    mapped_ram: bool = False,
 ) -> None:
     config = snap.configuration
     page = config.page_size
     out.write(qf.FileHeader.build({"version": qf.VERSION}))
-    # A mapped-ram input has all its RAM: it is written as an ordinary stream, whose
-    # pages follow one another, so without the capability that lays them out by offset.
+    # A mapped-ram input has all its RAM: unless asked for mapped-ram, it is written as an
+    # ordinary stream, whose pages follow one another, so without that capability.
     # postcopy-ram is no configuration capability: QEMU says it with POSTCOPY_ADVISE.
     capabilities = tuple(c for c in config.capabilities if c not in ("mapped-ram", "postcopy-ram"))
+    capabilities += ("mapped-ram",) if mapped_ram else ()
     _configuration(out, config.machine, page, capabilities, config.metadata.get("uuid"))
     huge = _host_page_sizes(config, blocks) if "postcopy-ram" in config.capabilities else None
     if huge is not None:
@@ -176,10 +194,12 @@ def _write(
             size = (huge or {}).get(str(block.qemu_idstr))
             if size is not None and size != HOST_PAGE_SIZE:  # (postcopy: a huge-page block)
                 out.write(qf.BlockWord.build({"value": size}))
+            if mapped_ram:
+                _mapped_ram_block(out, block, page, progress)
         out.write(qf.RAM_WORD.pack(_EOS))
         _footer(out, ram_id)
         out.write(bytes([qf.SectionType.END]) + qf.SectionPartEnd.build({"section_id": ram_id}))
-        for block in blocks:
+        for block in blocks if not mapped_ram else ():
             _pages(out, block, page, progress)
         out.write(qf.RAM_WORD.pack(_EOS))
         _footer(out, ram_id)
@@ -228,6 +248,30 @@ def _section_head(
 
 def _footer(out: IO[bytes], section_id: int) -> None:
     out.write(qf.SectionFooter.build({"section_id": section_id}))
+
+
+def _mapped_ram_block(out: IO[bytes], block: RamBlock, page: int, progress: Progress) -> None:
+    """After *block*'s entry in the block list: its mapped-ram header, then (at the
+    offsets the header names) its bitmap and its pages that are not zero, each at its
+    page's place; the stream goes on after the page area."""
+    count = block.length // page
+    bitmap = bytearray(-(-count // 64) * 8)  # host unsigned longs (x86: little-endian)
+    bitmap_offset = out.tell() + qf.MappedRamHeader.sizeof()
+    pages_offset = -(-(bitmap_offset + len(bitmap)) // MAPPED_RAM_ALIGN) * MAPPED_RAM_ALIGN
+    out.write(qf.MappedRamHeader.build({"version": 1, "page_size": page,
+                                        "bitmap_offset": bitmap_offset,
+                                        "pages_offset": pages_offset}))  # fmt: skip
+    for offset, span in block.iter_spans():
+        for start, stop in nonzero_runs(span, page):
+            out.seek(pages_offset + offset + start)
+            out.write(span[start:stop])
+            for index in range((offset + start) // page, (offset + stop) // page):
+                bitmap[index >> 3] |= 1 << (index & 7)
+        if progress:
+            progress(len(span))
+    out.seek(bitmap_offset)
+    out.write(bitmap)
+    out.seek(pages_offset + block.length)
 
 
 def _pages(out: IO[bytes], block: RamBlock, page: int, progress: Progress) -> None:
