@@ -31,17 +31,18 @@ def detect(head: bytes) -> str | None:
     return None
 
 
-def open_snapshot(path: str | os.PathLike[str]) -> Snapshot:
+def open_snapshot(path: str | os.PathLike[str], salvage: bool = False) -> Snapshot:
     """Open a snapshot file of any readable format (detected from its first bytes): the
     native container, a QEMU stream, a libvirt save image, or a QEMU stream compressed
-    whole with gzip, bzip2, xz or zstd."""
+    whole with gzip, bzip2, xz or zstd.  *salvage*: a damaged or cut QEMU stream opens
+    as what is whole before the damage (snapfmt.qemu.snapshot.QemuStream)."""
     name = os.fspath(path)
     try:
         reader = FileReader(name)
     except OSError as e:
         raise FormatError(f"cannot open: {e.strerror}", file=name) from None
     try:
-        return _open(reader, name)
+        return _open(reader, name, salvage)
     except BaseException:
         reader.close()
         raise
@@ -90,17 +91,17 @@ def _walked_pair(readers: list[FileReader]) -> tuple[Snapshot, Snapshot]:
     return QemuStream(readers[0], layout=first), QemuStream(readers[1], layout=second)
 
 
-def _open(reader: FileReader, name: str) -> Snapshot:
+def _open(reader: FileReader, name: str, salvage: bool = False) -> Snapshot:
     head = reader.pread(0, min(reader.size, lf.HEADER_SIZE), "magic")
     kind = detect(head)
     if kind == "native":
         from snapfmt.native.reader import NativeSnapshot
 
-        return NativeSnapshot(reader)
+        return NativeSnapshot(reader, salvage)
     if kind == "qemu":
-        return _stream(reader)
+        return _stream(reader, salvage=salvage)
     if head.startswith(b"LibvirtQemud"):
-        wrapper, start = wrappers.libvirt_header(head, name)
+        wrapper, start = wrappers.libvirt_header(head, name, salvage)
         if start > reader.size:
             raise TruncatedError(
                 "libvirt save image ends inside its XML", file=name, offset=reader.size
@@ -117,11 +118,11 @@ def _open(reader: FileReader, name: str) -> Snapshot:
                 raise FormatError(
                     "no QEMU stream after the libvirt header", file=name, offset=start
                 )
-            return _stream(reader, start, wrapper)
-        return _decompressed(reader, name, start, wrapper)
+            return _stream(reader, start, wrapper, salvage=salvage)
+        return _decompressed(reader, name, start, wrapper, salvage)
     compression = wrappers.compression_of(head)
     if compression:
-        return _decompressed(reader, name, 0, wrappers.Wrapper(compression, compression))
+        return _decompressed(reader, name, 0, wrappers.Wrapper(compression, compression), salvage)
     if not head:
         raise FormatError("empty file, not a snapshot", file=name)
     raise FormatError(
@@ -138,18 +139,21 @@ def _stream(
     start: int = 0,
     wrapper: wrappers.Wrapper | None = None,
     origin: str | None = None,
+    salvage: bool = False,
 ) -> Snapshot:
     from snapfmt.qemu.snapshot import QemuStream
 
-    return QemuStream(reader, start, wrapper, origin)
+    return QemuStream(reader, start, wrapper, origin, salvage=salvage)
 
 
-def _decompressed(reader: FileReader, name: str, start: int, wrapper: wrappers.Wrapper) -> Snapshot:
+def _decompressed(
+    reader: FileReader, name: str, start: int, wrapper: wrappers.Wrapper, salvage: bool = False
+) -> Snapshot:
     """A QEMU stream inside compressed data: decompressed to a temporary file first."""
-    fd = wrappers.decompress_to_temp(name, start, wrapper.compression)
+    fd = wrappers.decompress_to_temp(name, start, wrapper.compression, salvage)
     inner = FileReader.from_fd(fd, f"{name} ({wrapper.compression}-decompressed)")
     try:
-        stream = _stream(inner, 0, wrapper, origin=name)
+        stream = _stream(inner, 0, wrapper, origin=name, salvage=salvage)
     except BaseException:
         inner.close()
         raise

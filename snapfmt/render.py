@@ -21,6 +21,7 @@ from snapfmt.ops.inspect import (
     Parent,
     RamDump,
     SectionRow,
+    damage_lines,
 )
 from snapfmt.paths import Path
 from snapfmt.render_fields import change_lines, fold, shown_value
@@ -100,6 +101,15 @@ def _config_json(config: Configuration) -> dict[str, Any]:
 # -- info ------------------------------------------------------------------------------------
 
 
+def _damage_lines(document: dict[str, Any] | None) -> list[str]:
+    if document is None:
+        return []
+    return [
+        f"{'damage' if i == 0 else '':<14}{line}"
+        for i, line in enumerate(damage_lines(document, shown))
+    ]
+
+
 def _parent_lines(parents: list[Parent]) -> list[str]:
     """A delta's chain: each parent as its child names it, and whether it was found."""
     lines = []
@@ -157,6 +167,7 @@ def info_text(info: Info) -> list[str]:
         f"sections      {len(info.rows)} ({counts})",
         f"RAM           {human(sum(r.size for r in ram))} in {len(ram)} blocks, "
         f"{human(sum(r.stored for r in ram))} stored",
+        *_damage_lines(info.damage),
         "",
     ]
     rows = [
@@ -182,6 +193,7 @@ def info_json(info: Info) -> dict[str, Any]:
         "file_size": info.file_size,
         "container": _container_json(info.container),
         "parents": [p._asdict() for p in info.parents],
+        "damage": info.damage,
         "configuration": _config_json(info.configuration),
         "sections": [_row_json(r) for r in info.rows],
     }

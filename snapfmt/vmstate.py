@@ -43,10 +43,17 @@ class Field(NamedTuple):
     display: str | None = None  # what the value means, where snapfmt.state knows it
 
 
+_KINDS = {str: "a string", int: "an integer"}
+
+
 def _need(node: Mapping[str, Any], key: str, kind: type, where: str) -> Any:
+    """*node*[*key*], which must be of *kind*; *where*: the JSON path of *node*."""
     value = node.get(key)
     if not isinstance(value, kind) or (isinstance(value, bool) and kind is int):
-        raise LayoutError(f"layout {where}: {key!r} must be {kind.__name__}, got {value!r}")
+        found = "nothing" if key not in node else f"{value!r:.60}"
+        raise LayoutError(
+            f"layout {where}.{key}: expected {_KINDS.get(kind, kind.__name__)}, found {found}"
+        )
     return value
 
 
@@ -113,27 +120,31 @@ def _value(type_name: str, raw: bytes) -> int | bool | bytes:
 
 
 def _check(field: object, limit: int, where: str) -> tuple[str, str, str, int, int | None]:
-    """(name, index suffix, type, size, array length) of one field of a layout, checked."""
+    """(name, index suffix, type, size, array length) of one field of a layout, checked;
+    *where*: the field's JSON path in the layout ($.fields[3])."""
     if not isinstance(field, Mapping):
-        raise LayoutError(f"layout {where}: a field must be an object")
+        raise LayoutError(f"layout {where}: expected a field (an object), found {field!r:.60}")
     name = _need(field, "name", str, where)
     type_name = _need(field, "type", str, where)
     size = _need(field, "size", int, where)
     count = field.get("array_len")
     if count is not None and (not isinstance(count, int) or not 0 <= count <= limit):
-        raise LayoutError(f"layout {where}: field {name!r} has a bad array_len {count!r}")
+        raise LayoutError(
+            f"layout {where}.array_len: field {name!r} has a bad array_len {count!r:.60}"
+        )
     return name, f"[{field['index']}]" if "index" in field else "", type_name, size, count
 
 
 def _fields(node: Layout, cur: _Cursor, prefix: str, where: str) -> Iterator[Field]:
     fields = node.get("fields", [])
     if not isinstance(fields, list):
-        raise LayoutError(f"layout {where}: 'fields' must be a list")
+        raise LayoutError(f"layout {where}.fields: expected a list, found {fields!r:.60}")
     previous: tuple[str, int] | None = None  # (name, index) of the last indexed entry
-    for field in fields:
+    for position, field in enumerate(fields):
         seen = cur.checked.get(id(field))  # (an array of structs comes back to its fields
         if seen is None or seen[0] is not field:  # for every element)
-            seen = cur.checked[id(field)] = field, _check(field, len(cur.data), where)
+            at = f"{where}.fields[{position}]"
+            seen = cur.checked[id(field)] = field, _check(field, len(cur.data), at)
         name, suffix, type_name, size, count = seen[1]
         index = field.get("index")
         if isinstance(index, int):
@@ -159,14 +170,17 @@ def _fields(node: Layout, cur: _Cursor, prefix: str, where: str) -> Iterator[Fie
             cur.visit()
             if type_name == "struct":
                 inner = field.get("struct")
+                at = f"{where}.fields[{position}].struct"
                 if not isinstance(inner, Mapping):
-                    raise LayoutError(f"layout {where}: struct field {name!r} has no 'struct'")
+                    raise LayoutError(
+                        f"layout {at}: struct field {name!r} has no struct (an object)"
+                    )
                 start = cur.pos
-                yield from _fields(inner, cur, f"{label}.", f"{where}.{name}")
-                yield from _subsections(inner, cur, f"{label}.", f"{where}.{name}")
+                yield from _fields(inner, cur, f"{label}.", at)
+                yield from _subsections(inner, cur, f"{label}.", at)
                 if cur.pos - start != size:
                     raise LayoutError(
-                        f"layout {where}: struct {label} decoded {cur.pos - start} bytes, "
+                        f"layout {at}: struct {label} decoded {cur.pos - start} bytes, "
                         f"its size says {size}"
                     )
                 continue
@@ -177,10 +191,13 @@ def _fields(node: Layout, cur: _Cursor, prefix: str, where: str) -> Iterator[Fie
 
 def _subsections(node: Layout, cur: _Cursor, prefix: str, where: str) -> Iterator[Field]:
     subs = node.get("subsections", []) or []
-    if not isinstance(subs, list) or not all(isinstance(s, Mapping) for s in subs):
-        raise LayoutError(f"layout {where}: 'subsections' must be a list of objects")
-    for sub in subs:
-        name = _need(sub, "vmsd_name", str, where)
+    if not isinstance(subs, list):
+        raise LayoutError(f"layout {where}.subsections: expected a list, found {subs!r:.60}")
+    for position, sub in enumerate(subs):
+        at = f"{where}.subsections[{position}]"
+        if not isinstance(sub, Mapping):
+            raise LayoutError(f"layout {at}: expected a subsection (an object), found {sub!r:.60}")
+        name = _need(sub, "vmsd_name", str, at)
         marker_at = cur.pos
         head = cur.take(2, f"subsection {name}")
         if head[0] != SUBSECTION_MARKER:
@@ -191,8 +208,8 @@ def _subsections(node: Layout, cur: _Cursor, prefix: str, where: str) -> Iterato
         if found != name:
             raise LayoutError(f"expected subsection {name!r} at {marker_at}, found {found!r}")
         cur.take(4, f"subsection {name} version")
-        yield from _fields(sub, cur, f"{prefix}{name}:", f"{where}/{name}")
-        yield from _subsections(sub, cur, prefix, f"{where}/{name}")
+        yield from _fields(sub, cur, f"{prefix}{name}:", at)
+        yield from _subsections(sub, cur, prefix, at)
 
 
 def iter_decode(layout: Layout, data: bytes, base_offset: int = 0) -> Iterator[Field]:
@@ -200,8 +217,8 @@ def iter_decode(layout: Layout, data: bytes, base_offset: int = 0) -> Iterator[F
     Unlike decode(), it does not check that the layout accounts for every byte."""
     cur = _Cursor(data, base_offset)
     try:
-        yield from _fields(layout, cur, "", "fields")
-        yield from _subsections(layout, cur, "", "subsections")
+        yield from _fields(layout, cur, "", "$")
+        yield from _subsections(layout, cur, "", "$")
     except RecursionError:
         raise LayoutError("layout nests too deeply") from None
 
@@ -216,7 +233,7 @@ def load(
     Running out of bytes is a LayoutError."""
     cur = _Cursor(data, 0)
     try:
-        fields = list(_fields(layout, cur, "", "fields"))
+        fields = list(_fields(layout, cur, "", "$"))
         unknown = _load_subsections(cur, "", subsection, fields)
     except RecursionError:
         raise LayoutError("layout nests too deeply") from None
@@ -237,7 +254,7 @@ def _load_subsections(
         cur.take(2 + length + 4, f"subsection {name}")
         # (a nested subsection follows its parent's fields as the next one does: found
         # by name alike, the loop takes both)
-        out.extend(_fields(layout, cur, f"{prefix}{name}:", f"subsections/{name}"))
+        out.extend(_fields(layout, cur, f"{prefix}{name}:", f"$(subsection {name})"))
     return None
 
 
@@ -245,8 +262,8 @@ def decode(layout: Layout, data: bytes, base_offset: int = 0) -> list[Field]:
     """Decode *data* through *layout*; every byte must be accounted for."""
     cur = _Cursor(data, base_offset)
     try:
-        fields = list(_fields(layout, cur, "", "fields"))
-        fields.extend(_subsections(layout, cur, "", "subsections"))
+        fields = list(_fields(layout, cur, "", "$"))
+        fields.extend(_subsections(layout, cur, "", "$"))
     except RecursionError:
         raise LayoutError("layout nests too deeply") from None
     if cur.pos != len(data):

@@ -63,12 +63,14 @@ def _opener(name: str) -> Callable[[IO[bytes]], Any]:
     raise UnsupportedError(f"{name} compression is not supported")
 
 
-def decompress_to_temp(path: str, start: int, name: str) -> int:
+def decompress_to_temp(path: str, start: int, name: str, salvage: bool = False) -> int:
     """Decompress *path* from *start* into an anonymous temporary file (unlinked at
     once, so nothing is left behind whatever happens); returns its descriptor.
 
     The data must start like a QEMU stream, and may grow at most MAX_RATIO times the
-    compressed size (plus 1 GiB): a decompression bomb stops there."""
+    compressed size (plus 1 GiB): a decompression bomb stops there.  With *salvage*,
+    data that stops decompressing gives what decompressed before (a cut stream, which
+    a salvaging walk then reads up to its cut)."""
     import lzma
     import tempfile
     import zlib
@@ -87,7 +89,8 @@ def decompress_to_temp(path: str, start: int, name: str) -> int:
                                       found=f"first bytes {first.hex()}", expected="5145564d")  # fmt: skip
                 out.write(first)
                 written = len(first)
-                while piece := source.read(1 << 20):
+                # (salvaging: small reads, as a decoder that fails drops the read it was in)
+                while piece := source.read(1 << 16 if salvage else 1 << 20):
                     written += len(piece)
                     if written > limit:
                         raise FormatError(f"{name} data decompresses to more than {limit} bytes (a decompression bomb?)",
@@ -96,6 +99,9 @@ def decompress_to_temp(path: str, start: int, name: str) -> int:
         out.flush()
         return os.dup(out.fileno())
     except (OSError, EOFError, lzma.LZMAError, zstandard.ZstdError, zlib.error, ValueError) as e:
+        if salvage and out.tell() > 4:
+            out.flush()
+            return os.dup(out.fileno())
         raise FormatError(
             f"{name} data does not decompress: {e}", file=path, offset=start
         ) from None
@@ -103,9 +109,10 @@ def decompress_to_temp(path: str, start: int, name: str) -> int:
         out.close()
 
 
-def libvirt_header(head: bytes, path: str) -> tuple[Wrapper, int]:
-    """Parse the 92-byte header (either byte order); returns it and the stream offset."""
-    if head.startswith(lf.MAGIC_PARTIAL):
+def libvirt_header(head: bytes, path: str, salvage: bool = False) -> tuple[Wrapper, int]:
+    """Parse the 92-byte header (either byte order); returns it and the stream offset.
+    *salvage*: an image whose save never finished (its partial magic) is read too."""
+    if head.startswith(lf.MAGIC_PARTIAL) and not salvage:
         raise FormatError(
             "libvirt save image is incomplete (the save never finished)",
             file=path,

@@ -133,6 +133,9 @@ def test_truncation_at_every_64th_is_a_clear_error(
     for k in range(64):
         target.write_bytes(data[: len(data) * k // 64])
         result = run(command, target)
+        if result.code == 1 and command != "dump":  # info and verify salvage what they can
+            assert result.err == "" and "damaged" in result.out, (k, result)
+            continue
         assert result.code == 2, (k, result)
         assert result.out == ""
         lines = result.err.splitlines()
@@ -146,7 +149,7 @@ def test_truncation_at_every_64th_is_a_clear_error(
 def test_truncated_messages(tmp_path: Path, run: Run) -> None:
     target = tmp_path / "cut.snap"
     target.write_bytes(TINY[: len(TINY) // 2])
-    assert run("info", target).err == (
+    assert run("dump", target).err == (
         f"snapfmt: error: {target}: offset {len(TINY) // 2 - 8:#x}: no footer at the end of the file "
         f"(truncated or unfinished): found {TINY[len(TINY) // 2 - 8 : len(TINY) // 2].hex()}, "
         f"expected 534e415046454e44\n"

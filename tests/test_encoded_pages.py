@@ -90,8 +90,10 @@ def test_bad_encoded_records_are_refused_where_they_are(
 ) -> None:
     target = tmp_path / "bad.mig"
     target.write_bytes(_record(flags, body))
-    result = run("info", target)
+    result = run("dump", target)
     assert result.code == 2 and message in result.err and result.err.count("\n") == 1
+    salvaged = run("info", target)  # what came before it, and where it is
+    assert salvaged.code == 1 and message in salvaged.out and "damaged at offset" in salvaged.out
 
 
 @pytest.mark.parametrize(

@@ -408,3 +408,17 @@ def test_a_shared_block_comes_from_its_backing_file(qemu: str, tmp_path: Path, r
     assert "--block-file pc.ram=FILE" in refused.err
     assert run("memory", stream, "--elf", core, "--block-file", f"pc.ram={ram}", "-q").code == 0
     assert_same_core(core, dump)
+    # extract and convert likewise: refused, then made from the backing file
+    out = tmp_path / "pc.ram.bin"
+    refused = run("extract", stream, "pc.ram", "-o", out)
+    assert refused.code == 2 and "no page of it is in the stream" in refused.err
+    assert run("extract", stream, "pc.ram", "-o", out, "--block-file", f"pc.ram={ram}").code == 0
+    assert out.read_bytes() == ram.read_bytes()
+    native = tmp_path / "vm.snap"
+    assert run("convert", stream, native, "--block-file", f"pc.ram={ram}", "-q").code == 0
+    with snapfmt.open(native) as snap:
+        block = next(b for b in snap.ram_blocks() if b.qemu_idstr == "pc.ram")
+        assert block.read(LOW_MARK, len(MARKER)) == MARKER
+    assert run("verify", native).code == 0
+    wrong = run("convert", stream, tmp_path / "x.snap", "--block-file", f"pc.bios={ram}")
+    assert wrong.code == 2 and "is in the file: --block-file is for a block" in wrong.err

@@ -133,11 +133,15 @@ def test_broken_footer_names_the_section(tmp_path: Path, run: Run) -> None:
     data[start + length] = 0x7F  # the footer marker after the e1000 payload
     target = tmp_path / "broken.mig"
     target.write_bytes(data)
-    result = run("info", target)
+    result = run("dump", target)
     assert result.code == 2
     assert (
         result.err
         == f"snapfmt: error: {target}: offset {start:#x}: 0000:00:05.0/e1000: missing section footer, expected 7e {record.section_id:08x} after the payload\n"
+    )
+    salvaged = run("info", target)  # what came before, and the section it took
+    assert (
+        salvaged.code == 1 and "lost section 0000:00:05.0/e1000: cut before its end" in salvaged.out
     )
 
 
@@ -163,7 +167,7 @@ def test_truncated_streams_are_one_line_errors(tmp_path: Path, run: Run, k: int)
     data = (QEMU / "q35.mig").read_bytes()
     target = tmp_path / "cut.mig"
     target.write_bytes(data[: len(data) * k // 64])
-    result = run("info", target)
+    result = run("dump", target)  # (info and verify salvage: tests/test_salvage.py)
     assert (
         result.code == 2
         and result.err.startswith(f"snapfmt: error: {target}: ")

@@ -51,6 +51,24 @@ def cli() -> None:
     """
 
 
+block_file_option = click.option(
+    "--block-file", "block_files", multiple=True, metavar="BLOCK=FILE",
+    help="Read RAM block BLOCK (QEMU id or path), which the file does not hold "
+    "(x-ignore-shared), from FILE. Repeatable.",
+)  # fmt: skip
+
+
+def supplied(pairs: tuple[str, ...]) -> dict[str, str]:
+    """--block-file BLOCK=FILE pairs as {BLOCK: FILE}."""
+    found = {}
+    for pair in pairs:
+        name, sep, file = pair.partition("=")
+        if not sep or not name or not file:
+            raise click.BadParameter(f"{pair!r}: give BLOCK=FILE", param_hint="--block-file")
+        found[name] = file
+    return found
+
+
 def write_json(path: str, data: object) -> None:
     from snapfmt import _io as atomic
 

@@ -11,15 +11,68 @@ from snapfmt import render
 from snapfmt.cli.base import (
     EXIT_DIFFERENT,
     EXIT_OK,
+    block_file_option,
     cli,
     emit,
     existing_file,
     json_option,
     progress,
     quiet_option,
+    supplied,
 )
+from snapfmt.errors import FormatError, UnsupportedError
+from snapfmt.model import Snapshot
 from snapfmt.opener import open_pair, open_snapshot
 from snapfmt.ops import inspect
+
+salvage_option = click.option(
+    "--salvage",
+    is_flag=True,
+    help="Keep what is whole in a damaged or cut QEMU stream; say what is lost (exit 1).",
+)
+
+
+def open_or_salvage(file: str) -> Snapshot:
+    """*file* opened; a QEMU stream too damaged to open is opened to salvage it (what is
+    whole before the damage, inspect.damage says where it is).  Any other file that
+    cannot be opened raises as open_snapshot does."""
+    try:
+        return open_snapshot(file)
+    except UnsupportedError:
+        raise
+    except FormatError as e:
+        try:
+            snap = open_snapshot(file, salvage=True)
+        except FormatError:
+            raise e from None
+        if inspect.damage(snap) is None:  # (not a stream: salvaging changed nothing)
+            snap.close()
+            raise
+        return snap
+
+
+def with_block_files(snap: Snapshot, block_files: tuple[str, ...]) -> Snapshot:
+    """*snap*, its blocks the file does not hold read from the files --block-file names."""
+    if not block_files:
+        return snap
+    from snapfmt.ops.supplied import Supplied
+
+    try:
+        return Supplied(snap, supplied(block_files))
+    except BaseException:
+        snap.close()
+        raise
+
+
+def said_lost(snap: Snapshot) -> int:
+    """After --salvage: what was lost, on stderr, a line each; EXIT_DIFFERENT when
+    anything was, else EXIT_OK."""
+    document = inspect.damage(snap)
+    if document is None:
+        return EXIT_OK
+    for line in inspect.damage_lines(document, render.shown):
+        click.echo(f"snapfmt: salvaged: {render.one_line(line)}", file=sys.stderr)
+    return EXIT_DIFFERENT
 
 
 @cli.command()
@@ -28,16 +81,18 @@ from snapfmt.ops import inspect
 def info(file: str, as_json: bool) -> int:
     """Summary and section table: path, kind, driver, version, sizes.
 
-    Reads only the index and the small device sections, whatever the file's size.
+    Reads only the index and the small device sections, whatever the file's size.  A
+    damaged or cut QEMU stream is shown as what is whole before the damage, with where
+    the damage is and what is lost (exit 1).
 
     \b
     Example:
       snapfmt info samples/basic.snap --json
     """
-    with open_snapshot(file) as snap:
+    with open_or_salvage(file) as snap:
         result = inspect.info(snap)
     emit(render.to_json(render.info_json(result)) if as_json else render.info_text(result))
-    return EXIT_OK
+    return EXIT_OK if result.damage is None else EXIT_DIFFERENT
 
 
 field_option = click.option(
@@ -81,6 +136,8 @@ def dump(file: str, selectors: tuple[str, ...], patterns: tuple[str, ...], as_js
 @click.option("-o", "--output", help="File to write the one selected section to ('-': stdout).")
 @click.option("--all", "everything", is_flag=True, help="Extract every section.")
 @click.option("-d", "--directory", help="With --all: the folder to write into.")
+@salvage_option
+@block_file_option
 @quiet_option
 def extract_cmd(
     file: str,
@@ -88,6 +145,8 @@ def extract_cmd(
     output: str | None,
     everything: bool,
     directory: str | None,
+    salvage: bool,
+    block_files: tuple[str, ...],
     quiet: bool,
 ) -> int:
     """Copy sections out: device state bytes, raw RAM block contents.
@@ -99,13 +158,14 @@ def extract_cmd(
     Examples:
       snapfmt extract samples/basic.snap /pc.ram -o pc.ram.bin
       snapfmt extract samples/basic.snap --all -d out/
+      snapfmt extract cut.mig --all -d out/ --salvage
     """
     from snapfmt.ops import extract
 
     if everything == bool(selector) or everything != bool(directory) or bool(output) == everything:
         raise click.UsageError("give either SELECTOR -o OUT, or --all -d DIR")
     with (
-        open_snapshot(file) as snap,
+        with_block_files(open_snapshot(file, salvage), block_files) as snap,
         progress(inspect.ram_bytes(snap), "extracting", quiet) as tick,
     ):
         if directory:
@@ -114,7 +174,7 @@ def extract_cmd(
             item = extract.extract_one(snap, selector, output, tick)
             if output != "-":  # (the section went to standard output)
                 emit(render.extracted_text([item]))
-    return EXIT_OK
+        return said_lost(snap)
 
 
 @cli.command()
@@ -124,8 +184,9 @@ def extract_cmd(
 def verify(file: str, as_json: bool, quiet: bool) -> int:
     """Check the structure and every checksum and chunk hash.
 
-    Each bad chunk is reported with its section path and byte range.  Exit 0 when all is
-    well, 1 when anything is wrong, 2 when the file cannot be opened at all.
+    Each bad chunk is reported with its section path and byte range; a damaged or cut
+    QEMU stream with where the damage is and what is lost.  Exit 0 when all is well, 1
+    when anything is wrong, 2 when the file cannot be opened at all.
 
     \b
     Example:
@@ -133,7 +194,10 @@ def verify(file: str, as_json: bool, quiet: bool) -> int:
     """
     from snapfmt.ops.verify import verify as verify_snapshot
 
-    with open_snapshot(file) as snap, progress(inspect.ram_bytes(snap), "verifying", quiet) as tick:
+    with (
+        open_or_salvage(file) as snap,
+        progress(inspect.ram_bytes(snap), "verifying", quiet) as tick,
+    ):
         report = verify_snapshot(snap, tick)
     emit(render.to_json(render.verify_json(report)) if as_json else render.verify_text(report))
     return EXIT_OK if report.ok else EXIT_DIFFERENT
@@ -179,10 +243,13 @@ def write(manifest_file: str, output: str, quiet: bool) -> int:
               help="Write a native delta: only what differs from this native snapshot.")  # fmt: skip
 @click.option("--mapped-ram", is_flag=True,
               help="qemu: lay RAM out by page offset, as QEMU's mapped-ram capability does.")  # fmt: skip
+@salvage_option
+@block_file_option
 @quiet_option
 def convert_cmd(
     source: str, target: str, to: str | None, xml_file: str | None, compression: str,
-    parent: str | None, mapped_ram: bool, quiet: bool,
+    parent: str | None, mapped_ram: bool, salvage: bool, block_files: tuple[str, ...],
+    quiet: bool,
 ) -> int:  # fmt: skip
     """Convert between the native container, QEMU migration streams and libvirt save
     images.
@@ -203,13 +270,13 @@ def convert_cmd(
 
     xml = convert_mod.read_xml(xml_file) if xml_file is not None else None
     with (
-        open_snapshot(source) as snap,
+        with_block_files(open_snapshot(source, salvage), block_files) as snap,
         progress(inspect.ram_bytes(snap), "converting", quiet) as tick,
     ):
         made = convert_mod.convert(snap, target, to, tick, xml, compression, parent, mapped_ram)
-    emit(f"wrote {target} ({made}{' delta' if parent else ''}, "
-         f"{render.human(os.path.getsize(target))})")  # fmt: skip
-    return EXIT_OK
+        emit(f"wrote {target} ({made}{' delta' if parent else ''}, "
+             f"{render.human(os.path.getsize(target))})")  # fmt: skip
+        return said_lost(snap)
 
 
 @cli.command()

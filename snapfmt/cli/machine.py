@@ -17,6 +17,7 @@ from snapfmt.cli.base import (
     json_option,
     progress,
     quiet_option,
+    supplied,
     write_json,
 )
 from snapfmt.opener import open_snapshot
@@ -68,16 +69,6 @@ def _address(text: str) -> int:
         raise click.BadParameter(f"{text!r} is not a number (0x… for hex)") from None
 
 
-def _supplied(pairs: tuple[str, ...]) -> dict[str, str]:
-    supplied = {}
-    for pair in pairs:
-        name, sep, file = pair.partition("=")
-        if not sep or not name or not file:
-            raise click.BadParameter(f"{pair!r}: give BLOCK=FILE", param_hint="--block-file")
-        supplied[name] = file
-    return supplied
-
-
 @cli.command(name="memory")
 @click.argument("file", type=existing_file)
 @click.option("--elf", "elf_out", help="Write an ELF core (as dump-guest-memory) to this file.")
@@ -109,7 +100,7 @@ def memory_cmd(file: str, elf_out: str | None, raw_out: str | None, address: str
     if [elf_out, raw_out, address].count(None) < 2:
         raise click.UsageError("give at most one of --elf, --raw and --read")
     with open_snapshot(file) as snap:
-        layout = physical_map(snap, ram, _supplied(block_files))
+        layout = physical_map(snap, ram, supplied(block_files))
         if address is not None:
             emit(_hexdump(layout, _address(address), _address(length)))
         elif elf_out or raw_out:

@@ -18,6 +18,8 @@ Progress = Callable[[int], None] | None
 
 
 def check(snap: NativeSnapshot, progress: Progress = None) -> CheckResult:
+    if snap.damage is not None:
+        return _salvaged(snap, progress)
     regions: list[tuple[int, int, str]] = [
         (0, nf.HEADER_SIZE, "header"),
         (snap.index_offset, snap.index_length, "index"),
@@ -36,6 +38,21 @@ def check(snap: NativeSnapshot, progress: Progress = None) -> CheckResult:
         except FormatError as e:
             problems.append(_problem(section, e))
     problems.extend(_tiling(regions))
+    return CheckResult(len(snap.all_sections), covered[0], covered[1], problems)
+
+
+def _salvaged(snap: NativeSnapshot, progress: Progress) -> CheckResult:
+    """A file whose index was lost: where its salvage stopped, then each section found."""
+    assert snap.damage is not None
+    offset, message = snap.damage
+    problems = [Problem(None, offset, f"damaged: {message}; what the file held from here "
+                        "is lost")]  # fmt: skip
+    covered = [0, 0]
+    for section in snap.all_sections:
+        try:
+            _check_section(snap, section, covered, problems, progress)
+        except FormatError as e:
+            problems.append(_problem(section, e))
     return CheckResult(len(snap.all_sections), covered[0], covered[1], problems)
 
 

@@ -38,15 +38,40 @@ if TYPE_CHECKING:
 class NativeSnapshot(Snapshot):
     format_name = "native"
 
-    def __init__(self, reader: FileReader) -> None:
+    def __init__(self, reader: FileReader, salvage: bool = False) -> None:
+        """*salvage*: a file whose footer or index is lost or damaged opens with the
+        sections found again front to back (snapfmt.native.salvage); ``damage`` then
+        says where that stopped."""
         self._io = reader
         self.file = self.origin = reader.name
         self._config: Configuration | None = None
         self._aliases: dict[str, Path] | None = None
         self._parent: NativeSnapshot | None = None
         self.depth = 0  # how far down a chain of deltas this file was opened
+        self.damage: tuple[int, str] | None = None  # (offset, why) of a salvaged file
+        self._by_key: dict[tuple[int, str], SectionInfo] = {}
         self._read_header()
-        self._read_footer_and_index()
+        try:
+            self._read_footer_and_index()
+        except UnsupportedError:
+            raise
+        except FormatError as e:
+            if not salvage or self.flags & nf.HeaderFlag.DELTA:  # (a delta needs its id)
+                raise
+            self._salvage(e)
+
+    def _salvage(self, error: FormatError) -> None:
+        from snapfmt.native.salvage import salvage
+
+        found = salvage(self._io)
+        if not found.sections:
+            raise error
+        self.damage = (found.end, f"{error.detail}; the sections before this offset were "
+                       f"found again without the index ({found.message})")  # fmt: skip
+        self.snapshot_id = b""
+        self.index_offset, self.index_length, self.index_hash = found.end, 0, 0
+        self._by_key = {(int(s.kind), s.key): s for s in found.sections}
+        self._sections = found.sections
 
     # -- opening -------------------------------------------------------------------------
 
@@ -54,14 +79,8 @@ class NativeSnapshot(Snapshot):
         return parse(con, data, file=self.file, offset=offset, what=what)
 
     def _read_header(self) -> None:
-        if self._io.size < nf.HEADER_SIZE + nf.FOOTER_SIZE:
-            raise TruncatedError(
-                "file too short for a native snapshot",
-                file=self.file,
-                offset=0,
-                found=f"{self._io.size} bytes",
-                expected=f"at least {nf.HEADER_SIZE + nf.FOOTER_SIZE}",
-            )
+        if self._io.size < nf.HEADER_SIZE:
+            self._check_room()  # (it refuses: one message for any file too short)
         raw = self._io.pread(0, nf.HEADER_SIZE, "header")
         # the version first, before the checksum: a newer major may checksum otherwise
         fields = self.parse(nf.HeaderFields, raw, 0, "header")
@@ -80,7 +99,19 @@ class NativeSnapshot(Snapshot):
         self.flags = nf.HeaderFlag(header.flags & 1)
         self.parent_id = bytes(header.parent_id)
 
+    def _check_room(self) -> None:
+        """A header and a footer fit: a file cut shorter has lost its footer."""
+        if self._io.size < nf.HEADER_SIZE + nf.FOOTER_SIZE:
+            raise TruncatedError(
+                "file too short for a native snapshot",
+                file=self.file,
+                offset=0,
+                found=f"{self._io.size} bytes",
+                expected=f"at least {nf.HEADER_SIZE + nf.FOOTER_SIZE}",
+            )
+
     def _read_footer_and_index(self) -> None:
+        self._check_room()
         at = self._io.size - nf.FOOTER_SIZE
         raw = self._io.pread(at, nf.FOOTER_SIZE, "footer")
         if raw[-8:] != nf.FOOTER_MAGIC:
@@ -206,7 +237,7 @@ class NativeSnapshot(Snapshot):
 
     def _check_entries(self, entries: list[Any]) -> list[SectionInfo]:
         sections: list[SectionInfo] = []
-        self._by_key: dict[tuple[int, str], SectionInfo] = {}
+        self._by_key = {}
         paths: set[str] = set()
         for number, e in enumerate(entries):
             known = self._check_entry(number, e, paths)

@@ -79,6 +79,41 @@ class Info(NamedTuple):
     rows: list[SectionRow]
     container: Container | None = None
     parents: list[Parent] = []  # noqa: RUF012  (a NamedTuple default, never changed)
+    damage: dict[str, Any] | None = None  # a salvaged stream's salvage document
+
+
+def damage(snap: Snapshot) -> dict[str, Any] | None:
+    """The salvage document of a damaged stream opened to salvage it (where the damage
+    is, what is lost), or None for a whole file."""
+    from snapfmt.native.reader import NativeSnapshot
+    from snapfmt.qemu.snapshot import SALVAGE_DOCUMENT, QemuStream
+
+    if isinstance(snap, QemuStream) and snap.layout.damage is not None:
+        document: dict[str, Any] = snap.metadata(SALVAGE_DOCUMENT)
+        return document
+    if isinstance(snap, NativeSnapshot) and snap.damage is not None:
+        offset, message = snap.damage
+        return {"damage": {"offset": offset, "message": message}, "lost_sections": [],
+                "lost_ram": [], "note": "the index is lost: sections found again front to "
+                "back; what the file held after the damage is unknown; metadata documents "
+                "are named recovered-N"}  # fmt: skip
+    return None
+
+
+def damage_lines(document: dict[str, Any], show: Any = str) -> list[str]:
+    """What a salvage document says, a line each: where the damage is, then what is lost
+    (paths as *show* makes them)."""
+    where = document["damage"]
+    lines = [f"damaged at offset {where['offset']:#x}: {where['message']}; "
+             "intact before it, unknown after it"]  # fmt: skip
+    for idstr in document["lost_sections"]:
+        lines.append(f"lost section {idstr}: cut before its end")
+    for entry in document["lost_ram"]:
+        ranges = entry["ranges"]
+        shown = ", ".join(f"{lo:#x}-{hi:#x}" for lo, hi in ranges[:4])
+        more = f" and {len(ranges) - 4} more ranges" if len(ranges) > 4 else ""
+        lines.append(f"lost RAM {show(entry['path'])}: {entry['bytes']} bytes ({shown}{more})")
+    return lines
 
 
 def parents(snap: Snapshot) -> list[Parent]:
@@ -126,6 +161,7 @@ def info(snap: Snapshot) -> Info:
         rows,
         container(snap),
         parents(snap),
+        damage(snap),
     )
 
 

@@ -25,6 +25,12 @@ def check(stream: QemuStream) -> CheckResult:
                 f"vmdesc page size {desc.get('page_size')} differs from the stream's {stream.page_size}"))  # fmt: skip
         described = {(d.get("name"), d.get("instance_id"))
                      for d in desc.get("devices", []) if isinstance(d, dict)}  # fmt: skip
+        for i, d in enumerate(desc.get("devices", [])):
+            if not (isinstance(d, dict) and isinstance(d.get("name"), str)
+                    and isinstance(d.get("instance_id"), int)):  # fmt: skip
+                problems.append(Problem("vmdesc", desc_at, f"$.devices[{i}]: expected an object "
+                                        "with a name (a string) and an instance_id (an "
+                                        f"integer), found {d!r:.60}"))  # fmt: skip
     present: set[tuple[object, object]] = set()
     sections = chunks = size = 0
     for section in stream.sections:
@@ -58,4 +64,27 @@ def check(stream: QemuStream) -> CheckResult:
     for name, instance in sorted(described - present, key=str):
         problems.append(Problem(f"{name} instance {instance}", desc_at,
                                 "vmdesc describes a section the stream does not have"))  # fmt: skip
-    return CheckResult(sections, chunks, size, problems)
+    return CheckResult(sections, chunks, size, _damage(stream) + problems)
+
+
+_RANGES = 64  # lost ranges reported a block, at most (then how many more)
+
+
+def _damage(stream: QemuStream) -> list[Problem]:
+    """A salvaged stream's damage as problems: where it is, then what it took."""
+    damage = stream.layout.damage
+    if damage is None:
+        return []
+    lost = stream.metadata("salvage")
+    problems = [Problem(None, damage.offset, f"damaged: {damage.message}; the stream is "
+                        "intact before this offset, unknown after it")]  # fmt: skip
+    problems += [Problem(idstr, None, "section cut before its end: lost")
+                 for idstr in damage.lost_sections]  # fmt: skip
+    for entry in lost["lost_ram"]:
+        ranges = entry["ranges"]
+        problems += [Problem(entry["path"], None, f"RAM {lo:#x}-{hi:#x} lost to the damage", (lo, hi))
+                     for lo, hi in ranges[:_RANGES]]  # fmt: skip
+        if len(ranges) > _RANGES:
+            problems.append(Problem(entry["path"], None,
+                                    f"and {len(ranges) - _RANGES} more ranges lost"))  # fmt: skip
+    return problems

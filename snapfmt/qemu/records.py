@@ -159,6 +159,17 @@ class RamWalk:
                 self._last = block
                 return
 
+    def drop_past(self, size: int) -> None:
+        """A salvaging walk stopped: pages whose bytes would lie past *size* were not
+        sent whole, and become NOT_SENT (a cut stream's last record)."""
+        page = self.page_size
+        for block in self.blocks.values():
+            pages = block.pages
+            for index in range(len(pages) - 1, -1, -1):
+                if pages[index] > 0 and pages[index] + page > size:
+                    pages[index] = 0
+            # (records are checked before they are logged: an encoded step is whole)
+
     def _record(self, block: Block | None) -> tuple[Block | None, bool]:
         """One RAM record at the cursor, the careful way; returns (block, reached EOS)."""
         cur, page = self.cur, self.page_size

@@ -7,12 +7,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from snapfmt._io import FileReader
+from snapfmt._io import FileReader, json_dumps
 from snapfmt.errors import FormatError
 from snapfmt.formats.native import SectionKind
 from snapfmt.model import CheckResult, Configuration, DeviceState, SectionInfo, Snapshot
 from snapfmt.paths import Path
-from snapfmt.qemu.pagemap import count_sent
+from snapfmt.qemu.pagemap import NOT_SENT, count_sent, runs
 from snapfmt.qemu.paths import PathAssigner
 from snapfmt.qemu.ramblock import QemuRamBlock
 from snapfmt.qemu.records import Block
@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 
 
 POSTCOPY_RAM = "postcopy-ram"
+SALVAGE_DOCUMENT = "salvage"  # a damaged stream opened to salvage it: what is lost
 HOST_PAGE_SIZES = "host_page_sizes"  # configuration metadata: {RAM block id: page size}
 
 
@@ -37,16 +38,20 @@ class QemuStream(Snapshot):
         wrapper: Wrapper | None = None,
         origin: str | None = None,
         layout: StreamLayout | None = None,
+        salvage: bool = False,
     ) -> None:
         """The stream at *start* of *reader*, walked here unless its *layout* (the walk
-        of that same reader, perhaps done in another process) is given."""
+        of that same reader, perhaps done in another process) is given.  With *salvage*,
+        a damaged stream gives what is whole before the damage: its complete sections,
+        the RAM blocks some of whose pages came (pages that did not read as zero), and
+        a metadata document ``salvage`` saying where the damage is and what is lost."""
         self._io = reader
         self.file = reader.name
         self.origin = origin or reader.name
         self.wrapper = wrapper  # a libvirt image or compression the stream came inside
         if wrapper is not None and wrapper.kind == "libvirt":
             self.format_name = "libvirt"
-        self.layout = layout if layout is not None else walk(reader, start)
+        self.layout = layout if layout is not None else walk(reader, start, salvage)
         self.page_size = self.layout.page_size
         self._index()
 
@@ -78,16 +83,53 @@ class QemuStream(Snapshot):
                 self._layouts[s.section_id] = desc
             size = sum(n for _, n in s.spans)
             infos.append(SectionInfo(SectionKind.DEVICE, path, s.spans[0][0], size, size, size))
+        self._lost: list[dict[str, Any]] = []  # RAM lost to damage, for the salvage document
         for b in layout.blocks.values():
             path = names.ram_block(b.idstr)
             if path is None:
                 raise FormatError(f"two sections map to {names.mapper.fallback_ram_block(b.idstr)}",
                                   file=self.file, section=b.idstr)  # fmt: skip
+            if layout.damage is not None and self._lost_to_damage(path, b):
+                continue
             self._block_paths[path] = b
             self._sent[path] = count_sent(b.pages)
             stored = self._sent[path] * self.page_size
             infos.append(SectionInfo(SectionKind.RAM_BLOCK, path, 0, 0, b.length, stored))
+        if layout.damage is not None:
+            size = len(json_dumps(self._salvage()))
+            infos.append(SectionInfo(SectionKind.METADATA, SALVAGE_DOCUMENT, 0, 0, size, 0))
         self._infos = infos
+
+    def _lost_to_damage(self, path: str, b: Block) -> bool:
+        """Note what of block *b* the damage took: the whole block when no page of it
+        came (then it is left out: True), else the runs of pages that did not come.
+        (A mapped-ram bitmap's clear bits are zero pages, not lost ones; x-ignore-shared
+        sends no page of a shared block.)"""
+        if "x-ignore-shared" in self.layout.capabilities:
+            return False
+        if not len(b.pages):
+            self._lost.append({"path": path, "qemu_id": b.idstr, "ranges": [[0, b.length - 1]],
+                               "bytes": b.length})  # fmt: skip
+            return True
+        if "mapped-ram" in self.layout.capabilities:
+            return False
+        page = self.page_size
+        ranges = [[i * page, j * page - 1] for i, j, w in runs(b.pages, page + 8) if w == NOT_SENT]
+        if ranges:
+            self._lost.append({"path": path, "qemu_id": b.idstr, "ranges": ranges,
+                               "bytes": sum(hi - lo + 1 for lo, hi in ranges)})  # fmt: skip
+        return False
+
+    def _salvage(self) -> dict[str, Any]:
+        damage = self.layout.damage
+        assert damage is not None
+        return {
+            "damage": {"offset": damage.offset, "message": damage.message},
+            "lost_sections": list(damage.lost_sections),
+            "lost_ram": self._lost,
+            "note": "the stream is intact before the damage; sections it held after it "
+                    "are unknown, lost RAM pages read as zero",
+        }  # fmt: skip
 
     @property
     def configuration(self) -> Configuration:
@@ -140,6 +182,8 @@ class QemuStream(Snapshot):
         return QemuRamBlock(self._io, path, block, self._sent[key], self.page_size)
 
     def metadata(self, name: str) -> Any:
+        if name == SALVAGE_DOCUMENT and self.layout.damage is not None:
+            return self._salvage()
         raise KeyError(name)
 
     def aliases(self) -> dict[str, Path]:

@@ -40,6 +40,15 @@ class Section(NamedTuple):
     spans: list[tuple[int, int]]
 
 
+class Damage(NamedTuple):
+    """Where a salvaging walk stopped: the stream is intact before *offset*; what is
+    lost past it is unknown but for the sections already started there."""
+
+    offset: int
+    message: str  # what was wrong there
+    lost_sections: tuple[str, ...]  # id strings of sections started but not complete
+
+
 class StreamLayout(NamedTuple):
     """What a walk found: everything a Snapshot needs, no open file."""
 
@@ -54,6 +63,7 @@ class StreamLayout(NamedTuple):
     vmdesc: dict[str, Any] | None
     vmdesc_offset: int | None
     postcopy: int | None = None  # POSTCOPY_ADVISE's page-size summary; -1: its short form
+    damage: Damage | None = None  # a salvaging walk's stop, when the stream is damaged
 
 
 class Cursor:
@@ -123,14 +133,18 @@ class Cursor:
         return self.take(1)[0]
 
 
-def walk(reader: FileReader, start: int = 0) -> StreamLayout:
-    """The layout of the stream that starts at *start* of *reader*."""
-    return _Walk(reader, start).run()
+def walk(reader: FileReader, start: int = 0, salvage: bool = False) -> StreamLayout:
+    """The layout of the stream that starts at *start* of *reader*.  With *salvage*, a
+    stream damaged or cut past its header gives the layout of what came before the
+    damage, and says where it is (StreamLayout.damage), instead of an error."""
+    return _Walk(reader, start, salvage).run()
 
 
 class _Walk:
-    def __init__(self, reader: FileReader, start: int) -> None:
+    def __init__(self, reader: FileReader, start: int, salvage: bool = False) -> None:
         self.io, self.file, self.base = reader, reader.name, start
+        self.salvage = salvage
+        self.ended: set[int] = set()  # iterative sections whose END came
         self.cur = Cursor(reader, start)
         self.machine, self.page_size, self.uuid = "", 4096, None
         self.capabilities: tuple[str, ...] = ()
@@ -154,14 +168,39 @@ class _Walk:
                 found=header.version,
                 expected=qf.VERSION,
             )
-        self._sections()
-        vmdesc, vmdesc_offset = self._after_eof()
+        damage = None
+        try:
+            self._sections()
+            vmdesc, vmdesc_offset = self._after_eof()
+        except UnsupportedError:
+            raise
+        except FormatError as e:
+            if not self.salvage:
+                raise
+            vmdesc, vmdesc_offset = None, None
+            damage = self._salvaged(e)
         ram = self.ram or self._ram_walk()
         return StreamLayout(
             self.machine, self.page_size, self.capabilities, self.uuid,
             list(self.sections.values()), ram.blocks, self.commands, self.footers,
-            vmdesc, vmdesc_offset, self.postcopy,
+            vmdesc, vmdesc_offset, self.postcopy, damage,
         )  # fmt: skip
+
+    def _salvaged(self, error: FormatError) -> Damage:
+        """After *error*: keep what is whole.  Device sections whose payload did not end
+        (and iterative ones whose END never came) are dropped and named as lost; a page
+        whose record was cut is not sent."""
+        lost = []
+        for section_id, section in list(self.sections.items()):
+            if section.idstr == "ram":
+                continue
+            if not section.spans or (section.iterative and section_id not in self.ended):
+                lost.append(section.idstr)
+                del self.sections[section_id]
+        if self.ram is not None:
+            self.ram.drop_past(self.io.size)
+        offset = error.offset if error.offset is not None else self.cur.pos
+        return Damage(offset, error.detail, tuple(lost))
 
     def _ram_walk(self) -> RamWalk:
         return RamWalk(self.cur, self.page_size, self.capabilities)
@@ -234,6 +273,8 @@ class _Walk:
             self.cur.pos = at
             raise self.cur.error("PART/END for a section that has no START", found=section_id)
         self._payload(section)
+        if self.io.pread(at, 1, "section type")[0] == qf.SectionType.END:
+            self.ended.add(section_id)
 
     def _payload(self, section: Section) -> None:
         cur = self.cur
@@ -388,9 +429,10 @@ class _Walk:
                 "vmdesc is not valid JSON", file=self.file, offset=at, found=str(e)[:80]
             ) from None
         if not isinstance(desc, dict) or not isinstance(desc.get("devices", []), list):
-            raise FormatError(
-                "vmdesc is not an object with a device list", file=self.file, offset=at
-            )
+            where = "$" if not isinstance(desc, dict) else "$.devices"
+            raise FormatError(f"vmdesc is not an object with a device list ({where}: "
+                              "expected " + ("an object" if where == "$" else "a list") + ")",
+                              file=self.file, offset=at)  # fmt: skip
         if at + length != size:
             cur.pos = at + length
             raise cur.error("bytes after the vmdesc", found=f"{size - at - length} bytes")
