@@ -5,8 +5,9 @@
 Each case mutates a seed file (the samples: native, QEMU streams plain and compressed,
 a postcopy stream) -- bits flipped, bytes set to edge values, a cut, a piece deleted,
 repeated or spliced in from another seed -- and runs every reading command on it: info,
-dump (text and JSON), verify, diff against its seed, extract --all, convert, memory
-(the map, a read, an ELF core), validate.  A command may succeed or refuse the input; it must not
+dump (text and JSON), verify, diff against its seed, extract --all and convert (each
+also with --salvage), memory (the map, a read, an ELF core), validate.  A command may
+succeed or refuse the input; it must not
 
 - raise anything but a clean exit (the CLI turns SnapfmtError into one line and exit 2),
 - print a refusal of more than one line,
@@ -157,7 +158,10 @@ def commands(case: Path, seed: Path, work: Path, description: Path) -> Iterator[
     out = work / "out"
     shutil.rmtree(out, ignore_errors=True)
     yield ["extract", str(case), "--all", "-d", str(out), "-q"]
+    shutil.rmtree(out, ignore_errors=True)
+    yield ["extract", str(case), "--all", "-d", str(out), "-q", "--salvage"]
     yield ["convert", str(case), str(work / "converted"), "-q"]
+    yield ["convert", str(case), str(work / "salvaged"), "-q", "--salvage"]
     yield ["memory", str(case)]
     yield ["memory", str(case), "--read", "0xffff0", "--length", "64"]
     yield ["memory", str(case), "--elf", str(work / "converted.elf"), "-q"]
@@ -264,7 +268,7 @@ def main() -> int:
                 kept.write_bytes(data)
                 print(f"FAIL {kept.name}: snapfmt {' '.join(argv[:1])}: {problem}", file=sys.stderr)
                 break
-            for leftover in work.glob("converted*"):
+            for leftover in [*work.glob("converted*"), *work.glob("salvaged*")]:
                 leftover.unlink()
     print(f"fuzz: seed {seed_value}, {cases} inputs, {commands_run} commands, "
           f"{failures} failures in {args.seconds:.0f} s")  # fmt: skip

@@ -229,8 +229,10 @@ def test_a_cut_native_file_keeps_the_sections_before_the_cut(
     assert info.code == 1 and "damaged at offset" in info.out
     assert run("verify", target).code == 1
     out = tmp_path / "salvaged.snap"
-    assert run("convert", target, out, "--salvage", "-q").code == 1
+    assert run("convert", target, out, "--to", "native", "--salvage", "-q").code == 1
     assert run("verify", out).code == 0
+    with snapfmt.open(out) as salvaged:
+        assert "the index is lost" in salvaged.metadata("salvage")["note"]
 
 
 def test_a_native_file_cut_in_its_header_is_not_salvaged(tmp_path: Path, run: Run) -> None:
@@ -238,3 +240,37 @@ def test_a_native_file_cut_in_its_header_is_not_salvaged(tmp_path: Path, run: Ru
     target.write_bytes(NATIVE.read_bytes()[:40])
     result = run("info", target)
     assert result.code == 2 and result.err.count("\n") == 1
+
+
+def test_a_bad_chunk_is_salvaged_as_zeros_and_named(tmp_path: Path, run: Run) -> None:
+    """A native file whose index is whole but one chunk is damaged: extract and convert
+    refuse it; with --salvage they keep everything else, the chunk as zeros, and say so
+    (the native output carries it in its salvage document)."""
+    from snapfmt.paths import Path as DevPath
+
+    ram = DevPath.parse("/pc.ram")
+    with snapfmt.open(NATIVE) as whole:
+        block = whole.ram_block(ram)
+        chunk = [c for c in block.chunks() if c.stored_length > 0][1]
+        original = block.read(0, block.length)
+    data = bytearray(NATIVE.read_bytes())
+    data[chunk.file_offset + chunk.stored_length // 2] ^= 0x55
+    target = tmp_path / "flip.snap"
+    target.write_bytes(bytes(data))
+    assert run("extract", target, "--all", "-d", tmp_path / "plain", "-q").code == 2
+    result = run("extract", target, "--all", "-d", tmp_path / "out", "-q", "--salvage")
+    assert result.code == 1
+    span = f"{chunk.offset:#x}-{chunk.offset + chunk.length - 1:#x}"
+    assert f"snapfmt: salvaged: lost RAM /pc.ram: {chunk.length} bytes ({span})" in result.err
+    got = (tmp_path / "out" / "sections" / "pc.ram.bin").read_bytes()
+    lo, hi = chunk.offset, chunk.offset + chunk.length
+    assert got[:lo] == original[:lo] and got[hi:] == original[hi:]
+    assert got[lo:hi] == bytes(chunk.length)
+    out = tmp_path / "salvaged.snap"
+    assert run("convert", target, out, "--to", "native", "--salvage", "-q").code == 1
+    assert run("verify", out).code == 0
+    with snapfmt.open(out) as snap:
+        lost = snap.metadata("salvage")["lost_ram"]
+        assert lost == [{"path": "/pc.ram", "qemu_id": None, "ranges": [[lo, hi - 1]],
+                         "bytes": chunk.length}]  # fmt: skip
+        assert snap.ram_block(ram).read(0, lo) == original[:lo]

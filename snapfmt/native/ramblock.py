@@ -371,11 +371,21 @@ class NativeRamBlock(RamBlock):
         return out
 
     def _fill(self, batch: list[ChunkInfo], out: memoryview) -> None:
-        """Decode consecutive chunks into *out*, checking each against its hash."""
+        """Decode consecutive chunks into *out*, checking each against its hash.  A
+        snapshot opened to salvage it gets a bad chunk as zeros, noted in its lost
+        chunks, rather than an error."""
         codec = self._codec()
         first = batch[0].offset
         for c, src in self._sources(batch):
-            self._decode(codec, c, src, out[c.offset - first : c.offset - first + c.length])
+            dest = out[c.offset - first : c.offset - first + c.length]
+            if not self._snap.salvaging:
+                self._decode(codec, c, src, dest)
+                continue
+            try:
+                self._decode(codec, c, src, dest)
+            except FormatError as e:
+                dest[:] = bytes(c.length)
+                self._snap.lost_chunks.append((str(self.path), c.offset, c.length, e.detail))
 
     def _batches(self, first: int, last: int) -> Iterator[list[ChunkInfo]]:
         per = max(1, BATCH_BYTES // self.chunk_size)

@@ -9,6 +9,8 @@ from snapfmt.errors import SnapfmtError, WriteError
 from snapfmt.formats.native import SectionKind
 from snapfmt.model import Snapshot
 from snapfmt.native.writer import Writer
+from snapfmt.ops import inspect
+from snapfmt.qemu.snapshot import SALVAGE_DOCUMENT
 from snapfmt.qemu.writer import write_qemu
 
 FORMATS = ("native", "qemu", "libvirt")
@@ -62,6 +64,9 @@ def to_native(
                                 progress=progress)  # fmt: skip
             elif section.kind == SectionKind.METADATA and not _own_parent(snap, section.key):
                 w.add_metadata(section.key, snap.metadata(section.key))
+        damage = inspect.damage(snap)  # (known once everything was read)
+        if damage is not None and not _has_document(snap, SALVAGE_DOCUMENT):
+            w.add_metadata(SALVAGE_DOCUMENT, damage)
         wrapper = snap.wrapper
         if wrapper is not None and wrapper.domain_xml is not None and not _has_document(snap):
             # a libvirt save image's domain, kept: `convert --to libvirt` writes it back
@@ -94,8 +99,8 @@ def read_xml(path: str) -> str:
         raise SnapfmtError(f"{path}: offset {e.start:#x}: the domain XML is not UTF-8") from None
 
 
-def _has_document(snap: Snapshot) -> bool:
-    return any(s.kind == SectionKind.METADATA and s.key == LIBVIRT_DOCUMENT for s in snap.sections)
+def _has_document(snap: Snapshot, name: str = LIBVIRT_DOCUMENT) -> bool:
+    return any(s.kind == SectionKind.METADATA and s.key == name for s in snap.sections)
 
 
 def _domain(snap: Snapshot, xml: str | None, target: str) -> tuple[str, bool]:

@@ -91,21 +91,42 @@ def damage(snap: Snapshot) -> dict[str, Any] | None:
     if isinstance(snap, QemuStream) and snap.layout.damage is not None:
         document: dict[str, Any] = snap.metadata(SALVAGE_DOCUMENT)
         return document
-    if isinstance(snap, NativeSnapshot) and snap.damage is not None:
-        offset, message = snap.damage
-        return {"damage": {"offset": offset, "message": message}, "lost_sections": [],
-                "lost_ram": [], "note": "the index is lost: sections found again front to "
-                "back; what the file held after the damage is unknown; metadata documents "
-                "are named recovered-N"}  # fmt: skip
+    if isinstance(snap, NativeSnapshot) and (snap.damage is not None or snap.lost_chunks):
+        return _native_damage(snap)
     return None
+
+
+def _native_damage(snap: Any) -> dict[str, Any]:
+    """A salvaged native file's document: the index lost (where the salvage stopped),
+    and the chunks reads found bad (zeros in their place)."""
+    lost: dict[str, list[list[int]]] = {}
+    for path, offset, length, _ in sorted(set(snap.lost_chunks)):
+        lost.setdefault(path, []).append([offset, offset + length - 1])
+    ram = [{"path": p, "qemu_id": None, "ranges": r, "bytes": sum(b - a + 1 for a, b in r)}
+           for p, r in lost.items()]  # fmt: skip
+    notes = []
+    if snap.damage is not None:
+        offset, message = snap.damage
+        notes.append("the index is lost: sections found again front to back; what the file "
+                     "held after the damage is unknown; metadata documents are named recovered-N")  # fmt: skip
+    else:
+        first = min(snap.lost_chunks)
+        count = len(set(snap.lost_chunks))
+        offset, message = 0, (f"{count} chunk{'s' if count != 1 else ''} did not decode to "
+                              f"their hashes (first: {first[0]} at {first[1]:#x}: {first[3]})")  # fmt: skip
+    if snap.lost_chunks:
+        notes.append("chunks that did not match their hashes read as zero")
+    return {"damage": {"offset": offset, "message": message}, "lost_sections": [],
+            "lost_ram": ram, "note": "; ".join(notes)}  # fmt: skip
 
 
 def damage_lines(document: dict[str, Any], show: Any = str) -> list[str]:
     """What a salvage document says, a line each: where the damage is, then what is lost
     (paths as *show* makes them)."""
     where = document["damage"]
-    lines = [f"damaged at offset {where['offset']:#x}: {where['message']}; "
-             "intact before it, unknown after it"]  # fmt: skip
+    lines = [f"damaged at offset {where['offset']:#x}: {where['message']}"]
+    if document.get("note"):
+        lines.append(f"({document['note']})")
     for idstr in document["lost_sections"]:
         lines.append(f"lost section {idstr}: cut before its end")
     for entry in document["lost_ram"]:
