@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import io
 import mmap
+import struct
 from typing import Any, NamedTuple
 
 import construct
@@ -129,7 +130,7 @@ def _device(reader: FileReader, pos: int, paths: set[str]) -> SectionInfo | None
         try:
             if not isinstance(json_loads(head.layout.encode()), dict):
                 return None
-        except ValueError:
+        except (ValueError, RecursionError):
             return None
     return _info(reader, nf.SectionKind.DEVICE, head.path, pos, end + head.state_length,
                  head.state_length)  # fmt: skip
@@ -142,7 +143,7 @@ def _metadata(reader: FileReader, pos: int, name: str) -> SectionInfo | None:
     value, end = parsed
     try:
         json_loads(value.document.encode())
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
     return _info(reader, nf.SectionKind.METADATA, name, pos, end, len(value.document.encode()))
 
@@ -185,7 +186,17 @@ def _head_ends(view: Any, entry_at: int, pos: int) -> list[int]:
 
 def _descriptor_ending(reader: FileReader, view: Any, end: int, pos: int,
                        paths: set[str]) -> SectionInfo | None:  # fmt: skip
-    """A descriptor whose head ends at *end*: its two strings found backwards."""
+    """A descriptor whose head ends at *end*: its two strings found backwards, once the
+    fixed fields before *end* are what a head holds (cheap: most candidates stop here)."""
+    if end - 24 < pos:
+        return None
+    length, page, chunk, count = struct.unpack_from("<QIIQ", view, end - 24)
+    if (
+        not nf.MIN_PAGE_SIZE <= page <= nf.MAX_PAGE_SIZE or page & (page - 1)
+        or not nf.MIN_CHUNK_SIZE <= chunk <= nf.MAX_CHUNK_SIZE or chunk & (chunk - 1)
+        or count != -(-length // chunk)
+    ):  # fmt: skip
+        return None
     low = max(pos, end - 24 - _LOOKBACK)
     for qlen in range(0, end - 24 - 2 - low + 1):
         q_at = end - 24 - qlen - 2

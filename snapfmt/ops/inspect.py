@@ -86,7 +86,11 @@ def damage(snap: Snapshot) -> dict[str, Any] | None:
     """The salvage document of a damaged stream opened to salvage it (where the damage
     is, what is lost), or None for a whole file."""
     from snapfmt.native.reader import NativeSnapshot
+    from snapfmt.ops.supplied import Supplied
     from snapfmt.qemu.snapshot import SALVAGE_DOCUMENT, QemuStream
+
+    if isinstance(snap, Supplied):  # (blocks read from files: the file's damage stands)
+        snap = snap.inner
 
     if isinstance(snap, QemuStream) and snap.layout.damage is not None:
         document: dict[str, Any] = snap.metadata(SALVAGE_DOCUMENT)

@@ -105,9 +105,9 @@ class QemuStream(Snapshot):
         came (then it is left out: True), else the runs of pages that did not come.
         (A mapped-ram bitmap's clear bits are zero pages, not lost ones; x-ignore-shared
         sends no page of a shared block.)"""
-        if "x-ignore-shared" in self.layout.capabilities:
-            return False
         if not len(b.pages):
+            if "x-ignore-shared" in self.layout.capabilities:
+                return False  # (a shared block: its pages were never to be sent)
             self._lost.append({"path": path, "qemu_id": b.idstr, "ranges": [[0, b.length - 1]],
                                "bytes": b.length})  # fmt: skip
             return True
