@@ -424,3 +424,42 @@ def test_run_length_equals_its_plain_version(
             buf[record * step + byte] ^= 0x40
     fast = perf_runs.run_length(buf, 0, word, PAGE, step, limit)
     assert fast == perf_runs.run_length_plain(buf, 0, word, PAGE, step, limit)
+
+
+@pytest.mark.parametrize("resent", [0, 1, 2, 60, 99])
+def test_a_cut_resent_page_keeps_the_copy_sent_before(tmp_path: Path, resent: int) -> None:
+    """A stream cut inside a page it sends a second time (the first record of a
+    section, the first few of a run, inside a run, the last): salvaged, that page is
+    its earlier copy, the pages re-sent before it their new copies, those after their
+    old ones; nothing is lost, since every page came whole once."""
+    first = [("pc.ram", i, i + 1) for i in range(100)]
+    again = [("pc.ram", i, 1000 + i) for i in range(100)]
+    data = build({"pc.ram": 100}, [first, again])
+    cut = data.index(_page(1000 + resent)) + 100
+    target = tmp_path / "cut.mig"
+    target.write_bytes(data[:cut])
+    with snapfmt.open(target, salvage=True) as stream:
+        block = stream.ram_block(DevPath.of("pc.ram"))
+        for index, tag in ((resent, resent + 1), (max(resent - 1, 0), None), (99, 100)):
+            if tag is None:  # the page re-sent just before the cut
+                tag = 1000 + index if index < resent else index + 1
+            assert block.read(index * PAGE, PAGE) == _page(tag), index
+        assert stream.metadata("salvage")["lost_ram"] == []
+
+
+@pytest.mark.parametrize("ended", [True, False])
+def test_pages_never_sent_are_lost_only_if_the_ram_section_did_not_end(
+    tmp_path: Path, ended: bool
+) -> None:
+    """A stream whose RAM section sends 6 of 10 pages: cut after its END (before the EOF
+    byte), the 4 others are zero as QEMU would load them, not lost; cut before its END,
+    they are lost."""
+    data = build({"pc.ram": 10}, [[("pc.ram", i, i + 1) for i in range(6)]])
+    cut = len(data) - 1 if ended else data.rindex(b"\x03\x00\x00\x00\x01")
+    target = tmp_path / "cut.mig"
+    target.write_bytes(data[:cut])
+    with snapfmt.open(target, salvage=True) as stream:
+        lost = stream.metadata("salvage")["lost_ram"]
+        assert stream.ram_block(DevPath.of("pc.ram")).read(7 * PAGE, PAGE) == bytes(PAGE)
+    assert lost == ([] if ended else [{"path": "/pc.ram", "qemu_id": "pc.ram",
+                                       "ranges": [[6 * PAGE, 10 * PAGE - 1]], "bytes": 4 * PAGE}])  # fmt: skip

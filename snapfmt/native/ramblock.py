@@ -364,28 +364,35 @@ class NativeRamBlock(RamBlock):
             else:
                 dest = bytearray(c.length)
                 pool[i : i + 1] = [dest]
-            self._decode(codec, c, self._read_at(c.file_offset, c.stored_length), memoryview(dest))
+            self._checked(codec, c, None, memoryview(dest))
             out.append(dest)
         if reuse:
             self._local.decoded = pool
         return out
 
     def _fill(self, batch: list[ChunkInfo], out: memoryview) -> None:
-        """Decode consecutive chunks into *out*, checking each against its hash.  A
-        snapshot opened to salvage it gets a bad chunk as zeros, noted in its lost
-        chunks, rather than an error."""
+        """Decode consecutive chunks into *out*, checking each against its hash."""
         codec = self._codec()
         first = batch[0].offset
-        for c, src in self._sources(batch):
-            dest = out[c.offset - first : c.offset - first + c.length]
+        sources = self._sources(batch) if not self._snap.salvaging else ((c, None) for c in batch)
+        for c, src in sources:
+            self._checked(codec, c, src, out[c.offset - first : c.offset - first + c.length])
+
+    def _checked(
+        self, codec: ChunkCodec, c: ChunkInfo, src: memoryview | None, dest: memoryview
+    ) -> None:
+        """Decode chunk *c* (its stored bytes *src*, or read here) into *dest*.  A
+        snapshot opened to salvage it gets a bad or cut chunk as zeros, noted in its lost
+        chunks, rather than an error."""
+        try:
+            if src is None:
+                src = self._read_at(c.file_offset, c.stored_length)
+            self._decode(codec, c, src, dest)
+        except FormatError as e:
             if not self._snap.salvaging:
-                self._decode(codec, c, src, dest)
-                continue
-            try:
-                self._decode(codec, c, src, dest)
-            except FormatError as e:
-                dest[:] = bytes(c.length)
-                self._snap.lost_chunks.append((str(self.path), c.offset, c.length, e.detail))
+                raise
+            dest[:] = bytes(c.length)
+            self._snap.lost_chunks.add((str(self.path), c.offset, c.length, e.detail))
 
     def _batches(self, first: int, last: int) -> Iterator[list[ChunkInfo]]:
         per = max(1, BATCH_BYTES // self.chunk_size)

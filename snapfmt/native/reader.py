@@ -50,7 +50,7 @@ class NativeSnapshot(Snapshot):
         self.depth = 0  # how far down a chain of deltas this file was opened
         self.damage: tuple[int, str] | None = None  # (offset, why) of a salvaged file
         self.salvaging = salvage  # reads give a bad chunk as zeros, noted in lost_chunks
-        self.lost_chunks: list[tuple[str, int, int, str]] = []  # (path, offset, length, why)
+        self.lost_chunks: set[tuple[str, int, int, str]] = set()  # (path, offset, length, why)
         self._by_key: dict[tuple[int, str], SectionInfo] = {}
         self._read_header()
         try:

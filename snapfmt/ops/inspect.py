@@ -104,7 +104,7 @@ def _native_damage(snap: Any) -> dict[str, Any]:
     """A salvaged native file's document: the index lost (where the salvage stopped),
     and the chunks reads found bad (zeros in their place)."""
     lost: dict[str, list[list[int]]] = {}
-    for path, offset, length, _ in sorted(set(snap.lost_chunks)):
+    for path, offset, length, _ in sorted(snap.lost_chunks):
         lost.setdefault(path, []).append([offset, offset + length - 1])
     ram = [{"path": p, "qemu_id": None, "ranges": r, "bytes": sum(b - a + 1 for a, b in r)}
            for p, r in lost.items()]  # fmt: skip
@@ -115,11 +115,11 @@ def _native_damage(snap: Any) -> dict[str, Any]:
                      "held after the damage is unknown; metadata documents are named recovered-N")  # fmt: skip
     else:
         first = min(snap.lost_chunks)
-        count = len(set(snap.lost_chunks))
-        offset, message = 0, (f"{count} chunk{'s' if count != 1 else ''} did not decode to "
-                              f"their hashes (first: {first[0]} at {first[1]:#x}: {first[3]})")  # fmt: skip
+        count = len(snap.lost_chunks)
+        offset, message = 0, (f"{count} chunk{'s' if count != 1 else ''} did not decode "
+                              f"whole (first: {first[0]} at {first[1]:#x}: {first[3]})")  # fmt: skip
     if snap.lost_chunks:
-        notes.append("chunks that did not match their hashes read as zero")
+        notes.append("chunks that were cut or did not match their hashes read as zero")
     return {"damage": {"offset": offset, "message": message}, "lost_sections": [],
             "lost_ram": ram, "note": "; ".join(notes)}  # fmt: skip
 

@@ -118,9 +118,6 @@ class RamWalk:
         end = base + len(buf)
         expect, streak, probe = -1, 0, _RUN_MIN
         while True:
-            if pos > size:  # the last page record went past the end of the file
-                self.cur.pos = size
-                raise self.cur.error("stream ends inside the RAM section", section="ram")
             if (pos + 9 > end or pos < base) and pos + 9 <= size:
                 # (a mapped-ram block list may move the stream on, or back)
                 buf, base = self._windows.cover(pos, 9)
@@ -130,15 +127,17 @@ class RamWalk:
             flags = word & mask
             if word >= 0 and (flags == _WHOLE or (flags == _ZERO and buf[pos - base + 8] == 0)):
                 index = word >> shift
-                if index < len(pages):
+                step = 8 + page if flags == _WHOLE else 9
+                if index < len(pages) and pos + step <= size:  # (a cut page: the careful path)
                     streak = streak + 1 if word == expect else 0
-                    step = 8 + page if flags == _WHOLE else 9
                     if streak < _STREAK:
                         pages[index] = pos + 8 if flags == _WHOLE else ZERO_PAGE
                         pos += step
                         expect = word + page
                         continue
-                    limit = min(probe, len(pages) - index, (end - pos - 9) // step + 1)
+                    limit = min(
+                        probe, len(pages) - index, (end - pos - 9) // step + 1, (size - pos) // step
+                    )  # (headers in the window, pages in the file)
                     count = run_length(buf, pos - base, word, page, step, limit)
                     if flags == _WHOLE:
                         where = progression(pos + 8, step, count, 8, sys.byteorder)
@@ -158,17 +157,6 @@ class RamWalk:
             if done:
                 self._last = block
                 return
-
-    def drop_past(self, size: int) -> None:
-        """A salvaging walk stopped: pages whose bytes would lie past *size* were not
-        sent whole, and become NOT_SENT (a cut stream's last record)."""
-        page = self.page_size
-        for block in self.blocks.values():
-            pages = block.pages
-            for index in range(len(pages) - 1, -1, -1):
-                if pages[index] > 0 and pages[index] + page > size:
-                    pages[index] = 0
-            # (records are checked before they are logged: an encoded step is whole)
 
     def _record(self, block: Block | None) -> tuple[Block | None, bool]:
         """One RAM record at the cursor, the careful way; returns (block, reached EOS)."""
@@ -220,11 +208,11 @@ class RamWalk:
                 raise cur.error("zero page with a non-zero fill byte", section="ram", found=fill)
             block.pages[index] = ZERO_PAGE
         elif kind == qf.RamFlag.PAGE:
-            block.pages[index] = cur.pos
-            cur.pos += page
-            if cur.pos > self.io.size:
+            if cur.pos + page > self.io.size:  # (checked first: the page's earlier copy stays)
                 cur.pos = self.io.size  # where the file ends
                 raise cur.error("stream ends inside a RAM page", section="ram")
+            block.pages[index] = cur.pos
+            cur.pos += page
         else:
             self._encoded(block, index, kind)
         return block, False

@@ -105,6 +105,9 @@ class QemuStream(Snapshot):
         came (then it is left out: True), else the runs of pages that did not come.
         (A mapped-ram bitmap's clear bits are zero pages, not lost ones; x-ignore-shared
         sends no page of a shared block.)"""
+        damage = self.layout.damage
+        if damage is not None and damage.ram_ended:
+            return False  # (RAM came whole before the damage: a page not sent is zero)
         if not len(b.pages):
             if "x-ignore-shared" in self.layout.capabilities:
                 return False  # (a shared block: its pages were never to be sent)

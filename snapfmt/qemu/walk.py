@@ -47,6 +47,7 @@ class Damage(NamedTuple):
     offset: int
     message: str  # what was wrong there
     lost_sections: tuple[str, ...]  # id strings of sections started but not complete
+    ram_ended: bool = False  # the RAM section's END came before: no page of it is lost
 
 
 class StreamLayout(NamedTuple):
@@ -188,8 +189,9 @@ class _Walk:
 
     def _salvaged(self, error: FormatError) -> Damage:
         """After *error*: keep what is whole.  Device sections whose payload did not end
-        (and iterative ones whose END never came) are dropped and named as lost; a page
-        whose record was cut is not sent."""
+        (and iterative ones whose END never came) are dropped and named as lost.  (A
+        page record is stored only once its bytes are found whole: a cut one is not.)"""
+        ram_ended = any(s.idstr == "ram" for i, s in self.sections.items() if i in self.ended)
         lost = []
         for section_id, section in list(self.sections.items()):
             if section.idstr == "ram":
@@ -197,10 +199,8 @@ class _Walk:
             if not section.spans or (section.iterative and section_id not in self.ended):
                 lost.append(section.idstr)
                 del self.sections[section_id]
-        if self.ram is not None:
-            self.ram.drop_past(self.io.size)
         offset = error.offset if error.offset is not None else self.cur.pos
-        return Damage(offset, error.detail, tuple(lost))
+        return Damage(offset, error.detail, tuple(lost), ram_ended)
 
     def _ram_walk(self) -> RamWalk:
         return RamWalk(self.cur, self.page_size, self.capabilities)
