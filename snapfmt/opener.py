@@ -35,7 +35,9 @@ def open_snapshot(path: str | os.PathLike[str], salvage: bool = False) -> Snapsh
     """Open a snapshot file of any readable format (detected from its first bytes): the
     native container, a QEMU stream, a libvirt save image, or a QEMU stream compressed
     whole with gzip, bzip2, xz or zstd.  *salvage*: a damaged or cut QEMU stream opens
-    as what is whole before the damage (snapfmt.qemu.snapshot.QemuStream)."""
+    as what is whole before the damage (snapfmt.qemu.snapshot.QemuStream), a native
+    file whose index is lost as the sections found again front to back, and a native
+    chunk that does not decode reads as zeros, named (snapfmt.native.reader)."""
     name = os.fspath(path)
     try:
         reader = FileReader(name)

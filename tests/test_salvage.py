@@ -274,3 +274,36 @@ def test_a_bad_chunk_is_salvaged_as_zeros_and_named(tmp_path: Path, run: Run) ->
         assert lost == [{"path": "/pc.ram", "qemu_id": None, "ranges": [[lo, hi - 1]],
                          "bytes": chunk.length}]  # fmt: skip
         assert snap.ram_block(ram).read(0, lo) == original[:lo]
+
+
+def test_a_salvaged_file_damaged_again_says_both_losses(tmp_path: Path, run: Run) -> None:
+    """A native file that convert --salvage made from a cut stream, with a chunk damaged
+    since: salvaged again, its salvage document says the new loss and keeps the earlier
+    one whole ("earlier"); converted with no new damage, the document is kept as it was."""
+    cut = tmp_path / "cut.mig"
+    data = SAMPLE.read_bytes()
+    cut.write_bytes(data[: len(data) * 2 // 3])
+    first = tmp_path / "first.snap"
+    assert run("convert", cut, first, "--to", "native", "--salvage", "-q").code == 1
+    with snapfmt.open(first) as snap:
+        earlier = snap.metadata("salvage")
+        block = max(snap.ram_blocks(), key=lambda b: b.length)
+        chunk = next(c for c in block.chunks() if c.stored_length > 0)  # type: ignore[attr-defined]
+    again = tmp_path / "again.snap"
+    assert run("convert", first, again, "--to", "native", "-q").code == 0
+    with snapfmt.open(again) as snap:
+        assert snap.metadata("salvage") == earlier
+    damaged = bytearray(first.read_bytes())
+    damaged[chunk.file_offset + chunk.stored_length // 2] ^= 0x55
+    (tmp_path / "damaged.snap").write_bytes(bytes(damaged))
+    second = tmp_path / "second.snap"
+    assert (
+        run("convert", tmp_path / "damaged.snap", second, "--to", "native", "--salvage", "-q").code
+        == 1
+    )
+    with snapfmt.open(second) as snap:
+        document = snap.metadata("salvage")
+    assert document["earlier"] == earlier
+    assert [e["ranges"] for e in document["lost_ram"]] == [
+        [[chunk.offset, chunk.offset + chunk.length - 1]]
+    ]

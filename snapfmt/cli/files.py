@@ -28,13 +28,14 @@ from snapfmt.ops import inspect
 salvage_option = click.option(
     "--salvage",
     is_flag=True,
-    help="Keep what is whole in a damaged or cut QEMU stream; say what is lost (exit 1).",
+    help="Keep what is whole in a damaged or cut file (a QEMU stream, a native file); "
+    "say what is lost (exit 1).",
 )
 
 
 def open_or_salvage(file: str) -> Snapshot:
-    """*file* opened; a QEMU stream too damaged to open is opened to salvage it (what is
-    whole before the damage, inspect.damage says where it is).  Any other file that
+    """*file* opened; a stream or native file too damaged to open is opened to salvage
+    it (what is whole before the damage, inspect.damage says where it is).  Any other file that
     cannot be opened raises as open_snapshot does."""
     try:
         return open_snapshot(file)
@@ -82,8 +83,8 @@ def info(file: str, as_json: bool) -> int:
     """Summary and section table: path, kind, driver, version, sizes.
 
     Reads only the index and the small device sections, whatever the file's size.  A
-    damaged or cut QEMU stream is shown as what is whole before the damage, with where
-    the damage is and what is lost (exit 1).
+    damaged or cut file (a QEMU stream or a native file) is shown as what is whole
+    before the damage, with where the damage is and what is lost (exit 1).
 
     \b
     Example:

@@ -62,16 +62,26 @@ def to_native(
                                 # again: the same file)
                                 chunk_size=block.chunk_size if native else None,
                                 progress=progress)  # fmt: skip
-            elif section.kind == SectionKind.METADATA and not _own_parent(snap, section.key):
+            elif section.kind == SectionKind.METADATA and _copied(snap, section.key):
                 w.add_metadata(section.key, snap.metadata(section.key))
         damage = inspect.damage(snap)  # (known once everything was read)
-        if damage is not None and not _has_document(snap, SALVAGE_DOCUMENT):
-            w.add_metadata(SALVAGE_DOCUMENT, damage)
+        earlier = snap.metadata(SALVAGE_DOCUMENT) if _has_document(snap, SALVAGE_DOCUMENT) else None
+        if damage is not None and earlier is not None and damage != earlier:
+            # a file salvaged before and damaged since: both losses are said
+            damage = {**damage, "earlier": earlier}
+        if damage is not None or earlier is not None:
+            w.add_metadata(SALVAGE_DOCUMENT, damage if damage is not None else earlier)
         wrapper = snap.wrapper
         if wrapper is not None and wrapper.domain_xml is not None and not _has_document(snap):
             # a libvirt save image's domain, kept: `convert --to libvirt` writes it back
             w.add_metadata(LIBVIRT_DOCUMENT, {"domain_xml": wrapper.domain_xml,
                                               "was_running": bool(wrapper.was_running)})  # fmt: skip
+
+
+def _copied(snap: Snapshot, name: str) -> bool:
+    """Whether metadata document *name* is copied as it is (a salvage document is
+    written after everything else is read, with any new damage)."""
+    return name != SALVAGE_DOCUMENT and not _own_parent(snap, name)
 
 
 def _own_parent(snap: Snapshot, name: str) -> bool:
