@@ -271,6 +271,12 @@ def decode(layout: Layout, data: bytes, base_offset: int = 0) -> list[Field]:
     return fields
 
 
+def _shown(value: object) -> str:
+    """*value* as a message shows it: its repr, at most 60 characters."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def encode_value(type_name: str, value: object, size: int | None = None) -> bytes:
     """Encode one scalar as QEMU writes it; byte-string types take bytes or hex."""
     spec = _INTEGERS.get(type_name)
@@ -278,9 +284,11 @@ def encode_value(type_name: str, value: object, size: int | None = None) -> byte
         try:
             raw = bytes.fromhex(value) if isinstance(value, str) else value
         except ValueError:
-            raise LayoutError(f"type {type_name!r} needs hex digits, got {value!r}") from None
+            raise LayoutError(f"type {type_name!r} needs hex digits, got {_shown(value)}") from None
         if not isinstance(raw, bytes | bytearray):
-            raise LayoutError(f"type {type_name!r} needs bytes or a hex string, got {value!r}")
+            raise LayoutError(
+                f"type {type_name!r} needs bytes or a hex string, got {_shown(value)}"
+            )
         if size is not None and len(raw) != size:
             raise LayoutError(f"type {type_name!r}: {len(raw)} bytes given, size is {size}")
         return bytes(raw)
@@ -289,36 +297,44 @@ def encode_value(type_name: str, value: object, size: int | None = None) -> byte
         try:
             value = int(value, 0)
         except ValueError:
-            raise LayoutError(f"type {type_name!r} needs an integer, got {value!r}") from None
+            raise LayoutError(f"type {type_name!r} needs an integer, got {_shown(value)}") from None
     if not isinstance(value, int):
-        raise LayoutError(f"type {type_name!r} needs an integer, got {value!r}")
+        raise LayoutError(f"type {type_name!r} needs an integer, got {_shown(value)}")
     try:
         return int(value).to_bytes(width, order, signed=signed)
     except OverflowError:
-        raise LayoutError(f"value {value} does not fit type {type_name!r}") from None
+        raise LayoutError(f"value {_shown(value)} does not fit type {type_name!r}") from None
 
 
 def encode_fields(spec: Sequence[Mapping[str, Any]]) -> tuple[dict[str, Any], bytes]:
     """Build ``(layout, state bytes)`` from ``[{name, type, value}]`` (manifest fields).
 
     A list value makes an array (``array_len``); byte-string types take hex strings.
+    An error names where it is, as ``field[3].value[2]``.
     """
     fields: list[dict[str, Any]] = []
     out = bytearray()
-    for item in spec:
+    for i, item in enumerate(spec):
+        where = f"field[{i}]"
         name, type_name = item.get("name"), item.get("type")
         if not isinstance(name, str) or not isinstance(type_name, str):
-            raise LayoutError(f"field {item!r} needs a string 'name' and 'type'")
+            raise LayoutError(f"{where}: needs a string 'name' and 'type'")
         if "value" not in item:
-            raise LayoutError(f"field {name!r} has no value")
+            raise LayoutError(f"{where} ({name!r}): has no value")
         value = item["value"]
         values = value if isinstance(value, list) else [value]
         if not values:
-            raise LayoutError(f"field {name!r}: an array needs at least one element")
-        encoded = [encode_value(type_name, v) for v in values]
+            raise LayoutError(f"{where}.value ({name!r}): an array needs at least one element")
+        encoded = []
+        for k, v in enumerate(values):
+            try:
+                encoded.append(encode_value(type_name, v))
+            except LayoutError as e:
+                at = f"{where}.value[{k}]" if isinstance(value, list) else f"{where}.value"
+                raise LayoutError(f"{at} ({name!r}): {e}") from None
         sizes = {len(e) for e in encoded}
         if len(sizes) != 1:
-            raise LayoutError(f"field {name!r}: array elements differ in size")
+            raise LayoutError(f"{where}.value ({name!r}): array elements differ in size")
         entry: dict[str, Any] = {"name": name, "type": type_name, "size": sizes.pop()}
         if isinstance(value, list):
             entry["array_len"] = len(values)

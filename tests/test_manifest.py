@@ -109,7 +109,18 @@ file = "blob.bin"
         ),
         (
             'machine = "pc"\n[[device]]\npath = "/d"\nfield = [{name = "a", type = "uint8", value = "zz"}]\n',
-            "type 'uint8' needs an integer, got 'zz'",
+            "device[0] (/d): field[0].value ('a'): type 'uint8' needs an integer, got 'zz'",
+        ),
+        (
+            'machine = "pc"\n[[device]]\npath = "/d"\nfield = [{name = "a", type = "uint8", value = 1}, '
+            '{name = "b", type = "uint32", value = [1, {x = 1}]}]\n',
+            "device[0] (/d): field[1].value[1] ('b'): type 'uint32' needs an integer, got {'x': 1}",
+        ),
+        (
+            'machine = "pc"\n[[device]]\npath = "/d"\nfield = [{name = "a", type = "uint8", value = "'
+            + "9" * 100
+            + '"}]\n',
+            "field[0].value ('a'): value " + "9" * 57 + "... does not fit type 'uint8'",
         ),
         (
             'machine = "pc"\n[[ram]]\npath = "/r"\nsize = 8\nfill = 5\n',
