@@ -311,7 +311,17 @@ class Qemu:
 
     def save(self, path: str) -> None:
         """Write the paused machine's state as a migration stream to *path*."""
-        self.command("migrate", uri=f"exec:cat > {shlex.quote(os.path.abspath(path))}")
+        uri = f"exec:cat > {shlex.quote(os.path.abspath(path))}"
+        for attempt in range(50):
+            try:
+                self.command("migrate", uri=uri)
+                break
+            except QemuError as e:
+                # Just after an incoming migration QEMU may not yet have dropped its
+                # yank instance (a bottom half does) and refuses another migration.
+                if "duplicate yank instance" not in str(e) or attempt == 49:
+                    raise
+                time.sleep(0.02)
         status = self.wait_migration()
         if status.get("status") != "completed":
             raise QemuError(
