@@ -227,6 +227,12 @@ def replay(path: Path, work: Path) -> list[str]:
     return failures
 
 
+def limit_memory() -> None:
+    """Cap this process's address space at MEMORY: a blow-up is a MemoryError, caught
+    as a failure, not the machine's memory gone."""
+    resource.setrlimit(resource.RLIMIT_AS, (MEMORY, MEMORY))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -235,7 +241,7 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--keep", type=Path, default=CORPUS)
     args = parser.parse_args()
-    resource.setrlimit(resource.RLIMIT_AS, (MEMORY, MEMORY))
+    limit_memory()
     seed_value = args.seed if args.seed is not None else int(time.time())
     rng = random.Random(seed_value)
     blobs = {seed: seed_bytes(seed) for seed in SEEDS}

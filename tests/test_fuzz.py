@@ -86,3 +86,37 @@ def test_commands_run_in_process_keep_no_output_alive() -> None:
         del out
     gc.collect()
     assert [r() for r in refs] == [None, None, None]
+
+
+def test_the_coverage_guided_harness_runs_and_flags_a_crash(tmp_path: Path) -> None:
+    """tests/fuzz_atheris.py: libFuzzer runs it over the seeds and grows a corpus; an
+    input on which a command fails (here: a reader made to raise a plain ValueError) is
+    a crash, written out, with a non-zero exit."""
+    import subprocess
+    import sys
+
+    corpus = tmp_path / "corpus"
+    ran = subprocess.run(
+        [sys.executable, "-m", "tests.fuzz_atheris", "-runs=30", str(corpus)],
+        cwd=fuzz.ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    assert "Done 30 runs" in ran.stderr and len(list(corpus.iterdir())) >= 3
+    planted = tmp_path / "planted.py"  # the harness with one reader broken
+    planted.write_text(
+        "import sys, runpy\n"
+        "import snapfmt.ops.inspect as inspect\n"
+        "def broken(*a, **k):\n    raise ValueError('planted')\n"
+        "inspect.damage = broken\n"
+        "sys.argv[0] = 'fuzz_atheris'\n"
+        "runpy.run_module('tests.fuzz_atheris', run_name='__main__')\n"
+    )
+    crashed = subprocess.run(
+        [sys.executable, str(planted), "-runs=5", f"-artifact_prefix={tmp_path}/crash-",
+         str(tmp_path / "corpus2")],
+        cwd=fuzz.ROOT, capture_output=True, text=True, timeout=300,
+        env={**__import__("os").environ, "PYTHONPATH": str(fuzz.ROOT)},
+    )  # fmt: skip
+    said = crashed.stdout + crashed.stderr
+    assert crashed.returncode != 0 and "unexpected ValueError: planted" in said, said[-2000:]
+    assert list(tmp_path.glob("crash-*"))
