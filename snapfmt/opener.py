@@ -37,7 +37,7 @@ def open_snapshot(path: str | os.PathLike[str], salvage: bool = False) -> Snapsh
     whole with gzip, bzip2, xz or zstd.  *salvage*: a damaged or cut QEMU stream opens
     as what is whole before the damage (snapfmt.qemu.snapshot.QemuStream), a native
     file whose index is lost as the sections found again front to back, and a native
-    chunk that does not decode reads as zeros, named (snapfmt.native.reader)."""
+    chunk that does not match its hash reads as zeros, named (snapfmt.native.reader)."""
     name = os.fspath(path)
     try:
         reader = FileReader(name)

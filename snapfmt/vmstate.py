@@ -320,21 +320,23 @@ def encode_fields(spec: Sequence[Mapping[str, Any]]) -> tuple[dict[str, Any], by
         if not isinstance(name, str) or not isinstance(type_name, str):
             raise LayoutError(f"{where}: needs a string 'name' and 'type'")
         if "value" not in item:
-            raise LayoutError(f"{where} ({name!r}): has no value")
+            raise LayoutError(f"{where} ({_shown(name)}): has no value")
         value = item["value"]
         values = value if isinstance(value, list) else [value]
         if not values:
-            raise LayoutError(f"{where}.value ({name!r}): an array needs at least one element")
+            raise LayoutError(
+                f"{where}.value ({_shown(name)}): an array needs at least one element"
+            )
         encoded = []
         for k, v in enumerate(values):
             try:
                 encoded.append(encode_value(type_name, v))
             except LayoutError as e:
                 at = f"{where}.value[{k}]" if isinstance(value, list) else f"{where}.value"
-                raise LayoutError(f"{at} ({name!r}): {e}") from None
+                raise LayoutError(f"{at} ({_shown(name)}): {e}") from None
         sizes = {len(e) for e in encoded}
         if len(sizes) != 1:
-            raise LayoutError(f"{where}.value ({name!r}): array elements differ in size")
+            raise LayoutError(f"{where}.value ({_shown(name)}): array elements differ in size")
         entry: dict[str, Any] = {"name": name, "type": type_name, "size": sizes.pop()}
         if isinstance(value, list):
             entry["array_len"] = len(values)

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -92,9 +95,6 @@ def test_the_coverage_guided_harness_runs_and_flags_a_crash(tmp_path: Path) -> N
     """tests/fuzz_atheris.py: libFuzzer runs it over the seeds and grows a corpus; an
     input on which a command fails (here: a reader made to raise a plain ValueError) is
     a crash, written out, with a non-zero exit."""
-    import subprocess
-    import sys
-
     corpus = tmp_path / "corpus"
     ran = subprocess.run(
         [sys.executable, "-m", "tests.fuzz_atheris", "-runs=30", str(corpus)],
@@ -115,7 +115,7 @@ def test_the_coverage_guided_harness_runs_and_flags_a_crash(tmp_path: Path) -> N
         [sys.executable, str(planted), "-runs=5", f"-artifact_prefix={tmp_path}/crash-",
          str(tmp_path / "corpus2")],
         cwd=fuzz.ROOT, capture_output=True, text=True, timeout=300,
-        env={**__import__("os").environ, "PYTHONPATH": str(fuzz.ROOT)},
+        env={**os.environ, "PYTHONPATH": str(fuzz.ROOT)},
     )  # fmt: skip
     said = crashed.stdout + crashed.stderr
     assert crashed.returncode != 0 and "unexpected ValueError: planted" in said, said[-2000:]

@@ -60,10 +60,11 @@ def recorded_postcopy(binary: str, args: list[str], folder: Path) -> tuple[Path,
     listening = socket.socket(socket.AF_UNIX)
     listening.bind(str(to_relay))
     listening.listen(1)
+    listening.settimeout(30)  # (a source that never connects fails the test, not hangs it)
     with qmp.Qemu(args, binary=binary, incoming="defer") as dest:
         capability(dest, "postcopy-ram")
         dest.command("migrate-incoming", uri=f"unix:{to_dest}")
-        relay = threading.Thread(target=_relay, args=(listening, to_dest, recording))
+        relay = threading.Thread(target=_relay, args=(listening, to_dest, recording), daemon=True)
         relay.start()
         with qmp.Qemu(args, binary=binary) as source:
             capability(source, "postcopy-ram")

@@ -364,7 +364,7 @@ class NativeRamBlock(RamBlock):
             else:
                 dest = bytearray(c.length)
                 pool[i : i + 1] = [dest]
-            self._checked(codec, c, None, memoryview(dest))
+            self._checked(codec, c, self._read_at(c.file_offset, c.stored_length), memoryview(dest))
             out.append(dest)
         if reuse:
             self._local.decoded = pool
@@ -374,19 +374,15 @@ class NativeRamBlock(RamBlock):
         """Decode consecutive chunks into *out*, checking each against its hash."""
         codec = self._codec()
         first = batch[0].offset
-        sources = self._sources(batch) if not self._snap.salvaging else ((c, None) for c in batch)
-        for c, src in sources:
+        for c, src in self._sources(batch):
             self._checked(codec, c, src, out[c.offset - first : c.offset - first + c.length])
 
-    def _checked(
-        self, codec: ChunkCodec, c: ChunkInfo, src: memoryview | None, dest: memoryview
-    ) -> None:
-        """Decode chunk *c* (its stored bytes *src*, or read here) into *dest*.  A
-        snapshot opened to salvage it gets a bad or cut chunk as zeros, noted in its lost
-        chunks, rather than an error."""
+    def _checked(self, codec: ChunkCodec, c: ChunkInfo, src: memoryview, dest: memoryview) -> None:
+        """Decode chunk *c* from its stored bytes *src* into *dest*.  A snapshot opened to
+        salvage it gets a bad chunk as zeros, noted in its lost chunks, rather than an
+        error.  (A chunk's stored bytes lie inside its section, which lies inside the
+        file: they cannot be cut.)"""
         try:
-            if src is None:
-                src = self._read_at(c.file_offset, c.stored_length)
             self._decode(codec, c, src, dest)
         except FormatError as e:
             if not self._snap.salvaging:

@@ -116,10 +116,10 @@ def _native_damage(snap: Any) -> dict[str, Any]:
     else:
         first = min(snap.lost_chunks)
         count = len(snap.lost_chunks)
-        offset, message = 0, (f"{count} chunk{'s' if count != 1 else ''} did not decode "
-                              f"whole (first: {first[0]} at {first[1]:#x}: {first[3]})")  # fmt: skip
+        offset, message = 0, (f"{count} chunk{'s' if count != 1 else ''} did not decode to "
+                              f"their hashes (first: {first[0]} at {first[1]:#x}: {first[3]})")  # fmt: skip
     if snap.lost_chunks:
-        notes.append("chunks that were cut or did not match their hashes read as zero")
+        notes.append("chunks that did not match their hashes read as zero")
     return {"damage": {"offset": offset, "message": message}, "lost_sections": [],
             "lost_ram": ram, "note": "; ".join(notes)}  # fmt: skip
 
