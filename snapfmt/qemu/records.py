@@ -71,8 +71,8 @@ class _Windows:
                 # by one after mapping them, slower than the plain faults it saves.  Nor
                 # by a thread mapping the next window with MAP_POPULATE (libc through
                 # ctypes, the GIL released) and unmapping the last: measured slower
-                # (0.33-0.58 s against 0.26-0.32 s for the walk of a 1 GiB stream just
-                # written), as the two threads contend for the GIL and the address space.
+                # (opening a 1 GiB stream just written: 0.33-0.58 s against 0.26-0.32 s),
+                # the two threads most likely queuing for the GIL and the address space.
                 self._map = mmap.mmap(self.fd, length, offset=base, access=mmap.ACCESS_READ)
                 return self._map, base
             except (OSError, ValueError):  # some file systems cannot be mapped
