@@ -65,6 +65,28 @@ def test_pages_and_skeleton_are_the_stream_read_ahead_or_not(tmp_path: Path) -> 
         )
 
 
+@pytest.mark.parametrize("read", [4099, 1 << 14])
+def test_read_ahead_buffers_used_again_keep_every_byte(
+    monkeypatch: pytest.MonkeyPatch, read: int
+) -> None:
+    """Prefetch reads into DEPTH + 2 buffers over and over: with small reads each is
+    filled again hundreds of times, while pages of a record cut between two pieces are
+    still being put together, and a save's heap padding is on (perf.heap)."""
+    from snapfmt.perf import heap
+    from snapfmt.qemu import incoming
+
+    monkeypatch.setattr(incoming, "READ", read)
+    plain = _split(io.FileIO(STREAM))
+    prefetch = _piped(STREAM.read_bytes())
+    try:
+        with heap.kept(64 << 20):
+            ahead = _split(prefetch)
+    finally:
+        prefetch.close()
+    assert ahead == plain
+    assert STREAM.stat().st_size > 10 * (Prefetch.DEPTH + 2) * read  # (each reused)
+
+
 @pytest.mark.parametrize("cut", [4, 9, 200, 5000, 100_000])
 def test_a_cut_stream_is_a_clean_error(cut: int) -> None:
     data = STREAM.read_bytes()[:cut]

@@ -300,3 +300,31 @@ def test_no_item_after_a_failure_is_started_here() -> None:
         list(forked_map(fails_on_two, list(range(200))))
     if 2 in STARTED:
         assert STARTED[-1] == 2
+
+
+def test_heap_padding_is_set_and_given_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    """perf.heap.kept sets glibc's M_TOP_PAD for its block only, back to the process's
+    own (MALLOC_TOP_PAD_ or glibc's default) after, errors too; without glibc, nothing."""
+    from snapfmt.perf import heap
+
+    calls: list[tuple[int, int]] = []
+    monkeypatch.setattr(heap, "_mallopt", lambda: lambda p, v: calls.append((p, v)) or 1)
+    monkeypatch.delenv("MALLOC_TOP_PAD_", raising=False)
+    with heap.kept(1 << 26):
+        assert calls == [(-2, 1 << 26)]
+    assert calls[-1] == (-2, 128 << 10)
+    monkeypatch.setenv("MALLOC_TOP_PAD_", "4096")
+    with pytest.raises(KeyError), heap.kept(1 << 20):
+        raise KeyError
+    assert calls[-1] == (-2, 4096)
+    monkeypatch.setattr(heap, "_mallopt", lambda: None)
+    with heap.kept(1 << 20):
+        pass
+    assert len(calls) == 4
+
+
+def test_heap_padding_finds_glibc_here() -> None:
+    from snapfmt.perf import heap
+
+    if os.confstr("CS_GNU_LIBC_VERSION"):
+        assert heap._mallopt() is not None

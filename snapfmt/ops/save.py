@@ -21,6 +21,7 @@ from snapfmt.errors import QemuError, SnapfmtError
 from snapfmt.native.sources import Zeros
 from snapfmt.native.staging import Staged, place, stage
 from snapfmt.native.writer import Writer
+from snapfmt.perf import heap
 from snapfmt.qemu.incoming import Page, Prefetch, Splitter
 from snapfmt.qemu.qmp import Qmp
 from snapfmt.qemu.tree import describe
@@ -36,6 +37,7 @@ REFUSED = ("xbzrle", "compress", "multifd", "postcopy-ram", "x-ignore-shared", "
            "rdma-pin-all", "zero-blocks", "block", "dirty-bitmaps", "background-snapshot")  # fmt: skip
 Progress = Callable[[int], None] | None
 UNLIMITED = 1 << 40  # bytes per second: max-bandwidth during a save
+HEAP_PAD = 64 << 20  # freed heap kept while the stream passes (perf.heap)
 
 
 class Saved(NamedTuple):
@@ -106,7 +108,8 @@ def _stream(qmp: Qmp, target: str, parent: str | None, record: dict[str, Any],
     try:
         qmp.command("migrate", uri=f"fd:{FD_NAME}")
         try:
-            saved = _write(pipe, target, parent, record, progress)
+            with heap.kept(HEAP_PAD):
+                saved = _write(pipe, target, parent, record, progress)
         except BaseException:
             with contextlib.suppress(SnapfmtError, OSError):
                 qmp.command("migrate_cancel")
