@@ -188,3 +188,27 @@ def test_qemu_gone_mid_save_leaves_no_file(qemu: str, tmp_path: Path) -> None:
     assert failure and isinstance(failure[0], SnapfmtError), failure
     assert "\n" not in str(failure[0])
     assert not target.exists() and [p.name for p in tmp_path.iterdir()] == ["ram.img"]
+
+
+def test_a_failed_machine_record_fails_the_save_and_leaves_no_file(
+    qemu: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The record is asked for while the stream comes (save._Describing): if that fails,
+    the save does, with the record's error, no file left, and the QMP connection still
+    answers (a small guest's migration may have ended by then)."""
+    random_ram(tmp_path / "ram.img", "describe")
+    asked: list[bool] = []
+
+    def failing(conn: qmp.Qmp) -> dict[str, object]:
+        asked.append(bool(conn.command("query-migrate").get("status")))
+        raise QemuError("no record today")
+
+    monkeypatch.setattr(save_mod, "describe", failing)
+    target = tmp_path / "vm.snap"
+    with qmp.Qemu(machine(tmp_path / "ram.img"), binary=qemu) as vm:
+        assert vm.qmp is not None
+        with pytest.raises(QemuError, match="no record today"):
+            save_mod.save(vm.qmp, str(target))
+        assert asked == [True]  # (asked once the migration had started)
+        assert vm.command("query-status")["status"] in ("paused", "prelaunch", "postmigrate")
+    assert [p.name for p in tmp_path.iterdir()] == ["ram.img"]

@@ -78,7 +78,6 @@ def save(qmp: Qmp, target: str, parent: str | None = None, progress: Progress = 
     if enabled:
         raise QemuError(f"migration capabilities {', '.join(enabled)} are on; save reads "
                         "the plain stream (turn them off with migrate-set-capabilities)")  # fmt: skip
-    record = describe(qmp)
     running = bool(status.get("running"))
     limit = qmp.command("query-migrate-parameters").get("max-bandwidth")
     if running:
@@ -87,7 +86,7 @@ def save(qmp: Qmp, target: str, parent: str | None = None, progress: Progress = 
         # unthrottled, as libvirt saves to a file: the guest is stopped, the rate limit
         # (128 MiB/s by default) only makes its pause longer
         qmp.command("migrate-set-parameters", **{"max-bandwidth": UNLIMITED})
-        saved = _stream(qmp, target, parent, record, progress)
+        saved = _stream(qmp, target, parent, progress)
     finally:
         if isinstance(limit, int):
             with contextlib.suppress(SnapfmtError, OSError):
@@ -97,8 +96,7 @@ def save(qmp: Qmp, target: str, parent: str | None = None, progress: Progress = 
     return saved._replace(resumed=running)
 
 
-def _stream(qmp: Qmp, target: str, parent: str | None, record: dict[str, Any],
-            progress: Progress) -> Saved:  # fmt: skip
+def _stream(qmp: Qmp, target: str, parent: str | None, progress: Progress) -> Saved:
     read_end, write_end = os.pipe()
     try:
         qmp.send_fd(FD_NAME, write_end)
@@ -107,10 +105,12 @@ def _stream(qmp: Qmp, target: str, parent: str | None, record: dict[str, Any],
     pipe = Prefetch(read_end)
     try:
         qmp.command("migrate", uri=f"fd:{FD_NAME}")
+        record = _Describing(qmp)
         try:
             with heap.kept(HEAP_PAD):
-                saved = _write(pipe, target, parent, record, progress)
+                saved = _write(pipe, target, parent, record.get, progress)
         except BaseException:
+            record.wait()
             with contextlib.suppress(SnapfmtError, OSError):
                 qmp.command("migrate_cancel")
             raise
@@ -123,8 +123,40 @@ def _stream(qmp: Qmp, target: str, parent: str | None, record: dict[str, Any],
     return saved
 
 
-def _write(pipe: Prefetch, target: str, parent: str | None, record: dict[str, Any],
-           progress: Progress) -> Saved:  # fmt: skip
+class _Describing:
+    """The machine record (qemu.tree.describe), asked for by a thread of its own while
+    the stream comes: a few hundred QMP round trips that QEMU answers while it migrates
+    (0.33 s for a pc guest, nearly all of it waiting).  The QMP connection is the
+    thread's until wait() or get() returns."""
+
+    def __init__(self, qmp: Qmp) -> None:
+        import threading
+
+        self._record: dict[str, Any] | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(qmp,), name="snapfmt-describe",
+                                        daemon=True)  # fmt: skip
+        self._thread.start()
+
+    def _run(self, qmp: Qmp) -> None:
+        try:
+            self._record = describe(qmp)
+        except BaseException as e:  # raised by get(), in the saving thread
+            self._error = e
+
+    def wait(self) -> None:
+        self._thread.join()
+
+    def get(self) -> dict[str, Any]:
+        self.wait()
+        if self._error is not None:
+            raise self._error
+        assert self._record is not None
+        return self._record
+
+
+def _write(pipe: Prefetch, target: str, parent: str | None,
+           record: Callable[[], dict[str, Any]], progress: Progress) -> Saved:  # fmt: skip
     splitter = Splitter(pipe, "the migration stream")
     pages = _Peekable(splitter.pages())
     first = pages.peek()  # the configuration and block list come before any page
@@ -172,7 +204,7 @@ def _own_path(machine: str, idstr: str) -> str | None:
 
 
 def _finish(writer: Writer, splitter: Splitter, staged: dict[str, Staged],
-            direct: dict[str, str], record: dict[str, Any]) -> Saved:  # fmt: skip
+            direct: dict[str, str], record: Callable[[], dict[str, Any]]) -> Saved:  # fmt: skip
     """The device sections from the skeleton stream, the staged RAM blocks under the
     paths that stream gives them, the machine record; then the file is closed."""
     from snapfmt.opener import open_snapshot
@@ -184,7 +216,7 @@ def _finish(writer: Writer, splitter: Splitter, staged: dict[str, Staged],
             saved = _sections(writer, skeleton, staged, direct)
     finally:
         os.close(fd)
-    writer.add_metadata(DOCUMENT, record)
+    writer.add_metadata(DOCUMENT, record())
     writer.close()
     return saved._replace(machine=splitter.machine)
 
