@@ -13,6 +13,7 @@ runs again after it, if it ran before.  The `qemu` metadata document records the
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -22,7 +23,7 @@ from snapfmt.native.sources import Zeros
 from snapfmt.native.staging import Staged, place, stage
 from snapfmt.native.writer import Writer
 from snapfmt.perf import heap
-from snapfmt.qemu.incoming import Page, Prefetch, Splitter
+from snapfmt.qemu.incoming import Page, Splitter, pipe_reader
 from snapfmt.qemu.qmp import Qmp
 from snapfmt.qemu.tree import describe
 
@@ -102,7 +103,7 @@ def _stream(qmp: Qmp, target: str, parent: str | None, progress: Progress) -> Sa
         qmp.send_fd(FD_NAME, write_end)
     finally:
         os.close(write_end)
-    pipe = Prefetch(read_end)
+    pipe = pipe_reader(read_end)
     try:
         qmp.command("migrate", uri=f"fd:{FD_NAME}")
         record = _Describing(qmp)
@@ -155,7 +156,7 @@ class _Describing:
         return self._record
 
 
-def _write(pipe: Prefetch, target: str, parent: str | None,
+def _write(pipe: io.FileIO, target: str, parent: str | None,
            record: Callable[[], dict[str, Any]], progress: Progress) -> Saved:  # fmt: skip
     splitter = Splitter(pipe, "the migration stream")
     pages = _Peekable(splitter.pages())

@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import io
-import os
 from collections.abc import Iterator
 from typing import Any, NamedTuple
 
@@ -50,11 +49,11 @@ class Page(NamedTuple):
 class Splitter:
     """``for page in Splitter(pipe).pages(): ...`` then ``.skeleton`` and ``.blocks``."""
 
-    def __init__(self, stream: io.RawIOBase | io.BufferedReader[Any] | Prefetch,
+    def __init__(self, stream: io.RawIOBase | io.BufferedReader[Any] | io.BytesIO,
                  name: str = "the migration stream") -> None:  # fmt: skip
         self._in = stream
-        self._buf = bytearray()  # bytes read and not yet taken: _buf[_at:]
-        self._at = 0
+        self._buf = bytearray(READ)  # read and not yet taken: _buf[_at:_end]; reused
+        self._at = self._end = 0
         self.name = name
         self.pos = 0
         self.skeleton = bytearray()
@@ -69,22 +68,36 @@ class Splitter:
     # -- reading -----------------------------------------------------------------------------
 
     def _more(self, n: int) -> bool:
-        """At least *n* bytes ready in the buffer (read in pieces of at least READ);
-        False when the stream ends first."""
-        while len(self._buf) - self._at < n:
+        """At least *n* bytes ready in the buffer, read straight into it (what is left
+        of the last read moved to its front first: less than a record); False when the
+        stream ends first."""
+        while self._end - self._at < n:
+            left = self._end - self._at
             if self._at:
-                del self._buf[: self._at]
-                self._at = 0
-            piece = self._in.read(max(READ, n - len(self._buf)))
-            if not piece:
+                self._buf[:left] = self._buf[self._at : self._end]
+                self._at, self._end = 0, left
+            if len(self._buf) < n:  # (a page larger than a read: pages of up to 2 MiB)
+                self._buf.extend(bytes(n - len(self._buf)))
+            got = self._fill(memoryview(self._buf)[self._end :])
+            if not got:
                 return False
-            self._buf += piece
+            self._end += got
         return True
+
+    def _fill(self, space: memoryview) -> int:
+        readinto = getattr(self._in, "readinto", None)
+        if readinto is not None:
+            with space:
+                return int(readinto(space) or 0)
+        piece = self._in.read(len(space))
+        space[: len(piece)] = piece
+        space.release()
+        return len(piece)
 
     def _take(self, n: int, keep: bool = True) -> bytes:
         if not self._more(n):
             raise TruncatedError("the stream ends early (did QEMU stop?)", file=self.name,
-                                 offset=self.pos + len(self._buf) - self._at)  # fmt: skip
+                                 offset=self.pos + self._end - self._at)  # fmt: skip
         data = bytes(self._buf[self._at : self._at + n])
         self._at += n
         self.pos += n
@@ -135,9 +148,8 @@ class Splitter:
                 head = self._parse(qf.CommandHead, 4, "command")
                 self._take(head.length)
             else:  # FULL sections, EOF and the vmdesc: no RAM follows; kept as they are
-                rest: bytes | memoryview = bytes(self._buf[self._at :])
-                self._buf.clear()
-                self._at = 0
+                rest: bytes | memoryview = bytes(self._buf[self._at : self._end])
+                self._at = self._end = 0
                 while rest:
                     self.pos += len(rest)
                     self._keep(rest)
@@ -229,7 +241,7 @@ class Splitter:
     def _run(self, page: int) -> Page | None:
         """The CONTINUE records of whole pages, or of zero pages, that follow one another
         from here in the buffer, as one Page; None when the next record is another kind."""
-        buf, at, end = self._buf, self._at, len(self._buf)
+        buf, at, end = self._buf, self._at, self._end
         if end - at < 9:
             return None
         word = _WORD.unpack_from(buf, at)[0]
@@ -270,77 +282,10 @@ class Splitter:
             total -= length
 
 
-class Prefetch:
-    """A pipe read ahead by a thread: ``read()`` hands out what it has read, READ bytes
-    at a time, at most DEPTH pieces ahead.  So QEMU keeps writing while the pages already
-    read are being encoded and written (the pipe alone holds 64 KiB, or 1 MiB enlarged:
-    QEMU would wait each time save writes).  The plain version is the pipe read directly
-    (io.FileIO); tests split the same stream both ways.
-
-    A piece is a view of one of DEPTH + 2 buffers that are read into again and again: it
-    holds its bytes until the next ``read()`` only.  (Reading into new bytes each time
-    gave the reading thread fresh memory to fault in, page by page: 4% of a save's CPU.)"""
-
-    DEPTH = 4
-
-    def __init__(self, fd: int) -> None:
-        import queue
-        import threading
-
-        with contextlib.suppress(OSError):  # (a bigger pipe where the kernel allows)
-            fcntl.fcntl(fd, _F_SETPIPE_SZ, 1 << 20)
-        self._fd = fd
-        self._queue: queue.Queue[memoryview | BaseException] = queue.Queue(self.DEPTH)
-        self._free: queue.Queue[bytearray] = queue.Queue()
-        for _ in range(self.DEPTH + 2):
-            self._free.put(bytearray(READ))
-        self._lent: bytearray | None = None  # the buffer of the piece handed out last
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="snapfmt-prefetch", daemon=True)
-        self._done = False
-        self._thread.start()
-
-    def _run(self) -> None:
-        import queue
-
-        while not self._stop.is_set():
-            try:
-                buffer = self._free.get(timeout=0.1)
-            except queue.Empty:
-                continue
-            try:
-                piece: memoryview | BaseException = memoryview(buffer)[
-                    : os.readv(self._fd, [buffer])
-                ]
-            except OSError as e:
-                piece = e
-            while not self._stop.is_set():
-                try:
-                    self._queue.put(piece, timeout=0.1)
-                    break
-                except queue.Full:
-                    continue
-            if not piece or isinstance(piece, BaseException):
-                return
-
-    def read(self, n: int = -1) -> memoryview | bytes:
-        """The next piece read (any length; b"" at the end of the stream), valid until
-        the next call."""
-        if self._lent is not None:
-            self._free.put(self._lent)
-            self._lent = None
-        if self._done:
-            return b""
-        piece = self._queue.get()
-        if isinstance(piece, BaseException):
-            self._done = True
-            raise piece
-        if not piece:
-            self._done = True
-        self._lent = piece.obj  # type: ignore[assignment]
-        return piece
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(5)
-        os.close(self._fd)
+def pipe_reader(fd: int) -> io.FileIO:
+    """The read end of the pipe QEMU migrates into, enlarged where the kernel allows (to
+    1 MiB: QEMU waits less often while a piece is split), read straight into the
+    splitter's buffer."""
+    with contextlib.suppress(OSError):
+        fcntl.fcntl(fd, _F_SETPIPE_SZ, 1 << 20)
+    return io.FileIO(fd, "rb")
