@@ -384,41 +384,18 @@ def _chunks(draw: st.DrawFn) -> tuple[int, bytes]:
     return page, body[:length]
 
 
-@given(_chunks(), st.booleans())
-def test_every_chunk_encoding_decodes_to_its_bytes(chunk: tuple[int, bytes], probe: bool) -> None:
+@given(_chunks())
+def test_every_chunk_encoding_decodes_to_its_bytes(chunk: tuple[int, bytes]) -> None:
     """encode -> decode_into is the identity, whichever encoding encode picks (pages with
-    zero pages left out, raw or zstd; whole chunks raw or zstd; all zero), with the
-    compression probe or without (the plain version)."""
+    zero pages left out, raw or zstd; whole chunks raw or zstd; all zero)."""
     from snapfmt.native.chunks import ChunkCodec
 
     page, plain = chunk
-    codec = ChunkCodec(page, probe=probe)
+    codec = ChunkCodec(page)
     encoding, stored, digest = codec.encode(plain)
     dest = bytearray(b"\xee" * len(plain))  # stale bytes, as a reused buffer holds
     assert codec.decode_into(encoding, memoryview(stored or b""), memoryview(dest)) is None
     assert dest == plain and nf.xxh3_64(dest) == digest
-    plain_encoding = ChunkCodec(page, probe=False).encode(plain)[0]
-    if encoding != plain_encoding:  # the probe only ever stores raw what zstd would try
-        assert probe and encoding == nf.ChunkEncoding.RAW
-        assert plain_encoding == nf.ChunkEncoding.ZSTD
-
-
-def test_the_probe_stores_raw_only_when_both_end_pages_do_not_compress() -> None:
-    import os as _os
-
-    from snapfmt.native.chunks import ChunkCodec
-
-    page, text = 4096, (b"page text " * 4096)[:4096]
-    codec = ChunkCodec(page)
-    noise = [_os.urandom(page) for _ in range(16)]
-    assert codec.encode(b"".join(noise))[0] == nf.ChunkEncoding.RAW
-    middle = b"".join([noise[0], *[text] * 14, noise[1]])  # what the probe gives up
-    assert codec.encode(middle)[0] == nf.ChunkEncoding.RAW
-    assert ChunkCodec(page, probe=False).encode(middle)[0] == nf.ChunkEncoding.ZSTD
-    for mixed in ([text, *noise[1:]], [*noise[:15], text]):  # either end compresses
-        assert codec.encode(b"".join(mixed))[0] == nf.ChunkEncoding.ZSTD
-    short = b"".join(noise[:2]) + text  # under four pages: always tried
-    assert codec.encode(short)[0] == nf.ChunkEncoding.ZSTD
 
 
 def test_bad_page_bitmaps_are_reported_not_raised() -> None:

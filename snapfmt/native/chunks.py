@@ -58,24 +58,11 @@ def _segments(page_size: int) -> list[tuple[tuple[int, int, bool], ...]]:
     return table
 
 
-PROBE = True  # whole chunks tried with zstd only if a page at either end compresses
-
-
 class ChunkCodec:
-    """Encode and decode chunks.  With *probe*, a chunk with no zero page of at least
-    four pages is given to zstd whole only when its first or its last page compresses
-    on its own; otherwise it is stored raw at once.  Random-looking memory (encrypted,
-    compressed or random data) then costs two pages of zstd's time instead of sixteen:
-    a save of a 1 GiB random guest takes 0.88 of its time (bench/save_bench.py, A/B).
-    What it may cost: a chunk whose two end pages do not compress but whose middle does
-    is stored raw, larger than zstd would make it.  The plain version (probe=False)
-    tries every such chunk; the tests read back what both write as the same bytes."""
-
-    def __init__(self, page_size: int, level: int = 3, probe: bool = PROBE) -> None:
+    def __init__(self, page_size: int, level: int = 3) -> None:
         import zstandard  # (here: QEMU streams never need it)
 
         self.page_size = page_size
-        self.probe = probe
         self._zstd = zstandard
         self._cctx = zstandard.ZstdCompressor(level=level, write_content_size=True)
         self._dctx = zstandard.ZstdDecompressor()
@@ -94,8 +81,6 @@ class ChunkCodec:
             chunk[at : at + ps] != page_zero[: min(ps, length - at)] for at in range(0, length, ps)
         ]
         if all(flags):
-            if self.probe and length >= 4 * ps and self._incompressible(chunk, ps):
-                return ChunkEncoding.RAW, chunk, digest
             packed = self._cctx.compress(chunk)
             if len(packed) < length:
                 return ChunkEncoding.ZSTD, packed, digest
@@ -113,11 +98,6 @@ class ChunkCodec:
         if len(stored_bytes) >= length:  # a short chunk whose only zero page is short
             return ChunkEncoding.RAW, chunk, digest
         return encoding, stored_bytes, digest
-
-    def _incompressible(self, chunk: bytes | memoryview, ps: int) -> bool:
-        """Whether neither the first nor the last page of *chunk* compresses alone."""
-        compress = self._cctx.compress
-        return len(compress(chunk[:ps])) >= ps and len(compress(chunk[-ps:])) >= ps
 
     def encode_against(
         self, chunk: bytes | memoryview, base: bytes | bytearray, digest: int
