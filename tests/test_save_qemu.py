@@ -193,9 +193,9 @@ def test_qemu_gone_mid_save_leaves_no_file(qemu: str, tmp_path: Path) -> None:
 def test_a_failed_machine_record_fails_the_save_and_leaves_no_file(
     qemu: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The record is asked for while the stream comes (save._Describing): if that fails,
-    the save does, with the record's error, no file left, and the QMP connection still
-    answers (a small guest's migration may have ended by then)."""
+    """The record is asked for by a thread while the stream comes (save._stream): if
+    that fails, the save does, with the record's error, no file left, and the QMP
+    connection still answers (a small guest's migration may have ended by then)."""
     random_ram(tmp_path / "ram.img", "describe")
     asked: list[bool] = []
 

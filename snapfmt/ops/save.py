@@ -104,17 +104,24 @@ def _stream(qmp: Qmp, target: str, parent: str | None, progress: Progress) -> Sa
     finally:
         os.close(write_end)
     pipe = pipe_reader(read_end)
+    # The machine record (qemu.tree.describe) is asked for by a thread while the stream
+    # comes: a few hundred QMP round trips that QEMU answers while it migrates (0.33 s
+    # for a pc guest, nearly all of it waiting).  The connection is that thread's until
+    # the record is taken, or waited for on an error.
+    from concurrent.futures import ThreadPoolExecutor, wait
+
     try:
         qmp.command("migrate", uri=f"fd:{FD_NAME}")
-        record = _Describing(qmp)
-        try:
-            with heap.kept(HEAP_PAD):
-                saved = _write(pipe, target, parent, record.get, progress)
-        except BaseException:
-            record.wait()
-            with contextlib.suppress(SnapfmtError, OSError):
-                qmp.command("migrate_cancel")
-            raise
+        with ThreadPoolExecutor(1, thread_name_prefix="snapfmt-describe") as pool:
+            record = pool.submit(describe, qmp)
+            try:
+                with heap.kept(HEAP_PAD):
+                    saved = _write(pipe, target, parent, record.result, progress)
+            except BaseException:
+                wait([record])
+                with contextlib.suppress(SnapfmtError, OSError):
+                    qmp.command("migrate_cancel")
+                raise
     finally:
         pipe.close()
     result = qmp.wait_migration(30)  # (its stream has ended: it is finishing)
@@ -122,38 +129,6 @@ def _stream(qmp: Qmp, target: str, parent: str | None, progress: Progress) -> Sa
         os.unlink(target)
         raise QemuError(f"the migration {result.get('status')}: {result.get('error-desc', '')}")
     return saved
-
-
-class _Describing:
-    """The machine record (qemu.tree.describe), asked for by a thread of its own while
-    the stream comes: a few hundred QMP round trips that QEMU answers while it migrates
-    (0.33 s for a pc guest, nearly all of it waiting).  The QMP connection is the
-    thread's until wait() or get() returns."""
-
-    def __init__(self, qmp: Qmp) -> None:
-        import threading
-
-        self._record: dict[str, Any] | None = None
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, args=(qmp,), name="snapfmt-describe",
-                                        daemon=True)  # fmt: skip
-        self._thread.start()
-
-    def _run(self, qmp: Qmp) -> None:
-        try:
-            self._record = describe(qmp)
-        except BaseException as e:  # raised by get(), in the saving thread
-            self._error = e
-
-    def wait(self) -> None:
-        self._thread.join()
-
-    def get(self) -> dict[str, Any]:
-        self.wait()
-        if self._error is not None:
-            raise self._error
-        assert self._record is not None
-        return self._record
 
 
 def _write(pipe: io.FileIO, target: str, parent: str | None,

@@ -3,11 +3,11 @@
 glibc hands the free top of its heap back to the kernel as soon as more than a little
 is free (128 KiB past its trim threshold, by default); the next large buffer then gets
 fresh pages, each zeroed and mapped by a page fault of its own.  A save moves a
-guest's RAM through buffers of a few MiB that come and go (read pieces, runs of pages),
-so nearly half of those pages were faulted in anew (139,000 faults splitting a 1 GiB
-stream).  Measured on `snapfmt save` of a 1 GiB guest (bench/save_bench.py): with it
-0.69 of the wall time without it (farm-bench A/B, medians of 7 pairs; the split alone
-1.33 s against 0.78 s).  The plain version is glibc's own behaviour, the bytes the
+guest's RAM through buffers of a few MiB that come and go (runs of pages, the chunks
+encoded from them), so nearly half of those pages were faulted in anew (139,000 faults
+splitting a 1 GiB stream).  Measured on `snapfmt save` of a 1 GiB guest
+(bench/save_bench.py, farm-bench A/B, medians of 7 pairs): with it 0.69 of the wall
+time without it, and 0.81 once the splitter read the pipe into a buffer of its own.  The plain version is glibc's own behaviour, the bytes the
 same either way (tests/test_incoming.py).  Inside ``kept``, glibc keeps *pad*
 bytes when it trims (mallopt M_TOP_PAD), so the same pages serve again; afterwards the
 process's own setting comes back.  Elsewhere than glibc it does nothing.

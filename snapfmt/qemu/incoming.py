@@ -85,14 +85,14 @@ class Splitter:
         return True
 
     def _fill(self, space: memoryview) -> int:
-        readinto = getattr(self._in, "readinto", None)
-        if readinto is not None:
-            with space:
+        """Read into *space* (released after: the buffer may grow later)."""
+        with space:
+            readinto = getattr(self._in, "readinto", None)
+            if readinto is not None:
                 return int(readinto(space) or 0)
-        piece = self._in.read(len(space))
-        space[: len(piece)] = piece
-        space.release()
-        return len(piece)
+            piece = self._in.read(len(space))[: len(space)]
+            space[: len(piece)] = piece
+            return len(piece)
 
     def _take(self, n: int, keep: bool = True) -> bytes:
         if not self._more(n):
