@@ -374,10 +374,12 @@ def _chunks(draw: st.DrawFn) -> tuple[int, bytes]:
     length = draw(
         st.sampled_from([8, 16, 24, 32]).map(lambda n: n * page) | st.integers(1, 40 * page)
     )
-    kinds = draw(st.lists(st.sampled_from(["zero", "text", "random"]), min_size=40, max_size=40))
+    kinds = ["zero", "text", "random", "zero-but-last"]
+    kinds = draw(st.lists(st.sampled_from(kinds), min_size=40, max_size=40))
     rng = __import__("random").Random(draw(st.integers(0, 1 << 32)))
     body = b"".join(
         bytes(page) if k == "zero" else (b"page text " * page)[:page] if k == "text"
+        else bytes(page - 1) + b"\x01" if k == "zero-but-last"  # begins as a zero page
         else rng.randbytes(page)
         for k in kinds
     )  # fmt: skip
@@ -396,6 +398,25 @@ def test_every_chunk_encoding_decodes_to_its_bytes(chunk: tuple[int, bytes]) -> 
     dest = bytearray(b"\xee" * len(plain))  # stale bytes, as a reused buffer holds
     assert codec.decode_into(encoding, memoryview(stored or b""), memoryview(dest)) is None
     assert dest == plain and nf.xxh3_64(dest) == digest
+
+
+@given(_chunks())
+def test_the_zero_page_shortcut_changes_no_encoding(chunk: tuple[int, bytes]) -> None:
+    """encode's strided first-word check gives what comparing every page gives."""
+    from snapfmt.native import chunks
+
+    page, plain = chunk
+    flags = chunks.zero_page_flags(plain, page)
+    assert flags == [any(plain[at : at + page]) for at in range(0, len(plain), page)]
+    if chunks._no_zero_page(plain, page):
+        assert all(flags)
+    fast = chunks.ChunkCodec(page).encode(plain)
+    original = chunks._no_zero_page
+    chunks._no_zero_page = lambda chunk, page_size: False  # the plain version only
+    try:
+        assert chunks.ChunkCodec(page).encode(plain) == fast
+    finally:
+        chunks._no_zero_page = original
 
 
 def test_bad_page_bitmaps_are_reported_not_raised() -> None:

@@ -58,6 +58,28 @@ def _segments(page_size: int) -> list[tuple[tuple[int, int, bool], ...]]:
     return table
 
 
+def zero_page_flags(chunk: bytes | memoryview, page_size: int) -> list[bool]:
+    """For each page of *chunk* (the last may be short), whether it holds a non-zero
+    byte: the plain version, which `_no_zero_page` only ever cuts short."""
+    length, page_zero = len(chunk), zeros(page_size)
+    return [
+        chunk[at : at + page_size] != page_zero[: min(page_size, length - at)]
+        for at in range(0, length, page_size)
+    ]
+
+
+def _no_zero_page(chunk: bytes | memoryview, page_size: int) -> bool:
+    """True when no page of *chunk* can be all zeros, because each begins with a non-zero
+    word: one strided read of a word per page, in place of comparing every page
+    (zero_page_flags holds the GIL for 12 us per 64 KiB chunk, this for about 1).
+    False says only "look closer"."""
+    length = len(chunk)
+    if length % 8 or page_size % 8:
+        return False
+    with memoryview(chunk) as view, view.cast("B").cast("Q") as words:
+        return 0 not in words[:: page_size // 8].tolist()
+
+
 class ChunkCodec:
     def __init__(self, page_size: int, level: int = 3) -> None:
         import zstandard  # (here: QEMU streams never need it)
@@ -76,10 +98,10 @@ class ChunkCodec:
             return ChunkEncoding.ZERO, None, zero_hash(length)
         digest = xxh3_64(chunk)
         ps = self.page_size
-        page_zero = zeros(ps)
-        flags = [
-            chunk[at : at + ps] != page_zero[: min(ps, length - at)] for at in range(0, length, ps)
-        ]
+        if _no_zero_page(chunk, ps):
+            flags = [True] * -(-length // ps)
+        else:
+            flags = zero_page_flags(chunk, ps)
         if all(flags):
             packed = self._cctx.compress(chunk)
             if len(packed) < length:
