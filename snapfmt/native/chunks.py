@@ -73,11 +73,11 @@ def _no_zero_page(chunk: bytes | memoryview, page_size: int) -> bool:
     word: one strided read of a word per page, in place of comparing every page
     (zero_page_flags holds the GIL for 12 us per 64 KiB chunk, this for about 1).
     False says only "look closer"."""
-    length = len(chunk)
-    if length % 8 or page_size % 8:
-        return False
-    with memoryview(chunk) as view, view.cast("B").cast("Q") as words:
-        return 0 not in words[:: page_size // 8].tolist()
+    with memoryview(chunk) as view:
+        if view.nbytes % 8 or page_size % 8 or not view.c_contiguous:
+            return False
+        with view.cast("B").cast("Q") as words:
+            return 0 not in words[:: page_size // 8].tolist()
 
 
 class ChunkCodec:
