@@ -71,7 +71,7 @@ def zero_page_flags(chunk: bytes | memoryview, page_size: int) -> list[bool]:
 def _no_zero_page(chunk: bytes | memoryview, page_size: int) -> bool:
     """True when no page of *chunk* can be all zeros, because each begins with a non-zero
     word: one strided read of a word per page, in place of comparing every page
-    (zero_page_flags holds the GIL for 12 us per 64 KiB chunk, this for about 1).
+    (zero_page_flags holds the GIL for 12 us per 64 KiB chunk, this for about 1.6).
     False says only "look closer"."""
     with memoryview(chunk) as view:
         if view.nbytes % 8 or page_size % 8 or not view.c_contiguous:
@@ -98,11 +98,8 @@ class ChunkCodec:
             return ChunkEncoding.ZERO, None, zero_hash(length)
         digest = xxh3_64(chunk)
         ps = self.page_size
-        if _no_zero_page(chunk, ps):
-            flags = [True] * -(-length // ps)
-        else:
-            flags = zero_page_flags(chunk, ps)
-        if all(flags):
+        flags = None if _no_zero_page(chunk, ps) else zero_page_flags(chunk, ps)
+        if flags is None or all(flags):
             packed = self._cctx.compress(chunk)
             if len(packed) < length:
                 return ChunkEncoding.ZSTD, packed, digest

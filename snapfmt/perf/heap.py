@@ -7,10 +7,12 @@ guest's RAM through buffers of a few MiB that come and go (runs of pages, the ch
 encoded from them), so nearly half of those pages were faulted in anew (139,000 faults
 splitting a 1 GiB stream).  Measured on `snapfmt save` of a 1 GiB guest
 (bench/save_bench.py, farm-bench A/B, medians of 7 pairs): with it 0.69 of the wall
-time without it, and 0.81 once the splitter read the pipe into a buffer of its own.  The plain version is glibc's own behaviour, the bytes the
-same either way (tests/test_incoming.py).  Inside ``kept``, glibc keeps *pad*
-bytes when it trims (mallopt M_TOP_PAD), so the same pages serve again; afterwards the
-process's own setting comes back.  Elsewhere than glibc it does nothing.
+time without it, and 0.81 once the splitter read the pipe into a buffer of its own; on
+`convert` of a 1 GiB stream to native, no gain (1.05), so only save uses it.  The plain
+version is glibc's own behaviour, the bytes the same either way (tests/test_incoming.py).
+Inside ``kept``, glibc keeps *pad* bytes when it trims (mallopt M_TOP_PAD), so the same
+pages serve again; afterwards the process's own setting comes back.  Elsewhere than
+glibc it does nothing.
 """
 
 from __future__ import annotations
